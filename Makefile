@@ -1,0 +1,35 @@
+# Set-up and the two README commands. Everything lives in .venv/ at the repository root.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+# ONNX Runtime wheel: the GPU build where an NVIDIA driver is visible, else the small CPU build.
+ORT ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+WORKDIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,$(ORT)]"
+	touch $@
+
+# The main job end to end on embedded defaults.
+demo: install
+	$(BIN)/amad teacher --config tune_configs/teacher.yaml --workdir $(WORKDIR)
+
+# The whole test suite (unit + integration).
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Unit tests only (no Ray cluster, no servers).
+test-fast: install
+	$(BIN)/python -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,234 @@
+"""Model adapters: build teachers and students from ``transformers`` configs and expose their attention.
+
+An adapter is the only place that knows a model family's internals. Distillation code sees
+:class:`~amad.outputs.VLOutputs` (logits, attention maps per kind and layer, masks) and a
+:class:`StudentSpec`; adding a family (BLIP, with cross-attention) means one more adapter class.
+
+ViLT is the first family. Its stock ``visual_embed`` samples the patch order with
+``torch.multinomial`` even in eval mode, so two forward passes (or a teacher and a student) see
+patches in different orders and ONNX export fails; :class:`DeterministicViltEmbeddings` embeds
+fixed-size images in raster order instead.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import ViltConfig, ViltForQuestionAnswering
+from transformers.models.vilt.modeling_vilt import ViltEmbeddings
+
+from amad.outputs import QKV, VLOutputs
+
+
+class DeterministicViltEmbeddings(ViltEmbeddings):
+    """ViLT embeddings for fixed-size images: every patch, in raster order, no sampling."""
+
+    def visual_embed(self, pixel_values, pixel_mask, max_image_length=-1):
+        """``(B, 3, S, S)`` pixels -> ``(B, 1 + P, D)`` embeddings (image CLS first) and a ``(B, 1 + P)`` mask.
+
+        ``pixel_mask`` is ignored: images are always the configured size, every patch is real.
+        """
+        patches = self.patch_embeddings(pixel_values)  # (B, D, Gh, Gw)
+        batch, _, grid_h, grid_w = patches.shape
+        expected = self.position_embeddings.shape[1] - 1
+        if grid_h * grid_w != expected:
+            raise ValueError(
+                f"pixel_values of size {tuple(pixel_values.shape[-2:])} give {grid_h}x{grid_w} patches but the model"
+                f" was configured for {expected} (image_size={self.config.image_size}, patch_size={self.config.patch_size})"
+            )
+        tokens = patches.flatten(2).transpose(1, 2)  # (B, P, D)
+        tokens = torch.cat([self.cls_token.expand(batch, -1, -1), tokens], dim=1) + self.position_embeddings
+        tokens = self.dropout(tokens)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+        return tokens, mask, (None, (grid_h, grid_w))
+
+
+class AmadViltForQuestionAnswering(ViltForQuestionAnswering):
+    """``ViltForQuestionAnswering`` with deterministic image embedding; loads and saves like it."""
+
+    def __init__(self, config: ViltConfig):
+        super().__init__(config)
+        stock = self.vilt.embeddings
+        self.vilt.embeddings = DeterministicViltEmbeddings(config)
+        self.vilt.embeddings.load_state_dict(stock.state_dict())
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """A student as the sweep searches it; everything else is copied from the teacher's config.
+
+    ``head_dim`` defaults to the teacher's, so ``hidden = heads * head_dim`` and fewer heads also
+    means a smaller, faster model (at a fixed hidden size fewer heads change nothing in size).
+    """
+
+    heads: int
+    layers: int
+    head_dim: int | None = None
+    intermediate_ratio: float | None = None  # FFN width / hidden; default: the teacher's ratio
+
+
+class ViltAdapter:
+    """The ViLT family: self-attention only, one map per layer over text + image tokens."""
+
+    family = "vilt"
+    kinds = ("self",)
+
+    @staticmethod
+    def teacher_config(
+        *,
+        vocab_size: int,
+        answers: tuple[str, ...] | list[str],
+        image_size: int,
+        patch_size: int,
+        max_text_length: int,
+        hidden_size: int = 192,
+        heads: int = 12,
+        layers: int = 4,
+        intermediate_size: int | None = None,
+        initializer_range: float | None = None,
+        dropout: float = 0.0,
+    ) -> ViltConfig:
+        """A ViLT config for our data. ``initializer_range`` defaults to ``1/sqrt(hidden)``.
+
+        The transformers default (0.02) left small from-scratch models at the answer prior: the image
+        barely reached the classifier (../shared/FIELD-NOTES.md); ~1/sqrt(hidden) trains.
+        """
+        _check_divides(hidden_size, heads, "hidden_size", "heads")
+        if image_size % patch_size:
+            raise ValueError(f"patch_size={patch_size} does not divide image_size={image_size}")
+        return ViltConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=intermediate_size or 4 * hidden_size,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+            initializer_range=initializer_range or hidden_size**-0.5,
+            image_size=image_size,
+            patch_size=patch_size,
+            max_position_embeddings=max_text_length,
+            num_labels=len(answers),
+            id2label=dict(enumerate(answers)),
+            label2id={a: i for i, a in enumerate(answers)},
+            pad_token_id=0,
+            attn_implementation="eager",
+        )
+
+    @staticmethod
+    def student_config(teacher: ViltConfig, spec: StudentSpec) -> ViltConfig:
+        """Derive a student's config from the teacher's; a clear ValueError for impossible specs."""
+        if spec.heads < 1 or spec.layers < 1:
+            raise ValueError(f"student heads={spec.heads} and layers={spec.layers} must be >= 1")
+        teacher_head_dim = teacher.hidden_size // teacher.num_attention_heads
+        head_dim = spec.head_dim or teacher_head_dim
+        if head_dim < 1:
+            raise ValueError(f"student head_dim={head_dim} must be >= 1")
+        hidden = spec.heads * head_dim
+        ratio = spec.intermediate_ratio or teacher.intermediate_size / teacher.hidden_size
+        values = teacher.to_dict()
+        values.update(
+            hidden_size=hidden,
+            num_attention_heads=spec.heads,
+            num_hidden_layers=spec.layers,
+            intermediate_size=max(1, round(ratio * hidden)),
+            initializer_range=hidden**-0.5,
+        )
+        for key in ("architectures", "transformers_version", "model_type", "_name_or_path"):
+            values.pop(key, None)
+        config = ViltConfig(**values)
+        config._attn_implementation = "eager"
+        return config
+
+    @staticmethod
+    def build(config: ViltConfig, seed: int | None = None) -> AmadViltForQuestionAnswering:
+        """A randomly initialised model (reproducible when ``seed`` is given)."""
+        config._attn_implementation = "eager"  # maps are needed; ViLT only implements eager anyway
+        if seed is None:
+            return AmadViltForQuestionAnswering(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return AmadViltForQuestionAnswering(config)
+
+    @staticmethod
+    def load(path: str | Path) -> AmadViltForQuestionAnswering:
+        """Load from a local directory (``config.json`` + ``model.safetensors``) or a hub name."""
+        if Path(path).exists() and not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"{path} holds no config.json: not a saved model directory")
+        return AmadViltForQuestionAnswering.from_pretrained(str(path), attn_implementation="eager")
+
+    @staticmethod
+    def heads(model: nn.Module) -> int:
+        return model.config.num_attention_heads
+
+    @staticmethod
+    def layers(model: nn.Module) -> int:
+        return model.config.num_hidden_layers
+
+    @staticmethod
+    def forward(
+        model: AmadViltForQuestionAnswering,
+        batch: dict[str, torch.Tensor],
+        *,
+        need_attentions: bool = True,
+        need_qkv: bool = False,
+    ) -> VLOutputs:
+        """Run the model on a batch (see ``amad.data.dataset``) and collect what distillation needs.
+
+        Returns logits ``(B, num_labels)``; ``attentions["self"]``: one ``(B, H, T, T)`` map per
+        layer with ``T = L + 1 + P`` (text tokens, image CLS, patches); masks ``(B, T)``; and, with
+        ``need_qkv``, per-layer query/key/value projections ``(B, T, hidden)``.
+        """
+        with _capture_qkv(model, need_qkv) as captured:
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"],
+                output_attentions=need_attentions,
+                return_dict=True,
+            )
+        text_mask = batch["attention_mask"].bool()
+        image_tokens = model.vilt.embeddings.position_embeddings.shape[1]
+        mask = torch.cat([text_mask, text_mask.new_ones(text_mask.shape[0], image_tokens)], dim=1)  # (B, T)
+        attentions = {"self": list(out.attentions)} if need_attentions else {}
+        qkv = {"self": [QKV(*layer) for layer in captured]} if need_qkv else {}
+        return VLOutputs(out.logits, attentions, {"self": mask}, {"self": mask}, qkv)
+
+
+@contextmanager
+def _capture_qkv(model: AmadViltForQuestionAnswering, enabled: bool):
+    """Forward hooks that record each layer's query/key/value projections ``(B, T, hidden)``."""
+    captured: list[list[torch.Tensor]] = []
+    handles = []
+    if enabled:
+        for layer in model.vilt.encoder.layer:
+            slot: list[torch.Tensor] = []
+            captured.append(slot)
+            attention = layer.attention.attention
+            for projection in (attention.query, attention.key, attention.value):
+                handles.append(projection.register_forward_hook(lambda _m, _i, output, slot=slot: slot.append(output)))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _check_divides(total: int, parts: int, total_name: str, parts_name: str) -> None:
+    if parts < 1 or total % parts:
+        raise ValueError(f"{parts_name}={parts} does not divide {total_name}={total}")
+
+
+ADAPTERS = {ViltAdapter.family: ViltAdapter}
+
+
+def get_adapter(family: str) -> type[ViltAdapter]:
+    """The adapter for a model family name (``"vilt"``)."""
+    try:
+        return ADAPTERS[family]
+    except KeyError:
+        raise ValueError(f"unknown model family {family!r}; known: {sorted(ADAPTERS)}") from None

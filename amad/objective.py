@@ -1,0 +1,332 @@
+"""The training objective: task loss + logit KD + attention distillation over mapped layers.
+
+Following "No Head Left Behind – Multi-Head Alignment Distillation for Transformers" (AAAI 2024),
+the student is trained on ``task_weight * CE + logit_kd_weight * KD + attention_weight * L_attn``,
+where ``L_attn`` is AMAD (:func:`amad.losses.amad_loss`) or one of the baselines it is compared
+with. Everything model-specific arrives as :class:`~amad.outputs.VLOutputs`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from amad.losses import (
+    AMAD_VARIANTS,
+    amad_loss,
+    head_mean_loss,
+    logit_kd_loss,
+    one_to_one_loss,
+    relation_loss,
+)
+from amad.outputs import QKV, VLOutputs
+
+__all__ = ["METHODS", "DistillationObjective", "resolve_layer_map"]
+
+METHODS = ("amad", "one_to_one", "head_mean", "relation", "none")
+
+LayerMap = str | Sequence[tuple[int, int]]
+
+
+def _uniform_teacher_layer(i: int, teacher_layers: int, student_layers: int) -> int:
+    # round((i+1)*Lt/Ls) - 1 in exact integer arithmetic, rounding halves up: Python's round()
+    # rounds halves to even, which can map student layer 0 to teacher layer -1 (Lt=2, Ls=4).
+    # The clamp only matters for a student deeper than twice its teacher.
+    return max(0, (2 * (i + 1) * teacher_layers + student_layers) // (2 * student_layers) - 1)
+
+
+def resolve_layer_map(
+    layer_map: LayerMap, teacher_layers: int, student_layers: int
+) -> list[tuple[int, int]]:
+    """Turn a layer-map setting into ``(student_layer, teacher_layer)`` pairs.
+
+    Args:
+        layer_map: ``"uniform"`` (TinyBERT: student layer ``i`` learns from teacher layer
+            ``round((i+1) * Lt / Ls) - 1``, evenly spaced and ending at the last layer; halves
+            round up), ``"last"`` (last student layer from last teacher layer), or explicit
+            ``(student_layer, teacher_layer)`` pairs, 0-based.
+        teacher_layers: ``Lt`` >= 1.
+        student_layers: ``Ls`` >= 1.
+
+    Returns:
+        The pairs, in order.
+    """
+    if teacher_layers < 1 or student_layers < 1:
+        raise ValueError(
+            f"need at least one layer on each side; got teacher_layers={teacher_layers}, "
+            f"student_layers={student_layers}"
+        )
+    if layer_map == "uniform":
+        return [
+            (i, _uniform_teacher_layer(i, teacher_layers, student_layers))
+            for i in range(student_layers)
+        ]
+    if layer_map == "last":
+        return [(student_layers - 1, teacher_layers - 1)]
+    if isinstance(layer_map, str):
+        raise ValueError(
+            f"layer_map must be 'uniform', 'last' or a list of pairs; got {layer_map!r}"
+        )
+    pairs = _check_pairs(layer_map)
+    for s, t in pairs:
+        if not (0 <= s < student_layers and 0 <= t < teacher_layers):
+            raise ValueError(
+                f"layer_map pair (student={s}, teacher={t}) is out of range: the student has "
+                f"{student_layers} layers and the teacher {teacher_layers} (0-based indices)"
+            )
+    return pairs
+
+
+def _check_pairs(layer_map: Sequence) -> list[tuple[int, int]]:
+    pairs = []
+    for pair in layer_map:
+        ok = (
+            isinstance(pair, (tuple, list))
+            and len(pair) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
+        )
+        if not ok:
+            raise ValueError(
+                f"layer_map entries must be (student_layer, teacher_layer) int pairs; got {pair!r}"
+            )
+        pairs.append((pair[0], pair[1]))
+    if not pairs:
+        raise ValueError("layer_map is an empty list: the attention loss would have no terms")
+    return pairs
+
+
+def _detach_qkv(qkv: QKV) -> QKV:
+    return replace(qkv, query=qkv.query.detach(), key=qkv.key.detach(), value=qkv.value.detach())
+
+
+class DistillationObjective:
+    """``task_weight * CE + logit_kd_weight * KD + attention_weight * L_attn``.
+
+    All settings are fixed at construction; calling it is a pure function of the outputs.
+
+    Args:
+        task_weight: weight of cross-entropy of the student's logits against the labels.
+        logit_kd_weight: weight of :func:`~amad.losses.logit_kd_loss`.
+        attention_weight: weight of the attention loss.
+        logit_temperature: temperature of the logit KD.
+        method: attention loss, one of ``"amad"``, ``"one_to_one"``, ``"head_mean"``,
+            ``"relation"`` (MiniLMv2; needs ``qkv`` in the outputs) or ``"none"``.
+        amad_variant: ``"kl"`` (paper Eq. 9) or ``"mse"`` (Eq. 4–5), for ``method="amad"``.
+        amad_temperature: alignment softmax temperature (Eq. 2), for ``method="amad"``.
+        detach_weights: stop gradients through AMAD's alignment weights.
+        relation_heads: number of relation heads, required for ``method="relation"``.
+        kinds: attention kinds to align (keys of ``VLOutputs.attentions``), e.g. ``("self",)`` or
+            ``("self", "cross")``.
+        layer_map: see :func:`resolve_layer_map`; resolved per kind against that kind's layer
+            counts when called.
+
+    A component whose weight is 0 is still reported, computed under ``no_grad`` and left out of
+    ``"loss"``; the task term is reported as 0 when ``labels`` is None (allowed only when
+    ``task_weight == 0``).
+    """
+
+    def __init__(
+        self,
+        *,
+        task_weight: float = 1.0,
+        logit_kd_weight: float = 1.0,
+        attention_weight: float = 1.0,
+        logit_temperature: float = 1.0,
+        method: str = "amad",
+        amad_variant: str = "kl",
+        amad_temperature: float = 1.0,
+        detach_weights: bool = False,
+        relation_heads: int | None = None,
+        kinds: Sequence[str] = ("self",),
+        layer_map: LayerMap = "uniform",
+    ) -> None:
+        weights = {
+            "task_weight": task_weight,
+            "logit_kd_weight": logit_kd_weight,
+            "attention_weight": attention_weight,
+        }
+        for name, w in weights.items():
+            if not (float(w) >= 0 and float(w) != float("inf")):
+                raise ValueError(f"{name} must be a finite number >= 0; got {w}")
+        if not any(float(w) > 0 for w in weights.values()):
+            raise ValueError(f"at least one weight must be > 0; got {weights}")
+        for name, v in (
+            ("logit_temperature", logit_temperature),
+            ("amad_temperature", amad_temperature),
+        ):
+            if not (float(v) > 0 and float(v) != float("inf")):
+                raise ValueError(f"{name} must be a finite number > 0; got {v}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+        if amad_variant not in AMAD_VARIANTS:
+            raise ValueError(f"amad_variant must be one of {AMAD_VARIANTS}; got {amad_variant!r}")
+        if method == "relation" and (
+            isinstance(relation_heads, bool)
+            or not isinstance(relation_heads, int)
+            or relation_heads < 1
+        ):
+            raise ValueError(
+                f"method='relation' needs relation_heads, an int >= 1; got {relation_heads!r}"
+            )
+        if isinstance(kinds, str):
+            kinds = (kinds,)  # ("self") is a common slip for ("self",)
+        kinds = tuple(kinds)
+        if method != "none" and not kinds:
+            raise ValueError(f"kinds is empty: method={method!r} would have nothing to align")
+        if not isinstance(layer_map, str):
+            layer_map = tuple(_check_pairs(layer_map))
+        elif layer_map not in ("uniform", "last"):
+            raise ValueError(
+                f"layer_map must be 'uniform', 'last' or a list of pairs; got {layer_map!r}"
+            )
+
+        self.task_weight = float(task_weight)
+        self.logit_kd_weight = float(logit_kd_weight)
+        self.attention_weight = float(attention_weight)
+        self.logit_temperature = float(logit_temperature)
+        self.method = method
+        self.amad_variant = amad_variant
+        self.amad_temperature = float(amad_temperature)
+        self.detach_weights = bool(detach_weights)
+        self.relation_heads = relation_heads
+        self.kinds = kinds
+        self.layer_map = layer_map
+
+    @property
+    def needs_qkv(self) -> bool:
+        """True when the model adapters must be called with ``need_qkv=True``."""
+        return self.method == "relation"
+
+    def __call__(
+        self, teacher: VLOutputs, student: VLOutputs, labels: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Compute the objective.
+
+        Args:
+            teacher: the teacher's outputs; treated as constants (detached here).
+            student: the student's outputs; same batch as the teacher.
+            labels: ``(B,)`` integer class indices, or None when ``task_weight == 0``.
+
+        Returns:
+            ``{"loss", "task", "logit_kd", "attention"}``, each a 0-dim tensor; ``"loss"`` is the
+            weighted sum of the other three.
+        """
+        parts = {
+            "task": self._weighted(self.task_weight, lambda: self._task(student, labels)),
+            "logit_kd": self._weighted(
+                self.logit_kd_weight,
+                lambda: logit_kd_loss(
+                    student.logits, teacher.logits.detach(), self.logit_temperature
+                ),
+            ),
+            "attention": self._weighted(
+                self.attention_weight, lambda: self._attention(teacher, student)
+            ),
+        }
+        weights = {
+            "task": self.task_weight,
+            "logit_kd": self.logit_kd_weight,
+            "attention": self.attention_weight,
+        }
+        # Zero-weight terms are skipped rather than multiplied by 0, so a NaN in a reported-only
+        # term cannot poison the loss.
+        terms = [weights[k] * v for k, v in parts.items() if weights[k] != 0]
+        return {"loss": torch.stack(terms).sum(), **parts}
+
+    @staticmethod
+    def _weighted(weight: float, compute: Callable[[], Tensor]) -> Tensor:
+        if weight != 0:
+            return compute()
+        with torch.no_grad():  # reported only: keep no graph
+            return compute()
+
+    def _task(self, student: VLOutputs, labels: Tensor | None) -> Tensor:
+        logits = student.logits
+        if labels is None:
+            if self.task_weight != 0:
+                raise ValueError(
+                    f"labels is None but task_weight={self.task_weight}: pass labels or set "
+                    "task_weight=0"
+                )
+            return logits.new_zeros((), dtype=torch.float32)
+        if labels.dim() != 1 or labels.shape[0] != logits.shape[0] or labels.is_floating_point():
+            raise ValueError(
+                f"labels must be (B,) integer class indices; got shape {tuple(labels.shape)}, "
+                f"dtype {labels.dtype}, for student logits of shape {tuple(logits.shape)}"
+            )
+        # Upcast half-precision logits (autocast) but never downcast float64.
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels)
+
+    def _attention(self, teacher: VLOutputs, student: VLOutputs) -> Tensor:
+        if self.method == "none":
+            return student.logits.new_zeros((), dtype=torch.float32)
+        terms: list[Tensor] = []
+        for kind in self.kinds:
+            if self.method == "relation":
+                terms += self._relation_terms(teacher, student, kind)
+            else:
+                terms += self._map_terms(teacher, student, kind)
+        return torch.stack(terms).mean()
+
+    def _map_terms(self, teacher: VLOutputs, student: VLOutputs, kind: str) -> list[Tensor]:
+        t_maps = _get(teacher.attentions, kind, "teacher", "attentions")
+        s_maps = _get(student.attentions, kind, "student", "attentions")
+        # A kind without a mask (e.g. fixed-length image patches) has no padding rows.
+        mask = student.query_masks.get(kind)
+        if self.method == "amad":
+
+            def loss(t: Tensor, s: Tensor) -> Tensor:
+                return amad_loss(
+                    t,
+                    s,
+                    mask,
+                    variant=self.amad_variant,
+                    temperature=self.amad_temperature,
+                    detach_weights=self.detach_weights,
+                )
+        elif self.method == "one_to_one":
+
+            def loss(t: Tensor, s: Tensor) -> Tensor:
+                return one_to_one_loss(t, s, mask)
+        else:
+
+            def loss(t: Tensor, s: Tensor) -> Tensor:
+                return head_mean_loss(t, s, mask)
+
+        pairs = resolve_layer_map(self.layer_map, len(t_maps), len(s_maps))
+        return [loss(t_maps[ti].detach(), s_maps[si]) for si, ti in pairs]
+
+    def _relation_terms(self, teacher: VLOutputs, student: VLOutputs, kind: str) -> list[Tensor]:
+        lists = []
+        for who, out in (("teacher", teacher), ("student", student)):
+            if not out.qkv.get(kind):
+                raise ValueError(
+                    f"method='relation' needs the {who}'s {kind!r} query/key/value projections but "
+                    f"its VLOutputs.qkv has none (kinds present: {sorted(out.qkv)}): the model "
+                    "adapter must be called with need_qkv=True "
+                    "(see DistillationObjective.needs_qkv)"
+                )
+            lists.append(out.qkv[kind])
+        t_qkv, s_qkv = lists
+        key_mask = student.key_masks.get(kind)
+        pairs = resolve_layer_map(self.layer_map, len(t_qkv), len(s_qkv))
+        return [
+            relation_loss(
+                _detach_qkv(t_qkv[ti]), s_qkv[si], key_mask, relation_heads=self.relation_heads
+            )
+            for si, ti in pairs
+        ]
+
+
+def _get(by_kind: dict[str, list[Tensor]], kind: str, who: str, field: str) -> list[Tensor]:
+    maps = by_kind.get(kind)
+    if not maps:
+        raise ValueError(
+            f"the {who}'s VLOutputs.{field} has no {kind!r} layers (kinds present: "
+            f"{sorted(by_kind)}); set kinds= to the attention kinds both models return"
+        )
+    return maps

@@ -1,0 +1,148 @@
+"""Validated job configs (pydantic, unknown keys are errors) and the YAML loader.
+
+Every job reads one YAML file into one of these models before anything else runs, so a bad value
+is reported as ``<file>: <field.path>: <reason>`` and nothing is started or written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from amad.data.benchmark import BenchmarkSpec
+from amad.data.scenes import COLOURS, MAX_OBJECTS, SceneSpec
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file, the field and the reason."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SceneConfig(Strict):
+    grid: int = Field(6, ge=3, le=16, description="objects sit on a grid x grid lattice")
+    cell: int = Field(8, ge=4, le=64, description="pixels per grid cell; image size = grid * cell")
+    min_objects: int = Field(4, ge=2)
+    max_objects: int = Field(6, le=min(MAX_OBJECTS, len(COLOURS)))
+
+    @model_validator(mode="after")
+    def _objects_fit(self) -> "SceneConfig":
+        if self.min_objects > self.max_objects:
+            raise ValueError(f"min_objects={self.min_objects} > max_objects={self.max_objects}")
+        if self.max_objects > self.grid * self.grid:
+            raise ValueError(f"max_objects={self.max_objects} does not fit a {self.grid}x{self.grid} grid")
+        return self
+
+    @property
+    def image_size(self) -> int:
+        return self.grid * self.cell
+
+
+class DataConfig(Strict):
+    """The built-in generated benchmark (sizes in scenes; questions per scene cycle over all types)."""
+
+    seed: int = 0
+    train_scenes: int = Field(10_000, ge=1)
+    val_scenes: int = Field(500, ge=1)
+    test_scenes: int = Field(1_000, ge=1)
+    questions_per_scene: int = Field(10, ge=1)
+    max_question_length: int = Field(16, ge=4, le=512)
+    scene: SceneConfig = SceneConfig()
+
+    def benchmark_spec(self) -> BenchmarkSpec:
+        values = self.model_dump()
+        values["scene"] = SceneSpec(**values["scene"])
+        return BenchmarkSpec(**values)
+
+
+class TeacherModelConfig(Strict):
+    family: Literal["vilt"] = "vilt"
+    hidden_size: int = Field(192, ge=8)
+    heads: int = Field(12, ge=1)
+    layers: int = Field(4, ge=1)
+    intermediate_size: int | None = Field(None, ge=1, description="default 4 * hidden_size")
+    patch_size: int = Field(8, ge=1)
+    initializer_range: float | None = Field(None, gt=0, description="default 1/sqrt(hidden_size)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "TeacherModelConfig":
+        if self.hidden_size % self.heads:
+            raise ValueError(f"heads={self.heads} does not divide hidden_size={self.hidden_size}")
+        return self
+
+
+class OptimConfig(Strict):
+    steps: int = Field(..., ge=1, description="optimizer steps")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(300, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine schedule ends at lr * min_lr_ratio")
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+
+
+class TeacherJobConfig(Strict):
+    """``amad teacher``: train a teacher, then the baselines that show it uses the image."""
+
+    data: DataConfig = DataConfig()
+    model: TeacherModelConfig = TeacherModelConfig()
+    train: OptimConfig
+    blind_steps: int = Field(2000, ge=0, description="steps for the question-only baseline (images blanked); 0 skips it")
+    eval_every: int = Field(500, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    threads: int | None = Field(None, ge=1, description="torch threads; default: all cores")
+
+    @model_validator(mode="after")
+    def _patches_tile_image(self) -> "TeacherJobConfig":
+        size = self.data.scene.image_size
+        if size % self.model.patch_size:
+            raise ValueError(
+                f"model.patch_size={self.model.patch_size} does not divide the image size {size}"
+                f" (data.scene.grid * data.scene.cell)"
+            )
+        return self
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """One line per problem: ``field.path: reason (got value)``."""
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "<top level>"
+        reason = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            reason = "unknown key (not a setting of this job)"
+        got = f" (got {item['input']!r})" if item["type"] not in ("extra_forbidden", "missing") else ""
+        lines.append(f"{where}: {reason}{got}")
+    return "\n".join(lines)
+
+
+def parse_config(values: dict, model: type[ConfigT], source: str = "config") -> ConfigT:
+    """Validate a dict as ``model``; ConfigError naming every bad field."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: invalid config\n{format_validation_error(err)}") from None
+
+
+def load_config(path: str | Path, model: type[ConfigT]) -> ConfigT:
+    """Read a YAML file and validate it as ``model``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings, got {type(values).__name__}")
+    return parse_config(values, model, str(path))

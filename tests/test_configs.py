@@ -1,0 +1,97 @@
+"""Every shipped YAML loads and validates; bad configs are named before anything runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, TeacherJobConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "tune_configs").rglob("*.yaml"))
+JOB_MODELS = {"teacher.yaml": TeacherJobConfig}
+
+
+def test_there_are_configs_and_each_has_a_known_job():
+    assert CONFIGS, "no YAML under tune_configs/"
+    unknown = [p.name for p in CONFIGS if p.name not in JOB_MODELS]
+    assert not unknown, f"add these configs' job models to JOB_MODELS: {unknown}"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_yaml_validates_and_shows_its_command(path):
+    load_config(path, JOB_MODELS[path.name])
+    header = path.read_text().splitlines()[:4]
+    assert any(line.startswith("# Run:") and "amad " in line for line in header), f"{path}: header must show the command"
+
+
+def test_every_tiny_config_has_a_full_twin():
+    tiny = {p.name for p in (ROOT / "tune_configs" / "tiny").glob("*.yaml")}
+    full = {p.name for p in (ROOT / "tune_configs").glob("*.yaml")}
+    assert tiny == full
+
+
+def _write(tmp_path, values) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": {"hidden_size": 64, "heads": 5}}, "model: Value error|heads=5 does not divide hidden_size=64"),
+        ({"model": {"patch_size": 7}}, "model.patch_size=7 does not divide the image size 48"),
+        ({"train": {"steps": 10, "learning_rate": 1}}, "train.learning_rate: unknown key"),
+        ({"trian": {"steps": 10}}, "trian: unknown key"),
+        ({"train": {"steps": 0}}, "train.steps: Input should be greater than or equal to 1"),
+        ({"data": {"scene": {"min_objects": 5, "max_objects": 3}}}, "min_objects=5 > max_objects=3"),
+    ],
+)
+def test_bad_values_name_the_field_and_reason(tmp_path, change, message):
+    values = {"train": {"steps": 10}}
+    for key, value in change.items():
+        values[key] = value
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, values), TeacherJobConfig)
+
+
+def test_unreadable_files_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml", TeacherJobConfig)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken, TeacherJobConfig)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(listing, TeacherJobConfig)
+
+
+def test_cli_reports_a_bad_config_without_a_traceback_and_writes_nothing(tmp_path):
+    config = _write(tmp_path, {"train": {"steps": 10}, "model": {"heads": 5}})
+    workdir = tmp_path / "work"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "teacher", "--config", str(config), "--workdir", str(workdir)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "heads=5 does not divide hidden_size=192" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not workdir.exists()
+
+
+def test_every_subcommand_has_help():
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # argparse keeps sub-parsers here
+    for name in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([name, "--help"])
+        assert exit_info.value.code == 0
