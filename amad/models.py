@@ -146,13 +146,21 @@ class ViltAdapter:
 
     @staticmethod
     def build(config: ViltConfig, seed: int | None = None) -> AmadViltForQuestionAnswering:
-        """A randomly initialised model (reproducible when ``seed`` is given)."""
+        """A randomly initialised model (reproducible when ``seed`` is given).
+
+        Image position embeddings start as a 2D sin-cos grid instead of ViLT's zeros, so where a
+        patch is (row, column, distance to another patch) is readable from the first step.
+        """
         config._attn_implementation = "eager"  # maps are needed; ViLT only implements eager anyway
-        if seed is None:
-            return AmadViltForQuestionAnswering(config)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return AmadViltForQuestionAnswering(config)
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = AmadViltForQuestionAnswering(config)
+        with torch.no_grad():
+            positions = model.vilt.embeddings.position_embeddings  # (1, 1 + P, D)
+            grid = round((positions.shape[1] - 1) ** 0.5)
+            positions[0, 1:] = sincos_2d(grid, positions.shape[2])
+        return model
 
     @staticmethod
     def load(path: str | Path) -> AmadViltForQuestionAnswering:
@@ -216,6 +224,25 @@ def _capture_qkv(model: AmadViltForQuestionAnswering, enabled: bool):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2D sine-cosine position codes ``(grid * grid, dim)`` in raster order (as in MAE).
+
+    Half the channels encode the row, half the column; frequencies are spaced for a ``grid``-wide
+    lattice so that neighbouring cells differ in the fastest channels and the slowest stay monotonic.
+    """
+    quarter = dim // 4
+    if quarter < 1:
+        return torch.zeros(grid * grid, dim)
+    frequencies = torch.pi / grid * (grid ** (-torch.arange(quarter, dtype=torch.float32) / quarter)) * grid / 2
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    parts = []
+    for coordinate in (rows.flatten(), cols.flatten()):
+        angles = coordinate[:, None] * frequencies[None, :]  # (P, quarter)
+        parts += [angles.sin(), angles.cos()]
+    codes = torch.cat(parts, dim=1)  # (P, 4 * quarter)
+    return torch.nn.functional.pad(codes, (0, dim - codes.shape[1]))
 
 
 def _check_divides(total: int, parts: int, total_name: str, parts_name: str) -> None:
