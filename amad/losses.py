@@ -23,10 +23,12 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from amad.outputs import QKV
 
@@ -135,28 +137,239 @@ def _masked_row_mean(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(m, x, 0.0).sum(-1) / count
 
 
-def _unit(x: Tensor, eps: float) -> Tensor:
-    """``x`` ``(B, H, N)`` scaled to unit L2 norm along N.
+# --------------------------------------------------------------------------------------------
+# AMAD internals
+#
+# AMAD touches every element of the (B, Ht, Q, K) teacher maps, so its cost is set by how many
+# passes are made over them. The implementation below makes few, and never materialises a full-size
+# temporary of the teacher maps:
+#
+# * Masked rows are not zeroed by copying the teacher maps. When the maps are finite and in
+#   [0, _CLEAN_MAX] everywhere (the usual case: padding query rows of a softmax are distributions
+#   too), the teacher maps are used as they are and masked rows are removed by per-row weights on
+#   small (B, H, Q) row reductions, or by zero rows of the masked student copy in every product.
+#   Only otherwise (NaN, inf, negative or huge values anywhere) are masked rows zeroed with `where`,
+#   which also gives the exact NaN/negative check of the unmasked rows.
+# * Cosines come from Gram matrices (one bmm of the flattened maps), norms from row reductions: no
+#   unit-vector copies.
+# * The KL mixture term is a custom autograd Function that works through the batch in small chunks
+#   (each chunk's temporaries stay in cache), computes log((T+eps)/(M+eps)) with one log, and
+#   recomputes the mixture in backward instead of saving it.
+# * The MSE variant is exact algebra on the Gram matrices:
+#   ||t/|t| - sum_j a_j s_j/|s_j| ||^2 = |t|^2/|t|'^2 - 2 sum_j a_j w_j + sum_jk a_j a_k C_jk,
+#   with w the teacher-student cosines and C the student-student ones (|.|' the eps-floored norm).
+# --------------------------------------------------------------------------------------------
 
-    The norm is clamped at eps *before* the square root: an all-zero head (every row masked) gets
-    a zero vector and a finite gradient instead of 0/0.
+# Maps whose entries all lie in [0, _CLEAN_MAX] take the copy-free path. Any finite bound works;
+# this one keeps every product of a padding-row value with eps^-1 or with itself finite in float32.
+_CLEAN_MAX = 1e6
+# Elements of the teacher maps per chunk of the KL Function: about 512 KiB in float32 on CPU, where
+# keeping a chunk's temporaries in cache makes the elementwise passes ~2x faster; large on
+# accelerators, where a chunk only has to be big enough to fill the device.
+_CHUNK_ELEMENTS = {"cpu": 1 << 17}
+_CHUNK_ELEMENTS_OTHER = 1 << 22
+
+
+class _Prepared(NamedTuple):
+    t: Tensor  # (B, Ht, Q, K) teacher maps in the compute dtype, differentiable (grads route here)
+    s: Tensor  # (B, Hs, Q, K) student maps, likewise
+    t_data: Tensor  # (B, Ht, Q, K) no grad; masked rows hold finite values <= _CLEAN_MAX or 0
+    s_data: Tensor  # (B, Hs, Q, K) no grad; masked rows are exactly 0
+    row_mask: Tensor | None  # (B, Q) 0/1 in the compute dtype; None when every row is real
+    row_weight: Tensor  # (B, Q) row_mask / number of valid rows (0 for a batch element with none)
+
+
+def _prepare_amad(
+    teacher_attn: Tensor, student_attn: Tensor, query_mask: Tensor | None
+) -> _Prepared:
+    """Validate, upcast, check values (one host sync) and mask the student; see the notes above."""
+    _check_maps(teacher_attn, student_attn, query_mask)
+    dtype = _compute_dtype(teacher_attn, student_attn)
+    t, s = teacher_attn.to(dtype), student_attn.to(dtype)
+    B, _, Q, _ = t.shape
+    with torch.no_grad():
+        t_data, s_data = t.detach(), s.detach()
+        clean = _clean(t_data, s_data)
+        if query_mask is None:
+            row_mask = None
+            row_weight = t_data.new_full((B, Q), 1.0 / Q if Q else 0.0)
+            if not all(clean):
+                _raise_if_bad(t_data, s_data)
+        else:
+            rows = query_mask[:, None, :, None]
+            row_mask = query_mask.to(dtype)
+            row_weight = row_mask / row_mask.sum(-1, keepdim=True).clamp_min(1)
+            if not clean[0]:
+                t_data = torch.where(rows, t_data, 0.0)
+            # The student copy is small (Hs heads) and zero rows make every product exact.
+            s_data = s_data * row_mask[:, None, :, None] if clean[1] else torch.where(rows, s_data, 0.0)
+            if not all(clean):
+                _raise_if_bad(t_data, s_data)
+    return _Prepared(t, s, t_data.contiguous(), s_data.contiguous(), row_mask, row_weight)
+
+
+def _clean(*maps: Tensor) -> list[bool]:
+    """Per map: are all entries finite and in [0, _CLEAN_MAX]? (NaN fails every comparison.)"""
+    ext = torch.stack(
+        [v.to(torch.float64) for m in maps for v in (torch.aminmax(m) if m.numel() else (m.new_zeros(()),) * 2)]
+    ).tolist()
+    return [0 <= lo and hi <= _CLEAN_MAX for lo, hi in zip(ext[::2], ext[1::2], strict=True)]
+
+
+def _raise_if_bad(t_data: Tensor, s_data: Tensor) -> None:
+    """NaN or negative entries (in unmasked rows: masked ones are zero by now) raise ValueError."""
+    lows = torch.stack([m.min() if m.numel() else m.new_zeros(()) for m in (t_data, s_data)])
+    for name, low in zip(("teacher_attn", "student_attn"), lows.tolist(), strict=True):
+        if not low >= 0:
+            shape = tuple(t_data.shape if name == "teacher_attn" else s_data.shape)
+            raise ValueError(
+                f"{name} (shape {shape}) has NaN or negative entries in unmasked rows: attention "
+                "maps must be probabilities"
+            )
+
+
+class _Gram(torch.autograd.Function):
+    """Gram statistics of the prepared maps over valid rows.
+
+    ``(t, s, t_data, s_data, row_mask) -> (g_ts (B, Ht, Hs), sq_t (B, Ht), g_ss (B, Hs, Hs))``:
+    teacher-student dot products, squared teacher norms and student-student dot products of the
+    flattened maps. ``t``/``s`` only route gradients; the values come from ``t_data``/``s_data``.
     """
-    sq = x.pow(2).sum(-1, keepdim=True)
-    return x / sq.clamp_min(eps * eps).sqrt()
+
+    @staticmethod
+    def forward(ctx, t, s, t_data, s_data, row_mask):
+        B, Ht = t_data.shape[:2]
+        tf, sf = t_data.view(B, Ht, -1), s_data.view(B, s_data.shape[1], -1)
+        # Masked rows of s_data are 0, so padding rows of t_data drop out of the products.
+        g_ts = torch.bmm(tf, sf.transpose(1, 2))
+        g_ss = torch.bmm(sf, sf.transpose(1, 2))
+        row_sq = torch.linalg.vector_norm(t_data, dim=-1).square_()  # (B, Ht, Q)
+        if row_mask is not None:
+            row_sq = torch.where(row_mask[:, None, :] > 0, row_sq, 0.0)
+        ctx.save_for_backward(t_data, s_data, row_mask)
+        return g_ts, row_sq.sum(-1), g_ss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_ts, d_sq, d_ss):
+        t_data, s_data, row_mask = ctx.saved_tensors
+        B, Ht = t_data.shape[:2]
+        tf, sf = t_data.view(B, Ht, -1), s_data.view(B, s_data.shape[1], -1)
+        grad_t = grad_s = None
+        if ctx.needs_input_grad[1]:
+            gs = torch.bmm(d_ts.transpose(1, 2), tf)
+            if row_mask is not None:  # padding rows of t_data (finite) must not leak in
+                gs.view_as(s_data).mul_(row_mask[:, None, :, None])
+            gs.baddbmm_(d_ss + d_ss.transpose(1, 2), sf)
+            grad_s = gs.view_as(s_data)
+        if ctx.needs_input_grad[0]:
+            gt = torch.bmm(d_ts, sf).view_as(t_data)  # 0 on masked rows (those of sf are 0)
+            scale = 2 * d_sq[:, :, None, None]
+            if row_mask is not None:
+                scale = scale * row_mask[:, None, :, None]
+            grad_t = gt.addcmul_(t_data, scale)
+        return grad_t, grad_s, None, None, None
 
 
-def _alignment(
-    T: Tensor, S: Tensor, temperature: float, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
+class _MixtureKL(torch.autograd.Function):
+    """``sum_q row_weight[q] * KL(T_i[q] || M_i[q])`` per teacher head, ``M_i = sum_j a_ij S_j``.
+
+    ``(t, s, a, t_data, s_data, row_weight, eps) -> (B, Ht)``, computed as
+    ``T log((T+eps) / (M+eps))`` summed over keys. Works through the batch in chunks so each
+    chunk's temporaries stay in cache; backward recomputes ``M`` rather than saving it.
+    """
+
+    @staticmethod
+    def forward(ctx, t, s, a, t_data, s_data, row_weight, eps):
+        B, Ht, Q, K = t_data.shape
+        tf = t_data.view(B, Ht, Q * K)
+        # Rows of `a` sum to 1 (softmax), so M + eps = a @ (S + eps): eps is added once to the
+        # small student maps instead of to every mixture element.
+        s_eps = (s_data + eps).view(B, s_data.shape[1], Q * K)
+        chunk = _chunk_size(t_data)
+        out = tf.new_empty(B, Ht)
+        buf_m = tf.new_empty(min(chunk, B), Ht, Q * K)
+        buf_e = torch.empty_like(buf_m)
+        for b0 in range(0, B, chunk):
+            b1 = min(B, b0 + chunk)
+            n = b1 - b0
+            m = torch.bmm(a[b0:b1], s_eps[b0:b1], out=buf_m[:n])  # M + eps
+            e = torch.add(tf[b0:b1], eps, out=buf_e[:n]).div_(m).log_().mul_(tf[b0:b1])
+            # Padding rows of t_data are finite here (M is 0 there), and their weight is 0.
+            rows = e.view(n, Ht, Q, K).sum(-1)  # (n, Ht, Q)
+            out[b0:b1] = torch.bmm(rows, row_weight[b0:b1, :, None]).squeeze(-1)
+        ctx.save_for_backward(t_data, s_data, s_eps, a, row_weight)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        t_data, s_data, s_eps, a, row_weight = ctx.saved_tensors
+        eps = ctx.eps
+        need_t, need_s, need_a = ctx.needs_input_grad[:3]
+        B, Ht, Q, K = t_data.shape
+        Hs = s_data.shape[1]
+        tf = t_data.view(B, Ht, Q * K)
+        grad_t = torch.empty_like(t_data) if need_t else None
+        grad_s = torch.empty_like(s_data) if need_s else None
+        # d loss / d M_i[q] = -g_i row_weight[q] T_i[q] / (M_i[q] + eps) =: -g_i row_weight[q] D_i[q]
+        neg_ag = (a * g[:, :, None]).neg_().transpose(1, 2)  # (B, Hs, Ht)
+        if need_a:
+            dots = torch.empty_like(a)  # sum_q row_weight[q] D_i[q] . S_j[q]
+            s_w = (s_data * row_weight[:, None, :, None]).view(B, Hs, Q * K)
+        chunk = _chunk_size(t_data)
+        buf_m = tf.new_empty(min(chunk, B), Ht, Q * K)
+        buf_e = torch.empty_like(buf_m) if need_t else None
+        for b0 in range(0, B, chunk):
+            b1 = min(B, b0 + chunk)
+            n = b1 - b0
+            tc = tf[b0:b1]
+            m = torch.bmm(a[b0:b1], s_eps[b0:b1], out=buf_m[:n])  # M + eps
+            if need_t:  # d/dT of T log((T+eps)/(M+eps)) = log((T+eps)/(M+eps)) + T/(T+eps)
+                gt = grad_t[b0:b1].view(n, Ht, Q * K)
+                e = torch.add(tc, eps, out=buf_e[:n])
+                torch.div(tc, e, out=gt)
+                gt.add_(e.div_(m).log_())
+                scale = g[b0:b1, :, None] * row_weight[b0:b1, None, :]
+                gt.view(n, Ht, Q, K).mul_(scale[..., None])
+            d = torch.div(tc, m, out=m)  # finite on padding rows, weighted out below
+            if need_a:
+                torch.bmm(d, s_w[b0:b1].transpose(1, 2), out=dots[b0:b1])
+            if need_s:
+                gs = torch.bmm(neg_ag[b0:b1], d, out=grad_s[b0:b1].view(n, Hs, Q * K))
+                gs.view(n, Hs, Q, K).mul_(row_weight[b0:b1, None, :, None])
+        grad_a = dots.mul_(g[:, :, None]).neg_() if need_a else None
+        return grad_t, grad_s, grad_a, None, None, None, None
+
+
+def _chunk_size(t_data: Tensor) -> int:
+    """Batch elements per chunk."""
+    elements = _CHUNK_ELEMENTS.get(t_data.device.type, _CHUNK_ELEMENTS_OTHER)
+    return max(1, elements // max(1, math.prod(t_data.shape[1:])))
+
+
+class _Alignment(NamedTuple):
+    a: Tensor  # (B, Ht, Hs) alignment weights (Eq. 2)
+    w: Tensor  # (B, Ht, Hs) cosines
+    sq_t: Tensor  # (B, Ht) squared teacher norms
+    nt: Tensor  # (B, Ht) eps-floored teacher norms
+    g_ss: Tensor  # (B, Hs, Hs) student Gram matrix
+    ns: Tensor  # (B, Hs) eps-floored student norms
+
+
+def _alignment(p: _Prepared, temperature: float, eps: float) -> _Alignment:
     """Paper Eq. 2 on prepared maps; the single implementation behind align_weights and amad_loss.
 
-    Returns ``(a, t_unit, s_unit)``: ``a`` ``(B, Ht, Hs)``, unit vectors ``(B, H, Q*K)``.
+    Norms are floored at eps (``sqrt(max(|x|^2, eps^2))``): an all-zero head (every row masked)
+    gets cosine 0 and finite gradients instead of 0/0.
     """
-    t_unit = _unit(T.flatten(2), eps)
-    s_unit = _unit(S.flatten(2), eps)
-    # bmm over the flattened maps: the (B, Ht, Hs, Q, K) product never exists.
-    w = torch.bmm(t_unit, s_unit.transpose(1, 2))
-    return torch.softmax(w / temperature, dim=-1), t_unit, s_unit
+    g_ts, sq_t, g_ss = _Gram.apply(p.t, p.s, p.t_data, p.s_data, p.row_mask)
+    floor = eps * eps
+    nt = sq_t.clamp_min(floor).sqrt()
+    ns = g_ss.diagonal(dim1=1, dim2=2).clamp_min(floor).sqrt()
+    w = g_ts / (nt[:, :, None] * ns[:, None, :])
+    return _Alignment(torch.softmax(w / temperature, dim=-1), w, sq_t, nt, g_ss, ns)
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,8 +399,8 @@ def align_weights(
         ``(B, Ht, Hs)``; each ``[b, i, :]`` sums to 1.
     """
     temperature = _positive("temperature", temperature)
-    T, S, _ = _prepare_maps(teacher_attn, student_attn, query_mask)
-    return _alignment(T, S, temperature, _DEFAULT_EPS)[0]
+    p = _prepare_amad(teacher_attn, student_attn, query_mask)
+    return _alignment(p, temperature, _DEFAULT_EPS).a
 
 
 def amad_loss_per_head(
@@ -207,7 +420,11 @@ def amad_loss_per_head(
     * ``variant="kl"`` (paper Eq. 9): the mixture ``M_i = sum_j a_ij S_j`` is again a distribution
       per row, and ``loss_i`` is the mean over valid query rows ``q`` of ``KL(T_i[q] || M_i[q])``.
     * ``variant="mse"`` (paper Eq. 4–5): ``loss_i = || t_i/||t_i|| - sum_j a_ij s_j/||s_j|| ||^2``
-      over the flattened maps (masked rows zeroed), a value in ``[0, 4]``.
+      over the flattened maps (masked rows zeroed), a value in ``[0, 4]``. It is computed exactly
+      from the ``Ht x Hs`` and ``Hs x Hs`` cosine matrices, with no map-sized intermediate.
+
+    Gradients flow to both maps (the teacher's too, if it requires grad), but only first-order:
+    the backward passes are hand-written and not themselves differentiable.
 
     Args:
         teacher_attn: ``(B, Ht, Q, K)`` attention probabilities.
@@ -226,15 +443,23 @@ def amad_loss_per_head(
         raise ValueError(f"variant must be one of {AMAD_VARIANTS}; got {variant!r}")
     temperature = _positive("temperature", temperature)
     eps = _positive("eps", eps)
-    T, S, mask = _prepare_maps(teacher_attn, student_attn, query_mask)
-    a, t_unit, s_unit = _alignment(T, S, temperature, eps)
-    if detach_weights:
-        a = a.detach()
-    if variant == "mse":
-        return (t_unit - torch.bmm(a, s_unit)).pow(2).sum(-1)
-    # Mixing in (B, Ht, Q*K) keeps the largest intermediate 4-D, never (B, Ht, Hs, Q, K).
-    M = torch.bmm(a, S.flatten(2)).view_as(T)
-    return _masked_row_mean(_kl_rows(T, M, eps), mask)
+    p = _prepare_amad(teacher_attn, student_attn, query_mask)
+    if variant == "kl":
+        if detach_weights:  # the alignment needs no graph at all
+            with torch.no_grad():
+                a = _alignment(p, temperature, eps).a
+        else:
+            a = _alignment(p, temperature, eps).a
+        return _MixtureKL.apply(p.t, p.s, a, p.t_data, p.s_data, p.row_weight, eps)
+    al = _alignment(p, temperature, eps)
+    a = al.a.detach() if detach_weights else al.a
+    # ||t/|t|' - sum_j a_j s_j/|s_j|'||^2 expanded; |t|^2/|t|'^2 is 1 unless the head is ~all zero.
+    self_term = al.sq_t / al.nt.square()
+    cross = (a * al.w).sum(-1)
+    c_ss = al.g_ss / (al.ns[:, :, None] * al.ns[:, None, :])
+    mix = (torch.bmm(a, c_ss) * a).sum(-1)
+    # The expansion can round a few ulps below 0 where the true value is 0.
+    return (self_term - 2 * cross + mix).clamp_min(0.0)
 
 
 def amad_loss(
