@@ -17,11 +17,13 @@ Conventions shared by every function here:
 * Losses are pure functions returning a 0-dim tensor. They compute in at least float32, so bf16 or
   fp16 maps from autocast do not lose the small probabilities the logs depend on.
 * Bad input raises ``ValueError`` naming the argument and the shapes. Value checks cost a single
-  host sync per call.
+  host sync per call (AMAD: a second one only when a map holds NaN, inf, negative or huge values
+  somewhere, padding rows included).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -141,8 +143,8 @@ def _masked_row_mean(x: Tensor, mask: Tensor) -> Tensor:
 # AMAD internals
 #
 # AMAD touches every element of the (B, Ht, Q, K) teacher maps, so its cost is set by how many
-# passes are made over them. The implementation below makes few, and never materialises a full-size
-# temporary of the teacher maps:
+# passes are made over them. The implementation below makes few, and in the common case (float32
+# or float64 maps with finite values) never materialises a temporary the size of the teacher maps:
 #
 # * Masked rows are not zeroed by copying the teacher maps. When the maps are finite and in
 #   [0, _CLEAN_MAX] everywhere (the usual case: padding query rows of a softmax are distributions
@@ -161,7 +163,8 @@ def _masked_row_mean(x: Tensor, mask: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 # Maps whose entries all lie in [0, _CLEAN_MAX] take the copy-free path. Any finite bound works;
-# this one keeps every product of a padding-row value with eps^-1 or with itself finite in float32.
+# this one keeps every product of a padding-row value with itself finite in float32, and the
+# 1e20 * eps cap (KL only) keeps padding-row value / eps finite for any eps.
 _CLEAN_MAX = 1e6
 # Elements of the teacher maps per chunk of the KL Function: about 512 KiB in float32 on CPU, where
 # keeping a chunk's temporaries in cache makes the elementwise passes ~2x faster; large on
@@ -173,23 +176,27 @@ _CHUNK_ELEMENTS_OTHER = 1 << 22
 class _Prepared(NamedTuple):
     t: Tensor  # (B, Ht, Q, K) teacher maps in the compute dtype, differentiable (grads route here)
     s: Tensor  # (B, Hs, Q, K) student maps, likewise
-    t_data: Tensor  # (B, Ht, Q, K) no grad; masked rows hold finite values <= _CLEAN_MAX or 0
+    t_data: Tensor  # (B, Ht, Q, K) no grad; masked rows hold values in [0, clean limit], or 0
     s_data: Tensor  # (B, Hs, Q, K) no grad; masked rows are exactly 0
     row_mask: Tensor | None  # (B, Q) 0/1 in the compute dtype; None when every row is real
     row_weight: Tensor  # (B, Q) row_mask / number of valid rows (0 for a batch element with none)
 
 
 def _prepare_amad(
-    teacher_attn: Tensor, student_attn: Tensor, query_mask: Tensor | None
+    teacher_attn: Tensor, student_attn: Tensor, query_mask: Tensor | None, eps: float | None
 ) -> _Prepared:
-    """Validate, upcast, check values (one host sync) and mask the student; see the notes above."""
+    """Validate, upcast, check values (one host sync) and mask the student; see the notes above.
+
+    ``eps`` is the one the KL divides padding rows by, None when nothing divides by it.
+    """
     _check_maps(teacher_attn, student_attn, query_mask)
     dtype = _compute_dtype(teacher_attn, student_attn)
     t, s = teacher_attn.to(dtype), student_attn.to(dtype)
     B, _, Q, _ = t.shape
     with torch.no_grad():
         t_data, s_data = t.detach(), s.detach()
-        clean = _clean(t_data, s_data)
+        limit = _CLEAN_MAX if eps is None else min(_CLEAN_MAX, 1e20 * eps)
+        clean = _clean(limit, t_data, s_data)
         if query_mask is None:
             row_mask = None
             row_weight = t_data.new_full((B, Q), 1.0 / Q if Q else 0.0)
@@ -202,18 +209,22 @@ def _prepare_amad(
             if not clean[0]:
                 t_data = torch.where(rows, t_data, 0.0)
             # The student copy is small (Hs heads) and zero rows make every product exact.
-            s_data = s_data * row_mask[:, None, :, None] if clean[1] else torch.where(rows, s_data, 0.0)
+            if clean[1]:
+                s_data = s_data * row_mask[:, None, :, None]
+            else:
+                s_data = torch.where(rows, s_data, 0.0)
             if not all(clean):
                 _raise_if_bad(t_data, s_data)
     return _Prepared(t, s, t_data.contiguous(), s_data.contiguous(), row_mask, row_weight)
 
 
-def _clean(*maps: Tensor) -> list[bool]:
-    """Per map: are all entries finite and in [0, _CLEAN_MAX]? (NaN fails every comparison.)"""
-    ext = torch.stack(
-        [v.to(torch.float64) for m in maps for v in (torch.aminmax(m) if m.numel() else (m.new_zeros(()),) * 2)]
-    ).tolist()
-    return [0 <= lo and hi <= _CLEAN_MAX for lo, hi in zip(ext[::2], ext[1::2], strict=True)]
+def _clean(limit: float, *maps: Tensor) -> list[bool]:
+    """Per map: are all entries in [0, limit]? (NaN fails every comparison.)"""
+    ext = []
+    for m in maps:  # all in the compute dtype, so they stack
+        ext += torch.aminmax(m) if m.numel() else (m.new_zeros(()),) * 2
+    ext = torch.stack(ext).tolist()
+    return [0 <= lo and hi <= limit for lo, hi in zip(ext[::2], ext[1::2], strict=True)]
 
 
 def _raise_if_bad(t_data: Tensor, s_data: Tensor) -> None:
@@ -253,6 +264,11 @@ class _Gram(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, d_ts, d_sq, d_ss):
         t_data, s_data, row_mask = ctx.saved_tensors
+        with _no_autocast(t_data.device):
+            return _Gram._backward(ctx, t_data, s_data, row_mask, d_ts, d_sq, d_ss)
+
+    @staticmethod
+    def _backward(ctx, t_data, s_data, row_mask, d_ts, d_sq, d_ss):
         B, Ht = t_data.shape[:2]
         tf, sf = t_data.view(B, Ht, -1), s_data.view(B, s_data.shape[1], -1)
         grad_t = grad_s = None
@@ -275,8 +291,9 @@ class _MixtureKL(torch.autograd.Function):
     """``sum_q row_weight[q] * KL(T_i[q] || M_i[q])`` per teacher head, ``M_i = sum_j a_ij S_j``.
 
     ``(t, s, a, t_data, s_data, row_weight, eps) -> (B, Ht)``, computed as
-    ``T log((T+eps) / (M+eps))`` summed over keys. Works through the batch in chunks so each
-    chunk's temporaries stay in cache; backward recomputes ``M`` rather than saving it.
+    ``T log((T+eps) / (M+eps))`` summed over keys; the rows of ``a`` must sum to 1. Works through
+    the batch in chunks so each chunk's temporaries stay in cache; backward recomputes ``M`` rather
+    than saving it. ``t``/``s`` only route gradients; the values come from ``t_data``/``s_data``.
     """
 
     @staticmethod
@@ -295,7 +312,7 @@ class _MixtureKL(torch.autograd.Function):
             n = b1 - b0
             m = torch.bmm(a[b0:b1], s_eps[b0:b1], out=buf_m[:n])  # M + eps
             e = torch.add(tf[b0:b1], eps, out=buf_e[:n]).div_(m).log_().mul_(tf[b0:b1])
-            # Padding rows of t_data are finite here (M is 0 there), and their weight is 0.
+            # Padding rows: M + eps = eps there, so e is finite, and their weight is 0.
             rows = e.view(n, Ht, Q, K).sum(-1)  # (n, Ht, Q)
             out[b0:b1] = torch.bmm(rows, row_weight[b0:b1, :, None]).squeeze(-1)
         ctx.save_for_backward(t_data, s_data, s_eps, a, row_weight)
@@ -305,6 +322,11 @@ class _MixtureKL(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
+        with _no_autocast(g.device):
+            return _MixtureKL._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
         t_data, s_data, s_eps, a, row_weight = ctx.saved_tensors
         eps = ctx.eps
         need_t, need_s, need_a = ctx.needs_input_grad[:3]
@@ -313,7 +335,7 @@ class _MixtureKL(torch.autograd.Function):
         tf = t_data.view(B, Ht, Q * K)
         grad_t = torch.empty_like(t_data) if need_t else None
         grad_s = torch.empty_like(s_data) if need_s else None
-        # d loss / d M_i[q] = -g_i row_weight[q] T_i[q] / (M_i[q] + eps) =: -g_i row_weight[q] D_i[q]
+        # d loss_i / d M_i[q] = -g_i row_weight[q] D_i[q], with D_i = T_i / (M_i + eps)
         neg_ag = (a * g[:, :, None]).neg_().transpose(1, 2)  # (B, Hs, Ht)
         if need_a:
             dots = torch.empty_like(a)  # sum_q row_weight[q] D_i[q] . S_j[q]
@@ -341,6 +363,14 @@ class _MixtureKL(torch.autograd.Function):
                 gs.view(n, Hs, Q, K).mul_(row_weight[b0:b1, None, :, None])
         grad_a = dots.mul_(g[:, :, None]).neg_() if need_a else None
         return grad_t, grad_s, grad_a, None, None, None, None
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off: everything here computes in the maps' (at least float32) dtype, and the
+    ``out=`` buffers below would clash with autocast's reduced-precision results."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _chunk_size(t_data: Tensor) -> int:
@@ -399,8 +429,9 @@ def align_weights(
         ``(B, Ht, Hs)``; each ``[b, i, :]`` sums to 1.
     """
     temperature = _positive("temperature", temperature)
-    p = _prepare_amad(teacher_attn, student_attn, query_mask)
-    return _alignment(p, temperature, _DEFAULT_EPS).a
+    with _no_autocast(teacher_attn.device):
+        p = _prepare_amad(teacher_attn, student_attn, query_mask, None)
+        return _alignment(p, temperature, _DEFAULT_EPS).a
 
 
 def amad_loss_per_head(
@@ -443,7 +474,20 @@ def amad_loss_per_head(
         raise ValueError(f"variant must be one of {AMAD_VARIANTS}; got {variant!r}")
     temperature = _positive("temperature", temperature)
     eps = _positive("eps", eps)
-    p = _prepare_amad(teacher_attn, student_attn, query_mask)
+    with _no_autocast(teacher_attn.device):
+        return _amad_per_head(
+            _prepare_amad(teacher_attn, student_attn, query_mask, eps if variant == "kl" else None),
+            variant,
+            temperature,
+            eps,
+            detach_weights,
+        )
+
+
+def _amad_per_head(
+    p: _Prepared, variant: str, temperature: float, eps: float, detach_weights: bool
+) -> Tensor:
+    """:func:`amad_loss_per_head` on prepared maps."""
     if variant == "kl":
         if detach_weights:  # the alignment needs no graph at all
             with torch.no_grad():

@@ -123,10 +123,14 @@ class DistillationObjective:
             ``("self", "cross")``.
         layer_map: see :func:`resolve_layer_map`; resolved per kind against that kind's layer
             counts when called.
+        report_zero_weight_terms: a component whose weight is 0 is left out of ``"loss"`` and, by
+            default, not computed at all: it is reported as a 0 tensor. True computes it under
+            ``no_grad`` for monitoring (at the cost of computing it); terms that need the teacher
+            are still reported as 0 when it is None.
 
-    A component whose weight is 0 is still reported, computed under ``no_grad`` and left out of
-    ``"loss"``; the task term is reported as 0 when ``labels`` is None (allowed only when
-    ``task_weight == 0``).
+    The task term is reported as 0 when ``labels`` is None (allowed only when ``task_weight == 0``).
+    The teacher may be None when no computed term reads it (:attr:`needs_teacher` is False), e.g.
+    task-only training.
     """
 
     def __init__(
@@ -143,6 +147,7 @@ class DistillationObjective:
         relation_heads: int | None = None,
         kinds: Sequence[str] = ("self",),
         layer_map: LayerMap = "uniform",
+        report_zero_weight_terms: bool = False,
     ) -> None:
         weights = {
             "task_weight": task_weight,
@@ -195,36 +200,55 @@ class DistillationObjective:
         self.relation_heads = relation_heads
         self.kinds = kinds
         self.layer_map = layer_map
+        self.report_zero_weight_terms = bool(report_zero_weight_terms)
 
     @property
     def needs_qkv(self) -> bool:
         """True when the model adapters must be called with ``need_qkv=True``."""
         return self.method == "relation"
 
+    @property
+    def needs_teacher(self) -> bool:
+        """True when a term of ``"loss"`` reads the teacher's outputs; else it may be None."""
+        return self.logit_kd_weight != 0 or (self.attention_weight != 0 and self.method != "none")
+
     def __call__(
-        self, teacher: VLOutputs, student: VLOutputs, labels: Tensor | None = None
+        self, teacher: VLOutputs | None, student: VLOutputs, labels: Tensor | None = None
     ) -> dict[str, Tensor]:
         """Compute the objective.
 
         Args:
-            teacher: the teacher's outputs; treated as constants (detached here).
+            teacher: the teacher's outputs; treated as constants (detached here). May be None when
+                :attr:`needs_teacher` is False.
             student: the student's outputs; same batch as the teacher.
             labels: ``(B,)`` integer class indices, or None when ``task_weight == 0``.
 
         Returns:
             ``{"loss", "task", "logit_kd", "attention"}``, each a 0-dim tensor; ``"loss"`` is the
-            weighted sum of the other three.
+            weighted sum of the other three. A zero-weight term is 0 unless
+            ``report_zero_weight_terms`` is set.
         """
+        if teacher is None and self.needs_teacher:
+            raise ValueError(
+                f"teacher is None but logit_kd_weight={self.logit_kd_weight} and "
+                f"attention_weight={self.attention_weight} (method={self.method!r}) need its "
+                "outputs: pass them, or set both weights to 0 for task-only training"
+            )
         parts = {
-            "task": self._weighted(self.task_weight, lambda: self._task(student, labels)),
+            "task": self._weighted(self.task_weight, student, lambda: self._task(student, labels)),
             "logit_kd": self._weighted(
                 self.logit_kd_weight,
+                student,
                 lambda: logit_kd_loss(
                     student.logits, teacher.logits.detach(), self.logit_temperature
                 ),
+                teacher_missing=teacher is None,
             ),
             "attention": self._weighted(
-                self.attention_weight, lambda: self._attention(teacher, student)
+                self.attention_weight,
+                student,
+                lambda: self._attention(teacher, student),
+                teacher_missing=teacher is None and self.method != "none",
             ),
         }
         weights = {
@@ -237,10 +261,23 @@ class DistillationObjective:
         terms = [weights[k] * v for k, v in parts.items() if weights[k] != 0]
         return {"loss": torch.stack(terms).sum(), **parts}
 
-    @staticmethod
-    def _weighted(weight: float, compute: Callable[[], Tensor]) -> Tensor:
+    def _weighted(
+        self,
+        weight: float,
+        student: VLOutputs,
+        compute: Callable[[], Tensor],
+        *,
+        teacher_missing: bool = False,
+    ) -> Tensor:
+        """A term with a non-zero weight; a zero-weight one only when reporting them.
+
+        ``teacher_missing``: the term would read a teacher that is None (only ever a zero-weight
+        term: ``__call__`` has checked); it is reported as 0.
+        """
         if weight != 0:
             return compute()
+        if not self.report_zero_weight_terms or teacher_missing:
+            return student.logits.new_zeros((), dtype=torch.float32)
         with torch.no_grad():  # reported only: keep no graph
             return compute()
 

@@ -12,6 +12,7 @@ import re
 
 import pytest
 import torch
+import torch.utils._pytree
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -233,6 +234,25 @@ def test_float32_and_half_inputs_are_supported():
     assert got32.dtype == torch.float32 and got16.dtype == torch.float32
     torch.testing.assert_close(got32.double(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got16.double(), want, rtol=5e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("variant", ["kl", "mse"])
+def test_autocast_does_not_lower_the_precision(variant):
+    # Under autocast, matmuls would run in bf16; the losses keep computing in float32.
+    gen = torch.Generator().manual_seed(0)
+    T, S = maps(gen, 2, 3, 4, 5, dtype=torch.float32), maps(gen, 2, 2, 4, 5, dtype=torch.float32)
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    S = S.requires_grad_()
+    want = amad_loss(T, S, mask, variant=variant)
+    (want_grad,) = torch.autograd.grad(want, S)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = amad_loss(T, S, mask, variant=variant)
+        weights = align_weights(T, S, mask)
+    (got_grad,) = torch.autograd.grad(got, S)  # backward outside autocast, as PyTorch advises
+    assert got.dtype == torch.float32 and weights.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)
+    torch.testing.assert_close(weights, align_weights(T, S, mask))
 
 
 # ------------------------------------------------------------------------------------------
@@ -459,6 +479,171 @@ def test_pairwise_detector_catches_broadcasting():
 
     with pytest.raises(AssertionError, match="5-D intermediate"):
         _assert_no_pairwise_intermediate(broadcast_amad, 2, 6, 4, 8, 16)
+
+
+class _RecordAllocations(TorchDispatchMode):
+    """Elements of every new storage an op creates (views of its inputs are not new)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {
+            x.untyped_storage().data_ptr()
+            for x in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(x, torch.Tensor)
+        }
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in given:
+                self.sizes.append(o.untyped_storage().nbytes() // o.element_size())
+        return out
+
+
+def _record_outputs(fn):
+    """Elements of every storage allocated while ``fn`` runs (forward and backward)."""
+    with _RecordAllocations() as rec:
+        fn()
+    return rec.sizes
+
+
+@pytest.mark.parametrize("variant", ["kl", "mse"])
+def test_amad_allocates_nothing_the_size_of_the_teacher_maps(monkeypatch, variant):
+    # The memory contract: with finite float32 maps, nothing as large as the teacher maps is
+    # allocated (masked student copy, its gradient and per-chunk buffers only).
+    import amad.losses as losses
+
+    B, Ht, Hs, Q, K = 4, 6, 2, 5, 7
+    monkeypatch.setitem(losses._CHUNK_ELEMENTS, "cpu", Ht * Q * K)  # one batch element per chunk
+    gen = torch.Generator().manual_seed(0)
+    T = maps(gen, B, Ht, Q, K, dtype=torch.float32)
+    S = maps(gen, B, Hs, Q, K, dtype=torch.float32).requires_grad_()
+    mask = rand_mask(gen, B, Q, allow_empty=False)
+    sizes = _record_outputs(lambda: amad_loss(T, S, mask, variant=variant).backward())
+    assert max(sizes) <= max(B * Hs * Q * K, Ht * Q * K) < T.numel()
+    torch.testing.assert_close(
+        amad_loss(T.double(), S.double(), mask, variant=variant),
+        naive_amad(T.double(), S.double(), mask, variant=variant)[0].sum(1).mean(0),
+    )
+
+
+@pytest.mark.parametrize("variant", ["kl", "mse"])
+@pytest.mark.parametrize("detach", [False, True])
+@pytest.mark.parametrize("chunk_elements", [1, 2 * 3 * 4 * 5, 10**9])
+def test_amad_chunks_match_naive(monkeypatch, variant, detach, chunk_elements):
+    # The tests above use shapes far below one chunk; here chunks of 1 and 2 batch elements (the
+    # last one partial) and a single chunk give the naive values and gradients.
+    import amad.losses as losses
+
+    monkeypatch.setitem(losses._CHUNK_ELEMENTS, "cpu", chunk_elements)
+    gen = torch.Generator().manual_seed(3)
+    B, Ht, Hs, Q, K = 5, 3, 2, 4, 5
+    T = maps(gen, B, Ht, Q, K).requires_grad_()
+    S = maps(gen, B, Hs, Q, K).requires_grad_()
+    mask = rand_mask(gen, B, Q)
+    mask[1] = False  # a batch element with no valid row
+    want_heads, _ = naive_amad(T, S, mask, variant=variant, temperature=0.5, detach=detach)
+    want_gT, want_gS = torch.autograd.grad(want_heads.sum(1).mean(0), (T, S))
+    got = amad_loss_per_head(T, S, mask, variant=variant, temperature=0.5, detach_weights=detach)
+    got_gT, got_gS = torch.autograd.grad(got.sum(1).mean(0), (T, S))
+    torch.testing.assert_close(got, want_heads, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got_gT, want_gT, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(got_gS, want_gS, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", ["kl", "mse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "padding", ["distribution", "huge", "inf", "nan", "negative", "zero"], ids=lambda p: p
+)
+def test_whatever_padding_rows_hold_values_and_gradients_are_the_same(variant, dtype, padding):
+    # Padding rows that are distributions take the copy-free path (masked rows removed by row
+    # weights); inf, NaN, negative or huge values the `where` path. Both must agree with maps
+    # whose padding rows are zero, values and student and teacher gradients alike.
+    gen = torch.Generator().manual_seed(4)
+    B, Ht, Hs, Q, K = 3, 4, 3, 5, 6
+    T, S = maps(gen, B, Ht, Q, K, dtype=dtype), maps(gen, B, Hs, Q, K, dtype=dtype)
+    mask = rand_mask(gen, B, Q, allow_empty=False)
+    rows = mask[:, None, :, None]
+    fill = {"huge": 1e30, "inf": math.inf, "nan": math.nan, "negative": -0.5, "zero": 0.0}
+    if padding == "distribution":
+        T2, S2 = with_garbage_rows(T, mask, gen), with_garbage_rows(S, mask, gen)
+    else:
+        T2, S2 = torch.where(rows, T, fill[padding]), torch.where(rows, S, fill[padding])
+
+    def run(t, s):
+        t, s = t.clone().requires_grad_(), s.clone().requires_grad_()
+        loss = amad_loss(t, s, mask, variant=variant)
+        return (loss, *torch.autograd.grad(loss, (t, s)))
+
+    want = run(torch.where(rows, T, 0.0), torch.where(rows, S, 0.0))
+    for got, exp in zip(run(T2, S2), want, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, exp)
+    for got_a, want_a in ((align_weights(T2, S2, mask), align_weights(T, S, mask)),):
+        torch.testing.assert_close(got_a, want_a)
+
+
+def test_tiny_eps_takes_the_exact_path_and_stays_finite():
+    # Padding rows divided by a tiny eps, times a large upstream gradient (loss scaling), would
+    # overflow float32 to inf and give inf * 0 = NaN: such maps must not take the copy-free path.
+    gen = torch.Generator().manual_seed(5)
+    T, S = maps(gen, 2, 3, 4, 5, dtype=torch.float32), maps(gen, 2, 2, 4, 5, dtype=torch.float32)
+    mask = torch.tensor([[True, True, False, False], [True, True, True, False]])
+    T2 = with_garbage_rows(T, mask, gen)
+    S = S.requires_grad_()
+    loss = amad_loss(T2, S, mask, eps=1e-30)
+    (grad,) = torch.autograd.grad(loss * 1e12, S)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    want = amad_loss(torch.where(mask[:, None, :, None], T, 0.0), S, mask, eps=1e-30)
+    (want_grad,) = torch.autograd.grad(want * 1e12, S)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(grad, want_grad)
+
+
+@pytest.mark.parametrize("where", ["valid", "padding"])
+def test_value_check_with_a_mask_looks_at_valid_rows_only(where):
+    gen = torch.Generator().manual_seed(6)
+    T, S = maps(gen, 2, 3, 4, 5), maps(gen, 2, 2, 4, 5)
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    q = 0 if where == "valid" else 3
+    for bad in (math.nan, -1e-3):
+        for name in ("teacher_attn", "student_attn"):
+            t, s = T.clone(), S.clone()
+            (t if name == "teacher_attn" else s)[0, 1, q, 2] = bad
+            for fn in (
+                lambda: amad_loss(t, s, mask),
+                lambda: amad_loss(t, s, mask, variant="mse"),
+                lambda: align_weights(t, s, mask),
+            ):
+                if where == "valid":
+                    with pytest.raises(ValueError, match=f"{name}.*NaN or negative"):
+                        fn()
+                else:
+                    assert torch.isfinite(fn()).all()
+
+
+@pytest.mark.parametrize("variant", ["kl", "mse"])
+def test_zero_norm_heads_match_naive(variant):
+    # The mse variant is computed from Gram matrices; eps-floored norms of all-zero heads must
+    # give the naive formula's values and gradients (not just finite ones).
+    gen = torch.Generator().manual_seed(7)
+    T = one_hot_maps(gen, 3, 3, 4, 5)
+    S = one_hot_maps(gen, 3, 2, 4, 5)
+    T[0, 1] = 0.0
+    S[1, 0] = 0.0
+    T, S = T.requires_grad_(), S.requires_grad_()
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[2] = False
+    for detach in (False, True):
+        want_heads, _ = naive_amad(T, S, mask, variant=variant, detach=detach)
+        want_g = torch.autograd.grad(want_heads.sum(1).mean(0), (T, S))
+        got = amad_loss_per_head(T, S, mask, variant=variant, detach_weights=detach)
+        got_g = torch.autograd.grad(got.sum(1).mean(0), (T, S))
+        torch.testing.assert_close(got, want_heads, rtol=1e-9, atol=1e-12)
+        for g, w in zip(got_g, want_g, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-10)
 
 
 # ------------------------------------------------------------------------------------------

@@ -277,17 +277,108 @@ def test_relation_needs_qkv_and_works_with_it():
     assert abs(obj(teacher, student, LABELS)["attention"].item()) < 1e-12
 
 
-def test_zero_weight_component_is_reported_without_graph():
+def test_zero_weight_component_is_reported_without_graph_when_asked():
     gen = torch.Generator().manual_seed(5)
     teacher = fake_outputs(gen, heads=3, layers=2)
     student = fake_outputs(gen, heads=2, layers=2, grad=True)
-    obj = DistillationObjective(task_weight=1.0, logit_kd_weight=0.0, attention_weight=0.0)
+    obj = DistillationObjective(
+        task_weight=1.0, logit_kd_weight=0.0, attention_weight=0.0, report_zero_weight_terms=True
+    )
     out = obj(teacher, student, LABELS)
     assert out["attention"].item() > 0 and out["logit_kd"].item() > 0
     assert not out["attention"].requires_grad and not out["logit_kd"].requires_grad
     assert out["loss"].item() == pytest.approx(naive_ce(student.logits, LABELS), rel=1e-9)
     out["loss"].backward()
     assert all(a.grad is None for a in student.attentions["self"])
+
+
+class _CallCounter:
+    """Wraps a loss function and counts its calls."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["amad", "one_to_one", "head_mean", "relation"])
+def test_zero_weight_component_is_not_computed_by_default(monkeypatch, method):
+    import amad.objective as objective
+
+    counters = {}
+    names = ("logit_kd_loss", "amad_loss", "one_to_one_loss", "head_mean_loss", "relation_loss")
+    for name in names:
+        counters[name] = _CallCounter(getattr(objective, name))
+        monkeypatch.setattr(objective, name, counters[name])
+    gen = torch.Generator().manual_seed(10)
+    hidden = 4 if method == "relation" else None
+    teacher = fake_outputs(gen, heads=3, layers=2, hidden=hidden)
+    student = fake_outputs(gen, heads=2, layers=2, hidden=hidden, grad=True)
+    obj = DistillationObjective(
+        logit_kd_weight=0.0, attention_weight=0.0, method=method, relation_heads=2
+    )
+    out = obj(teacher, student, LABELS)
+    assert all(c.calls == 0 for c in counters.values()), {k: c.calls for k, c in counters.items()}
+    for key in ("logit_kd", "attention"):
+        assert out[key].shape == () and out[key].item() == 0.0 and not out[key].requires_grad
+    assert out["loss"].item() == pytest.approx(naive_ce(student.logits, LABELS), rel=1e-9)
+    assert out["loss"].item() == pytest.approx(out["task"].item(), rel=1e-12)
+
+    # Opting in computes them (once per layer pair for the attention loss), without a graph.
+    loss_fn = {"amad": "amad_loss", "one_to_one": "one_to_one_loss", "head_mean": "head_mean_loss"}
+    loss_fn = loss_fn.get(method, "relation_loss")
+    reported = DistillationObjective(
+        logit_kd_weight=0.0,
+        attention_weight=0.0,
+        method=method,
+        relation_heads=2,
+        report_zero_weight_terms=True,
+    )(teacher, student, LABELS)
+    assert counters["logit_kd_loss"].calls == 1 and counters[loss_fn].calls == 2
+    assert reported["logit_kd"].item() > 0 and reported["attention"].item() > 0
+    assert not reported["logit_kd"].requires_grad and not reported["attention"].requires_grad
+    assert reported["loss"].item() == pytest.approx(out["loss"].item(), rel=1e-12)
+
+    # A zero task weight is reported as 0 too.
+    no_task = DistillationObjective(task_weight=0.0, method=method, relation_heads=2)
+    assert no_task(teacher, student, LABELS)["task"].item() == 0.0
+
+
+def test_teacher_may_be_none_only_when_no_term_needs_it():
+    gen = torch.Generator().manual_seed(11)
+    teacher = fake_outputs(gen, heads=3, layers=2)
+    student = fake_outputs(gen, heads=2, layers=2, grad=True)
+    task_only = DistillationObjective(logit_kd_weight=0.0, attention_weight=0.0)
+    assert not task_only.needs_teacher
+    out = task_only(None, student, LABELS)
+    assert out["loss"].item() == pytest.approx(naive_ce(student.logits, LABELS), rel=1e-9)
+    assert out["logit_kd"].item() == 0.0 and out["attention"].item() == 0.0
+    out["loss"].backward()
+    assert student.logits.grad is not None
+    # Reporting zero-weight terms needs the teacher: without one they stay 0.
+    reporting = DistillationObjective(
+        logit_kd_weight=0.0, attention_weight=0.0, report_zero_weight_terms=True
+    )
+    out = reporting(None, student, LABELS)
+    assert out["logit_kd"].item() == 0.0 and out["attention"].item() == 0.0
+    assert reporting(teacher, student, LABELS)["attention"].item() > 0
+    # method="none" reads no maps, so only the logit KD weight matters.
+    none_method = DistillationObjective(method="none", logit_kd_weight=0.0, attention_weight=3.0)
+    assert not none_method.needs_teacher
+    assert none_method(None, student, LABELS)["attention"].item() == 0.0
+
+    for kwargs in (
+        dict(attention_weight=0.0),  # logit KD needs the teacher's logits
+        dict(logit_kd_weight=0.0),  # AMAD needs the teacher's maps
+        dict(logit_kd_weight=0.0, method="one_to_one"),
+        dict(logit_kd_weight=0.0, method="relation", relation_heads=2),
+    ):
+        obj = DistillationObjective(**kwargs)
+        assert obj.needs_teacher
+        with pytest.raises(ValueError, match="teacher is None"):
+            obj(None, student, LABELS)
 
 
 def test_labels_none_needs_zero_task_weight():
