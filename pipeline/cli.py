@@ -22,6 +22,26 @@ def _teacher(args: argparse.Namespace) -> int:
     return 0 if metrics["test"]["teacher"]["accuracy"] == metrics["test"]["teacher"]["accuracy"] else 1  # NaN -> 1
 
 
+def _distill(args: argparse.Namespace) -> int:
+    from pipeline import train_distill
+    from pipeline.config import DistillJobConfig, parse_config
+
+    cfg = load_config(args.config, DistillJobConfig)
+    overrides = {"run_name": args.name, "scaling.num_workers": args.workers, "scaling.use_gpu": True if args.gpu else None}
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if overrides:
+        values = cfg.model_dump(mode="json")
+        for dotted, value in overrides.items():
+            *parents, leaf = dotted.split(".")
+            target = values
+            for part in parents:
+                target = target[part]
+            target[leaf] = value
+        cfg = parse_config(values, DistillJobConfig, f"{args.config} with {', '.join(f'{k}={v}' for k, v in overrides.items())}")
+    summary = train_distill.main(cfg, args.workdir, address=args.address, tracking_uri=args.tracking_uri)
+    return 0 if summary["best_checkpoint"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amad",
@@ -39,6 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--workdir", type=Path, default=Path("runs/teacher"), help="where scratch and outputs go (default: %(default)s)")
     teacher.add_argument("--output", type=Path, default=None, help="save the teacher here instead of <workdir>/teacher")
     teacher.set_defaults(handler=_teacher)
+
+    distill = commands.add_parser(
+        "distill",
+        help="distil a saved teacher into a smaller student with Ray Train (resumable by --name)",
+        description="Distil a teacher directory into a student with fewer heads/layers on a Ray cluster "
+        "(DDP over Ray Train workers), one validated checkpoint per epoch, tracked in MLflow. Re-running "
+        "the same command resumes the run of the same name from its latest checkpoint.",
+    )
+    distill.add_argument("--config", type=Path, default=Path("tune_configs/distill.yaml"), help="job YAML (default: %(default)s)")
+    distill.add_argument("--workdir", type=Path, default=Path("runs/distill"), help="Ray storage (<workdir>/ray/<name>) and the default MLflow store (default: %(default)s)")
+    distill.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one)")
+    distill.add_argument("--workers", type=int, default=None, help="override scaling.num_workers")
+    distill.add_argument("--gpu", action="store_true", help="one GPU per worker (override scaling.use_gpu)")
+    distill.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
+    distill.add_argument("--name", default=None, help="override run_name; the same name resumes that run")
+    distill.set_defaults(handler=_distill)
     return parser
 
 

@@ -7,13 +7,14 @@ is reported as ``<file>: <field.path>: <reason>`` and nothing is started or writ
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from amad.data.benchmark import BenchmarkSpec
 from amad.data.scenes import COLOURS, MAX_OBJECTS, SceneSpec
+from amad.objective import DistillationObjective
 
 
 class ConfigError(ValueError):
@@ -108,6 +109,126 @@ class TeacherJobConfig(Strict):
                 f" (data.scene.grid * data.scene.cell)"
             )
         return self
+
+
+class DistillDataConfig(Strict):
+    """Overrides of the teacher's ``benchmark.json`` (same seed, scene and question settings).
+
+    Smaller sizes take the first scenes of the teacher's splits (generation is sequential per split).
+    """
+
+    train_scenes: int | None = Field(None, ge=1, description="default: the teacher's")
+    val_scenes: int | None = Field(None, ge=1, description="default: the teacher's")
+
+
+class StudentConfig(Strict):
+    """A student derived from the teacher's config: give ``head_dim`` or ``hidden_size``, not both.
+
+    Neither: the teacher's head dimension, so ``hidden = heads * teacher head_dim``.
+    """
+
+    heads: int = Field(..., ge=1)
+    layers: int = Field(..., ge=1)
+    head_dim: int | None = Field(None, ge=1)
+    hidden_size: int | None = Field(None, ge=1, description="alternative to head_dim; heads must divide it")
+    intermediate_ratio: float | None = Field(None, gt=0, description="FFN width / hidden; default: the teacher's")
+
+    @model_validator(mode="after")
+    def _one_width(self) -> "StudentConfig":
+        if self.head_dim is not None and self.hidden_size is not None:
+            raise ValueError(f"give head_dim={self.head_dim} or hidden_size={self.hidden_size}, not both")
+        if self.hidden_size is not None and self.hidden_size % self.heads:
+            raise ValueError(f"student.heads={self.heads} does not divide student.hidden_size={self.hidden_size}")
+        return self
+
+    def resolved_head_dim(self) -> int | None:
+        """The head dimension this spec asks for; None means the teacher's."""
+        return self.hidden_size // self.heads if self.hidden_size is not None else self.head_dim
+
+
+class ObjectiveConfig(Strict):
+    """The arguments of :class:`amad.objective.DistillationObjective`, validated by building one."""
+
+    task_weight: float = 1.0
+    logit_kd_weight: float = 1.0
+    attention_weight: float = 1.0
+    logit_temperature: float = 1.0
+    method: Literal["amad", "one_to_one", "head_mean", "relation", "none"] = "amad"
+    amad_variant: Literal["kl", "mse"] = "kl"
+    amad_temperature: float = 1.0
+    detach_weights: bool = False
+    relation_heads: int | None = None
+    kinds: tuple[str, ...] = ("self",)
+    layer_map: Literal["uniform", "last"] | list[tuple[int, int]] = Field(
+        "uniform", description="'uniform', 'last' or [student_layer, teacher_layer] pairs (0-based)"
+    )
+
+    def kwargs(self) -> dict:
+        values = self.model_dump()
+        if not isinstance(values["layer_map"], str):
+            values["layer_map"] = [tuple(pair) for pair in values["layer_map"]]
+        return values
+
+    @model_validator(mode="after")
+    def _objective_accepts(self) -> "ObjectiveConfig":
+        DistillationObjective(**self.kwargs())  # ValueError names the argument and the reason
+        return self
+
+
+class DistillOptimConfig(Strict):
+    """Like :class:`OptimConfig` but counted in epochs: every epoch ends with validation and a checkpoint.
+
+    ``batch_size`` is per worker (the global batch is ``batch_size * num_workers``). One epoch is
+    ``(train questions // num_workers) // batch_size`` steps on every worker, so all workers take the
+    same number of steps (DDP needs that); the remainder of the shuffled split is skipped that epoch.
+    """
+
+    epochs: int = Field(..., ge=1)
+    batch_size: int = Field(32, ge=1, description="per worker")
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine schedule ends at lr * min_lr_ratio")
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class ScalingSettings(Strict):
+    """How many Ray Train workers and what each holds."""
+
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPU resource per worker; fractions pack workers on a node")
+    use_gpu: bool | Literal["auto"] = Field(
+        "auto", description="'auto': one GPU per worker when the cluster has enough, else CPU"
+    )
+    threads_per_worker: int = Field(1, ge=1, description="torch.set_num_threads in each worker")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype on GPU; CPU workers always train in fp32"
+    )
+
+
+class DistillJobConfig(Strict):
+    """``amad distill``: distil a saved teacher into a smaller student with Ray Train (DDP)."""
+
+    teacher: str = Field("weights/teacher-default", description="a directory saved by `amad teacher`")
+    data: DistillDataConfig = DistillDataConfig()
+    student: StudentConfig
+    objective: ObjectiveConfig = ObjectiveConfig()
+    train: DistillOptimConfig
+    scaling: ScalingSettings = ScalingSettings()
+    run_name: str = Field("distill", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
+    checkpoints_to_keep: int = Field(2, ge=1, description="best by val_accuracy; the latest is always kept too")
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint; -1: unlimited")
+    seed: int = Field(0, ge=0)
+    eval_batch_size: int = Field(256, ge=1)
+    fail_at_step: int | None = Field(
+        None, ge=1,
+        description="TEST-ONLY fault injection: rank 0 exits (os._exit(1)) once after this optimizer step",
+    )
+
+    # Settings that may change when the same run is resumed: they do not change what is learned.
+    RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset(
+        {"scaling", "max_failures", "fail_at_step", "checkpoints_to_keep", "eval_batch_size"}
+    )
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)

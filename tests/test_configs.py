@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, TeacherJobConfig, load_config
+from pipeline.config import ConfigError, DistillJobConfig, TeacherJobConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "tune_configs").rglob("*.yaml"))
-JOB_MODELS = {"teacher.yaml": TeacherJobConfig}
+JOB_MODELS = {"teacher.yaml": TeacherJobConfig, "distill.yaml": DistillJobConfig}
 
 
 def test_there_are_configs_and_each_has_a_known_job():

@@ -1,0 +1,44 @@
+"""Names that cross job boundaries, defined once.
+
+Ray Train reports these metric keys, Ray Tune (later) optimises over them, MLflow logs them and
+selection reads them back: a typo in one place would silently break another, so every job imports
+them from here.
+"""
+
+from __future__ import annotations
+
+# Per-epoch metrics reported by a distillation worker (rank 0's dict is what Ray keeps).
+EPOCH = "epoch"  # epochs completed, 1-based
+STEP = "step"  # optimizer steps completed
+LR = "lr"
+TRAIN_LOSS = "train_loss"  # the objective's weighted total, mean over the epoch's steps and workers
+TRAIN_TASK_LOSS = "train_task_loss"
+TRAIN_LOGIT_KD_LOSS = "train_logit_kd_loss"
+TRAIN_ATTENTION_LOSS = "train_attention_loss"
+VAL_ACCURACY = "val_accuracy"  # over the whole validation split, combined across workers
+VAL_RELATIONAL_ACCURACY = "val_relational_accuracy"
+VAL_LOSS = "val_loss"  # mean cross-entropy against the labels (as amad.training.evaluate)
+SAMPLES_PER_S = "samples_per_s"  # training examples per second, all workers together
+EPOCH_SECONDS = "epoch_seconds"  # wall time of the epoch's training steps (validation excluded)
+
+# Which metric picks the best checkpoint, and in which direction.
+SELECTION_METRIC = VAL_ACCURACY
+SELECTION_MODE = "max"
+
+# Files inside a distillation checkpoint (besides config.json / model.safetensors from
+# save_pretrained and tokenizer.json).
+TRAIN_STATE_FILE = "train_state.pt"  # optimizer, scheduler, step, epoch, history
+BENCHMARK_FILE = "benchmark.json"  # the data spec the student was trained and validated on
+
+# Files in a run directory (<workdir>/ray/<run_name>/), beside Ray's own.
+JOB_FILE = "distill_job.json"  # the validated config that started the run
+MLFLOW_RUN_FILE = "mlflow_run.json"  # tracking URI + run id, so a resumed run logs to the same run
+SUMMARY_FILE = "summary.json"  # what main() returned
+
+# MLflow.
+DISTILL_EXPERIMENT = "amad-distill"
+BEST_CHECKPOINT_ARTIFACT = "best_checkpoint"
+TAG_TEACHER_PATH = "teacher.path"
+TAG_TEACHER_TEST_ACCURACY = "teacher.test_accuracy"
+TAG_RUN_DIR = "ray.run_dir"
+TAG_BEST_CHECKPOINT = "best_checkpoint.path"
