@@ -318,10 +318,19 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
-def _all_reduce(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_reduce(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if _distributed():
+        dist.all_reduce(values, op=op)
     return values
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
 
 
 @torch.no_grad()
@@ -419,6 +428,7 @@ def train_loop(loop_config: dict) -> dict:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch)))
         shard = order[rank::world][:per_worker]  # (per_worker,) the same length on every worker
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, task, logit_kd, attention
+        _barrier()  # start the clock together: rank 0 arrives late after writing the last checkpoint
         tick = time.perf_counter()
         for index in range(steps_per_epoch):
             batch = _to(train.batch(shard[index * cfg.train.batch_size : (index + 1) * cfg.train.batch_size]), device)
@@ -438,8 +448,9 @@ def train_loop(loop_config: dict) -> dict:
             step += 1
             sums += torch.stack([parts[k].detach().double() for k in ("loss", "task", "logit_kd", "attention")])
             if cfg.fail_at_step == step and rank == 0:
-                _fail_once(run_dir, step)
-        seconds = time.perf_counter() - tick
+                _fail_once(run_dir, step, committed=f"epoch_{epoch:04d}" if epoch else None)
+        # the epoch lasts until its slowest worker is done: every rank reports the same seconds and samples/s
+        seconds = _all_reduce(torch.tensor([time.perf_counter() - tick], dtype=torch.float64, device=device), dist.ReduceOp.MAX).item()
         sums = _all_reduce(sums) / (steps_per_epoch * world)
         metrics = {
             names.EPOCH: epoch + 1,
@@ -489,11 +500,32 @@ def _backfill(tracker: RunTracker, history: list[dict]) -> None:
             tracker.log_metrics(metrics, step=metrics[names.EPOCH])
 
 
-def _fail_once(run_dir: Path, step: int) -> None:
-    """TEST-ONLY (``fail_at_step``): kill this worker process once, as a crash would."""
+def _fail_once(run_dir: Path, step: int, committed: str | None, timeout_s: float = 300.0) -> None:
+    """TEST-ONLY (``fail_at_step``): kill this worker process once, as a crash would.
+
+    First waits until Ray has committed checkpoint ``committed`` (the previous epoch's; None: none yet)
+    to the run's ``checkpoint_manager_snapshot.json``. Ray Train's controller collects a report only
+    when it next polls the workers (every ~2 s): a worker that dies before then loses that report, and
+    the run restarts from the checkpoint before it. Waiting makes the injected fault land where the
+    test expects it, after the latest checkpoint, whatever the machine's load.
+    """
     marker = run_dir / f".fail_at_step_{step}"
     if marker.exists():
         return
     marker.touch()
+    deadline = time.monotonic() + timeout_s
+    while committed is not None and _latest_committed(run_dir) != committed:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"fail_at_step={step}: checkpoint {committed} not committed to {run_dir} within {timeout_s:g} s")
+        time.sleep(0.2)
     _worker_log.warning(f"fail_at_step={step}: worker exiting on purpose (test-only fault injection)")
     os._exit(1)
+
+
+def _latest_committed(run_dir: Path) -> str | None:
+    """The directory name of the latest checkpoint in Ray Train's snapshot of the run (None if none or mid-write)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    except (OSError, ValueError):
+        return None

@@ -8,9 +8,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -70,3 +73,38 @@ def test_loss_overhead_quick_run_writes_complete_results(tmp_path):
                                            config["teacher"]["tokens"], config["teacher"]["tokens"]]
     assert config["threads"] == 1 and config["quick"] is True
     assert config["torch"] == torch.__version__
+
+
+@pytest.mark.integration
+def test_train_scaling_quick_run_writes_complete_results(tmp_path):
+    """A subprocess: the benchmark starts (and connects its driver to) its own two-node loopback cluster,
+    which this process may not do while it is connected to the session's. It inherits conftest's
+    loopback environment and sets the same itself (pipeline.local_cluster)."""
+    out = tmp_path / "train_scaling.json"
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "RAY_TMPDIR", "MLFLOW_TRACKING_URI")}
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "train_scaling.py"), "--quick", "--out", str(out)],
+        cwd=BENCHMARKS.parent, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    assert "speedup 2 vs 1:" in result.stdout
+
+    results = json.loads(out.read_text())
+    for key in ("samples_per_s", "speedup_2_vs_1", "target", "meets_target", "runs", "config"):
+        assert key in results, key
+    rates = results["samples_per_s"]
+    assert set(rates) == {"1", "2"} and all(positive_finite(rate) for rate in rates.values()), rates
+    assert math.isclose(results["speedup_2_vs_1"], rates["2"] / rates["1"])
+    assert results["meets_target"] is (results["speedup_2_vs_1"] >= 1.6)
+    config = results["config"]
+    assert config["quick"] is True and config["threads_per_worker"] == 1 and config["cpus_per_worker"] == 1
+    for workers, run in results["runs"].items():
+        per_epoch = run["per_epoch"]
+        assert [m["epoch"] for m in per_epoch] == list(range(1, config["epochs"] + 1)), workers
+        assert all(positive_finite(m["samples_per_s"]) and positive_finite(m["epoch_seconds"]) for m in per_epoch)
+        # the aggregate is over epochs 2..E: total samples / total seconds
+        measured = per_epoch[1:]
+        expected = sum(m["samples_per_s"] * m["epoch_seconds"] for m in measured) / sum(m["epoch_seconds"] for m in measured)
+        assert math.isclose(run["samples_per_s"], expected) and math.isclose(rates[workers], expected)
+        samples = config["steps_per_epoch_per_worker"] * config["batch_size_per_worker"] * int(workers) * len(measured)
+        assert run["samples"] == samples, (workers, run["samples"], samples)

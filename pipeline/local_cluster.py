@@ -1,0 +1,110 @@
+"""Loopback-only local Ray clusters, for the tests and the benchmarks.
+
+Call :func:`apply_loopback_env` before anything imports Ray (this module imports Ray only inside
+:func:`local_cluster`). It makes every Ray process this process starts -- nodes, workers, a CLI
+subprocess that inherits the environment -- bind to 127.0.0.1 and keeps all their traffic on loopback:
+
+* ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: Ray 2.60 rewrites a loopback address given to ``ray.init``
+  (``address=`` and ``_node_ip_address=``) through ``services.resolve_ip_for_localhost`` ->
+  ``get_node_ip_address()``, which returns the machine's interface address while
+  ``ray_constants.ENABLE_RAY_CLUSTER`` is true (its Linux default). ``ENABLE_RAY_CLUSTER`` is read from
+  this variable when ``ray._private.ray_constants`` is imported; with it false, ``get_node_ip_address()``
+  returns 127.0.0.1 (also for ``ray.init(address="local")``, which the CLI uses). It only stops the
+  ``ray start`` CLI from joining nodes; ``ray.cluster_utils.Cluster`` does not use that CLI.
+* ``GLOO_SOCKET_IFNAME=lo``: Gloo (DDP on CPU) binds its sockets to the address the hostname resolves
+  to unless told an interface.
+* ``RAY_USAGE_STATS_ENABLED=0`` and dead HTTP(S) proxies: the head's dashboard always (usage stats on
+  or off) probes cloud metadata servers over HTTP (169.254.169.254, metadata.google.internal) and,
+  with usage stats off on a cluster not started by ``ray.init``, posts a "disabled" notice to
+  usage-stats.ray.io. Both use ``requests``, which honours the proxy variables: every non-loopback
+  HTTP(S) request goes to a closed loopback port and fails at once; loopback requests (the State API
+  on the dashboard) go direct. (Ray's gRPC ignores them: ``grpc.enable_http_proxy=0``.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+DEAD_PROXY = f"http://{LOOPBACK}:9"  # nothing listens on the discard port
+OBJECT_STORE_BYTES = 80 * 1024 * 1024
+
+
+def loopback_variables() -> dict[str, str]:
+    """The environment variables described in the module docstring."""
+    values = {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        values[name] = DEAD_PROXY
+    for name in ("no_proxy", "NO_PROXY"):
+        values[name] = f"{LOOPBACK},localhost,::1"
+    return values
+
+
+def apply_loopback_env(environ: MutableMapping[str, str] | None = None) -> None:
+    """Set :func:`loopback_variables` in ``environ`` (default: this process's ``os.environ``).
+
+    For this process it must run before Ray is imported; if Ray's constants are already imported,
+    the one that matters is patched as well (``services`` reads it at call time).
+    """
+    target = os.environ if environ is None else environ
+    target.update(loopback_variables())
+    if target is os.environ and "ray._private.ray_constants" in sys.modules:
+        sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
+
+
+@contextlib.contextmanager
+def local_cluster(
+    nodes: int = 2,
+    num_cpus: float = 1,
+    object_store_memory: int = OBJECT_STORE_BYTES,
+    connect: bool = True,
+    prefix: str = "amad-ray-",
+) -> Iterator:
+    """A ``ray.cluster_utils.Cluster`` of ``nodes`` nodes bound to 127.0.0.1 (the first is the head).
+
+    Everything of Ray's goes under a private temporary directory (``RAY_TMPDIR`` for the duration), so
+    its ``ray_current_cluster`` address file never makes another process's ``ray.init()`` join it. With
+    ``connect`` this process's driver is connected. Always shut down on exit -- only the processes this
+    cluster started, never ``ray stop`` -- and ``RAY_TMPDIR`` restored. Call :func:`apply_loopback_env`
+    first.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    # Short path: Ray's socket paths under it must stay below the 107-byte Unix limit.
+    temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    previous = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = temp_dir
+    session_root = Path(temp_dir) / "ray"  # = Ray's default temp dir under RAY_TMPDIR
+    session_root.mkdir()
+    node = dict(num_cpus=num_cpus, object_store_memory=object_store_memory, node_ip_address=LOOPBACK)
+    cluster = Cluster()
+    try:
+        cluster.add_node(**node, temp_dir=str(session_root))  # the head (with the dashboard: Train V2 queries the State API)
+        for _ in range(nodes - 1):
+            cluster.add_node(**node)
+        cluster.wait_for_nodes()
+        if not cluster.address.startswith(f"{LOOPBACK}:"):
+            raise RuntimeError(f"the local Ray cluster is at {cluster.address}, not on {LOOPBACK}: call apply_loopback_env() before importing ray")
+        if connect:
+            ray.init(address=cluster.address)
+        yield cluster
+    finally:
+        if connect:
+            ray.shutdown()
+        cluster.shutdown()
+        if previous is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = previous
+        shutil.rmtree(temp_dir, ignore_errors=True)
