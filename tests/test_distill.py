@@ -17,23 +17,13 @@ from amad.data.text import load_tokenizer
 from amad.models import ViltAdapter
 from amad.training import evaluate
 from pipeline import names, train_distill
-from pipeline.config import ConfigError, DistillJobConfig, load_config, parse_config
+from pipeline.config import ConfigError, DistillJobConfig, load_config
+from distill_helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tune_configs" / "tiny" / "distill.yaml"
 
 
-def tiny_config(teacher: Path, **changes) -> DistillJobConfig:
-    """The tiny preset pointed at ``teacher``; ``changes`` are dotted keys (``"scaling.num_workers": 3``)."""
-    values = yaml.safe_load(TINY.read_text())
-    values["teacher"] = str(teacher)
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split(".")
-        target = values
-        for part in parents:
-            target = target.setdefault(part, {})
-        target[leaf] = value
-    return parse_config(values, DistillJobConfig, "tiny distill")
 
 
 @pytest.mark.integration

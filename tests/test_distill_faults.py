@@ -30,6 +30,7 @@ from amad.models import ViltAdapter
 from pipeline import names, train_distill
 from pipeline.config import DistillJobConfig, parse_config
 from pipeline.local_cluster import LOOPBACK, apply_loopback_env
+from distill_helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tune_configs" / "tiny" / "distill.yaml"
@@ -37,17 +38,6 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the ru
 TAG_VARIABLE = "AMAD_TEST_PROCESS_TAG"  # marks every process a CLI subprocess starts (Ray's inherit it)
 
 
-def tiny_config(teacher: Path, **changes) -> DistillJobConfig:
-    """The tiny preset pointed at ``teacher``; ``changes`` are dotted keys (``"scaling.num_workers": 1``)."""
-    values = yaml.safe_load(TINY.read_text())
-    values["teacher"] = str(teacher)
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split(".")
-        target = values
-        for part in parents:
-            target = target.setdefault(part, {})
-        target[leaf] = value
-    return parse_config(values, DistillJobConfig, "tiny distill")
 
 
 def steps_per_epoch(cfg: DistillJobConfig, teacher: Path) -> int:

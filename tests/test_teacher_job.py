@@ -67,7 +67,6 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
 
 
-@pytest.mark.skipif(not (DEFAULT_TEACHER / "config.json").is_file(), reason="the default teacher is not committed yet")
 def test_committed_default_teacher_uses_the_image():
     """The shipped weights reproduce the accuracy table committed beside them, on a slice of the test split."""
     metrics = json.loads((DEFAULT_TEACHER / "metrics.json").read_text())

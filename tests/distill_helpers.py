@@ -1,0 +1,25 @@
+"""Shared helpers for the distillation tests (imported by the test modules)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import DistillJobConfig, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tune_configs" / "tiny" / "distill.yaml"
+
+
+def tiny_config(teacher: Path, **changes) -> DistillJobConfig:
+    """The tiny preset pointed at ``teacher``; ``changes`` are dotted keys (``"scaling.num_workers": 3``)."""
+    values = yaml.safe_load(TINY.read_text())
+    values["teacher"] = str(teacher)
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        target = values
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    return parse_config(values, DistillJobConfig, "tiny distill")
