@@ -7,6 +7,7 @@ clear message and exit with status 2 instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -19,24 +20,18 @@ def _teacher(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, TeacherJobConfig)
     metrics = train_teacher.main(cfg, args.workdir, args.output)
-    return 0 if metrics["test"]["teacher"]["accuracy"] == metrics["test"]["teacher"]["accuracy"] else 1  # NaN -> 1
+    return 1 if math.isnan(metrics["test"]["teacher"]["accuracy"]) else 0
 
 
 def _distill(args: argparse.Namespace) -> int:
     from pipeline import train_distill
-    from pipeline.config import DistillJobConfig, parse_config
+    from pipeline.config import DistillJobConfig, parse_config, with_overrides
 
     cfg = load_config(args.config, DistillJobConfig)
     overrides = {"run_name": args.name, "scaling.num_workers": args.workers, "scaling.use_gpu": True if args.gpu else None}
     overrides = {key: value for key, value in overrides.items() if value is not None}
     if overrides:
-        values = cfg.model_dump(mode="json")
-        for dotted, value in overrides.items():
-            *parents, leaf = dotted.split(".")
-            target = values
-            for part in parents:
-                target = target[part]
-            target[leaf] = value
+        values = with_overrides(cfg.model_dump(mode="json"), overrides)
         cfg = parse_config(values, DistillJobConfig, f"{args.config} with {', '.join(f'{k}={v}' for k, v in overrides.items())}")
     summary = train_distill.main(cfg, args.workdir, address=args.address, tracking_uri=args.tracking_uri)
     return 0 if summary["best_checkpoint"] else 1

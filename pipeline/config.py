@@ -6,6 +6,7 @@ is reported as ``<file>: <field.path>: <reason>`` and nothing is started or writ
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import ClassVar, Literal, TypeVar
 
@@ -253,6 +254,18 @@ def parse_config(values: dict, model: type[ConfigT], source: str = "config") -> 
         return model.model_validate(values)
     except ValidationError as err:
         raise ConfigError(f"{source}: invalid config\n{format_validation_error(err)}") from None
+
+
+def with_overrides(values: dict, changes: dict) -> dict:
+    """A copy of ``values`` with dotted-key ``changes`` applied (``{"scaling.num_workers": 2}``)."""
+    values = copy.deepcopy(values)
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        target = values
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    return values
 
 
 def load_config(path: str | Path, model: type[ConfigT]) -> ConfigT:

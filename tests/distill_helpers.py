@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import DistillJobConfig, parse_config
+from pipeline.config import DistillJobConfig, parse_config, with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tune_configs" / "tiny" / "distill.yaml"
@@ -16,10 +16,4 @@ def tiny_config(teacher: Path, **changes) -> DistillJobConfig:
     """The tiny preset pointed at ``teacher``; ``changes`` are dotted keys (``"scaling.num_workers": 3``)."""
     values = yaml.safe_load(TINY.read_text())
     values["teacher"] = str(teacher)
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split(".")
-        target = values
-        for part in parents:
-            target = target.setdefault(part, {})
-        target[leaf] = value
-    return parse_config(values, DistillJobConfig, "tiny distill")
+    return parse_config(with_overrides(values, changes), DistillJobConfig, "tiny distill")
