@@ -37,6 +37,19 @@ def _distill(args: argparse.Namespace) -> int:
     return 0 if summary["best_checkpoint"] else 1
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from pipeline.sweep_config import SweepConfig
+
+    cfg = load_config(args.config, SweepConfig)
+    from pipeline import sweep  # imports Ray: only once the config is known to be valid
+
+    summary = sweep.main(cfg, args.workdir, address=args.address, tracking_uri=args.tracking_uri, resume=args.resume)
+    if summary["interrupted"]:
+        print(f"amad sweep: interrupted; continue with: amad sweep --config {args.config} --workdir {args.workdir} --resume", file=sys.stderr)
+        return 130
+    return 0 if summary["best"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amad",
@@ -70,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
     distill.add_argument("--name", default=None, help="override run_name; the same name resumes that run")
     distill.set_defaults(handler=_distill)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="Ray Tune search over student shapes and loss weights (ASHA, MLflow, Pareto selection)",
+        description="Run a Ray Tune sweep in which every trial is an `amad distill` TorchTrainer run; ASHA "
+        "stops poor trials early; the best trial within the budgets goes to <workdir>/sweeps/<name>/best.json.",
+    )
+    sweep.add_argument("--config", type=Path, default=Path("tune_configs/sweep.yaml"), help="sweep YAML (default: %(default)s)")
+    sweep.add_argument("--workdir", type=Path, default=Path("runs/sweep"), help="sweeps go to <workdir>/sweeps/<name>; default MLflow store here (default: %(default)s)")
+    sweep.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one)")
+    sweep.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
+    sweep.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name (finished trials are kept)")
+    sweep.set_defaults(handler=_sweep)
     return parser
 
 

@@ -42,3 +42,19 @@ TAG_TEACHER_PATH = "teacher.path"
 TAG_TEACHER_TEST_ACCURACY = "teacher.test_accuracy"
 TAG_RUN_DIR = "ray.run_dir"
 TAG_BEST_CHECKPOINT = "best_checkpoint.path"
+
+# Ray Tune sweeps (amad sweep): an MLflow parent run per sweep, a child run per trial.
+SWEEP_EXPERIMENT = "amad-sweep"
+SWEEP_JOB_FILE = "sweep_job.json"  # <workdir>/sweeps/<name>/: the validated sweep config
+BEST_FILE = "best.json"  # the selected trial: checkpoint, config, metrics
+TRIALS_CSV = "trials.csv"  # the summary table (one row per trial)
+MEASUREMENTS_FILE = "measurements.json"  # params and CPU latency per checkpoint, measured once
+PARAMS = "params"  # student parameter count
+LATENCY_MS = "latency_ms_per_example"  # measured CPU latency (1 thread), ms per example
+TAG_PARENT_RUN = "mlflow.parentRunId"  # MLflow's own tag: nests child runs under the parent in the UI
+TAG_TRIAL_ID = "sweep.trial_id"
+TAG_TRIAL_STATUS = "sweep.status"  # completed | stopped_early | failed
+TAG_TRIAL_ERROR = "sweep.error"
+TAG_BEST_TRIAL = "best.trial_id"
+TAG_BEST_RUN = "best.run_id"
+TAG_BEST_VAL_ACCURACY = "best.val_accuracy"

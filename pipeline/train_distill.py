@@ -237,7 +237,8 @@ def _open_tracking(cfg, teacher: Teacher, workdir: Path, run_dir: Path, uri: str
     return tracker
 
 
-def _fit(cfg: DistillJobConfig, teacher: Teacher, run_dir: Path, tracker: RunTracker, use_gpu: bool):
+def _fit(cfg: DistillJobConfig, teacher: Teacher, run_dir: Path, tracker: RunTracker, use_gpu: bool, callbacks: list | None = None):
+    """Build and fit the TorchTrainer; ``callbacks`` go to its RunConfig (a sweep trial passes Tune's reporter)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -264,6 +265,7 @@ def _fit(cfg: DistillJobConfig, teacher: Teacher, run_dir: Path, tracker: RunTra
                 checkpoint_score_order=names.SELECTION_MODE,
             ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks,
         ),
     )
     return trainer.fit()

@@ -1,0 +1,528 @@
+"""``amad sweep``: a Ray Tune search over a distillation job, ASHA early stopping, Pareto selection.
+
+setup (validate every combination against the teacher, before Ray) -> tune (one trial = one
+``TorchTrainer`` fit of :func:`pipeline.train_distill.train_loop`) -> report (per-trial outcome,
+measured size and CPU latency, Pareto front, selection, CSV + plots, ``best.json``).
+
+Layout under ``<workdir>/sweeps/<name>/``::
+
+    sweep_job.json        the validated config (a resumed sweep must match it)
+    mlflow_run.json       the parent MLflow run (re-opened on --resume)
+    tune/                 Ray Tune's experiment (Tuner.restore reads it)
+    trials/<trial_id>/    each trial's Ray Train run: epoch_NNNN checkpoints, its child mlflow_run.json
+    measurements.json     params and latency per checkpoint (measured once, reused on re-selection)
+    trials.csv, plots/, best.json
+
+Train V2 inside Tune (Ray 2.60): the Tune trainable is a plain function that builds and fits a
+``TorchTrainer`` whose ``RunConfig`` carries ``TuneReportCallback``; the workers' per-epoch
+``ray.train.report`` reaches Tune through it (the callback adds ``checkpoint_path``). The trial
+function itself holds no CPU (``{"cpu": 0, "memory": ...}``: an all-zero bundle is refused), so
+``max_concurrent_trials`` and the Train workers' own resources (``job.scaling``) decide how many
+trials run at once. Tune cannot restore a Train-in-Tune trial from a Tune checkpoint (there is
+none): a trial interrupted mid-way starts its function again, and its ``TorchTrainer`` -- same
+``storage_path`` and ``name`` -- resumes from the trial's latest Train checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback  # Progress subclasses it; importers of this module use Ray anyway
+
+from pipeline import names, sweep_report
+from pipeline.config import ConfigError, DistillJobConfig, parse_config
+from pipeline.sweep_config import SweepConfig
+from pipeline.tracking import RunTracker, flatten, open_run, resolve_tracking_uri
+
+TUNE_DIR, TRIALS_DIR, PLOTS_DIR = "tune", "trials", "plots"
+TRIAL_MEMORY_BYTES = 64 * 2**20  # the trial function's own bundle (it only waits on its TorchTrainer)
+LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # a local cluster started here moves only small objects
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+# ---------------------------------------------------------------- setup: checks before Ray starts
+
+
+def check_sweep(cfg: SweepConfig):
+    """Every combination of the space's values must make a valid distill job for this teacher.
+
+    Returns the base job's :class:`pipeline.train_distill.Teacher`. ConfigError names the space key(s)
+    and value(s) that a trial would fail on (e.g. a head count the student spec rejects).
+    """
+    from pipeline import train_distill
+
+    if cfg.search.algorithm == "optuna":
+        import importlib.util
+
+        if importlib.util.find_spec("optuna") is None:
+            raise ConfigError("search.algorithm=optuna: optuna is not installed (pip install optuna), or use algorithm: random")
+    teacher = train_distill.check_job(cfg.job)
+    for sampled in cfg.combinations():
+        where = ", ".join(f"space.{key}={value!r}" for key, value in sampled.items())
+        job = parse_config(cfg.trial_job(sampled), DistillJobConfig, f"sweep {cfg.name!r} trial with {where}")
+        try:
+            train_distill.check_job(job)
+        except ConfigError as err:
+            raise ConfigError(f"sweep {cfg.name!r} trial with {where}: {err}") from None
+    return teacher
+
+
+def check_resumable(cfg: SweepConfig, sweep_dir: Path, resume: bool) -> None:
+    """--resume needs a sweep started by the same settings; a new sweep needs a free name."""
+    from ray.tune import Tuner
+
+    job_file = sweep_dir / names.SWEEP_JOB_FILE
+    tune_dir = sweep_dir / TUNE_DIR
+    if not resume:
+        if job_file.exists():
+            raise ConfigError(f"sweep {cfg.name!r} already exists in {sweep_dir}: pass --resume to continue it, or choose another name")
+        return
+    if not job_file.is_file() or not Tuner.can_restore(str(tune_dir)):
+        raise ConfigError(f"--resume: no sweep {cfg.name!r} to resume in {sweep_dir}")
+    previous = {k: v for k, v in json.loads(job_file.read_text()).items() if k not in SweepConfig.RESUMABLE_CHANGES}
+    current = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in SweepConfig.RESUMABLE_CHANGES}
+    changed = [key for key in sorted(set(previous) | set(current)) if previous.get(key) != current.get(key)]
+    if changed:
+        raise ConfigError(
+            f"--resume: sweep {cfg.name!r} in {sweep_dir} was started with different settings ({', '.join(changed)}); "
+            f"only {', '.join(sorted(SweepConfig.RESUMABLE_CHANGES))} may change"
+        )
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def main(cfg: SweepConfig, workdir: str | Path, address: str | None = None, tracking_uri: str | None = None, resume: bool = False) -> dict:
+    """Run (or with ``resume`` continue) the sweep; returns the summary written to ``best.json``.
+
+    Joins the Ray cluster already initialised in this process, else ``address`` / ``$RAY_ADDRESS``,
+    else starts a local one (shut down at the end). A bad config raises :class:`ConfigError` before
+    anything is written. ``summary["interrupted"]`` is True when the driver was stopped (Ctrl-C)
+    before every trial ended: nothing is selected, and ``--resume`` continues.
+    """
+    import ray
+
+    workdir = Path(workdir).resolve()
+    sweep_dir = workdir / "sweeps" / cfg.name
+    teacher = check_sweep(cfg)
+    check_resumable(cfg, sweep_dir, resume)
+    # trials run in Tune's trial directories (Ray changes the working directory): absolute paths only
+    cfg = SweepConfig.model_validate({**cfg.model_dump(mode="json"), "job": {**cfg.job.model_dump(mode="json"), "teacher": str(teacher.path)}})
+    started_ray = False
+    if not ray.is_initialized():
+        target = address or os.environ.get("RAY_ADDRESS") or "local"
+        options = {"object_store_memory": LOCAL_OBJECT_STORE_BYTES} if target == "local" else {}
+        ray.init(address=target, **options)
+        started_ray = True
+    try:
+        from pipeline import train_distill
+
+        use_gpu = train_distill.check_placement(cfg.job)
+        # -- nothing above writes; from here on the sweep exists
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / names.SWEEP_JOB_FILE).write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        uri = resolve_tracking_uri(workdir, tracking_uri)
+        parent = open_run(tracking_uri=uri, experiment=names.SWEEP_EXPERIMENT, run_name=cfg.name, run_dir=sweep_dir, workdir=workdir)
+        parent.log_params(flatten(cfg.model_dump(mode="json")))
+        parent.set_tags({names.TAG_TEACHER_PATH: str(teacher.path), names.TAG_RUN_DIR: str(sweep_dir)})
+        _log(f"[sweep {cfg.name}] {'resuming' if resume else 'starting'}: {_describe(cfg)}; MLflow run {parent.run_id} ({uri})")
+        started = time.perf_counter()
+        try:
+            _tune(cfg, sweep_dir, workdir, parent, use_gpu, resume)
+            rows = collect(cfg, sweep_dir, workdir, parent)
+        except BaseException:
+            parent.finish("KILLED")
+            raise
+        summary = report(cfg, sweep_dir, parent, rows, time.perf_counter() - started)
+        parent.finish("KILLED" if summary["interrupted"] else "FINISHED")
+        return summary
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _describe(cfg: SweepConfig) -> str:
+    space = ", ".join(f"{key} {entry.kind} {list(entry.values)}" for key, entry in cfg.space.items())
+    scheduler = cfg.scheduler
+    stop = f"ASHA (grace {scheduler.grace_period}, reduction {scheduler.reduction_factor:g})" if scheduler.type == "asha" else "no early stopping"
+    return (
+        f"{space}; {cfg.search.algorithm} search x{cfg.search.num_samples}; {cfg.max_epochs} epochs max, {stop}; "
+        f"{cfg.max_concurrent_trials} trials at a time, {cfg.job.scaling.num_workers} workers each"
+    )
+
+
+def _tune(cfg: SweepConfig, sweep_dir: Path, workdir: Path, parent: RunTracker, use_gpu: bool, resume: bool) -> None:
+    from ray import tune
+
+    context = {"sweep": cfg.model_dump(mode="json"), "sweep_dir": str(sweep_dir), "workdir": str(workdir), "parent": parent, "use_gpu": use_gpu}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": 0, "memory": TRIAL_MEMORY_BYTES})
+    tune_dir = sweep_dir / TUNE_DIR
+    if resume:
+        # finished and failed trials stay as they are; interrupted ones start again (their Train run resumes)
+        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={key: entry.to_tune() for key, entry in cfg.space.items()},
+            tune_config=tune.TuneConfig(
+                metric=names.SELECTION_METRIC,
+                mode=names.SELECTION_MODE,
+                search_alg=_search_algorithm(cfg),
+                scheduler=_scheduler(cfg),
+                num_samples=cfg.search.num_samples,
+                # a search-algorithm *instance* of the basic kind ignores this (Tune only warns): it gets
+                # the limit itself in _search_algorithm
+                max_concurrent_trials=cfg.max_concurrent_trials if cfg.search.algorithm == "optuna" else None,
+                time_budget_s=cfg.time_budget_s,
+                trial_dirname_creator=_trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=TUNE_DIR,
+                storage_path=str(sweep_dir),
+                failure_config=tune.FailureConfig(max_failures=0),  # a crashed trial is recorded, not retried
+                callbacks=[Progress(cfg.name, cfg.max_epochs)],
+                verbose=0,  # Progress prints one line per event instead of Tune's tables
+            ),
+        )
+    tuner.fit()  # a failed trial does not raise; Ctrl-C returns after Tune saved its state
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id  # short: Tune's default name holds every sampled value
+
+
+def _search_algorithm(cfg: SweepConfig):
+    if cfg.search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=cfg.search.seed)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=cfg.max_concurrent_trials, random_state=cfg.search.seed)
+
+
+def _scheduler(cfg: SweepConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.scheduler.type == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr=names.EPOCH,  # epochs, not Tune's training_iteration: a restarted trial resumes mid-way
+        max_t=cfg.max_epochs,
+        grace_period=cfg.scheduler.grace_period,
+        reduction_factor=cfg.scheduler.reduction_factor,
+    )
+
+
+class Progress(Callback):
+    """One line per trial event on the driver: done / running / stopped / failed and the best so far.
+
+    Stateless between events (it reads the trials' status), so a restored sweep counts the trials
+    finished before the interruption too.
+    """
+
+    def __init__(self, sweep: str, max_epochs: int):
+        self.sweep, self.max_epochs = sweep, max_epochs
+
+    def _line(self, trials, event: str) -> None:
+        completed = stopped = failed = running = 0
+        best = None
+        for trial in trials:
+            epoch = (trial.last_result or {}).get(names.EPOCH, 0)
+            if trial.status == "TERMINATED":
+                completed, stopped = (completed + 1, stopped) if epoch >= self.max_epochs else (completed, stopped + 1)
+            failed += trial.status == "ERROR"
+            running += trial.status == "RUNNING"
+            top = (trial.metric_analysis.get(names.VAL_ACCURACY) or {}).get("max")
+            if top is not None and (best is None or top > best[1]):
+                best = (trial.trial_id, top)
+        best_text = f"best so far {best[0]} val_acc {best[1]:.4f}" if best else "no result yet"
+        _log(
+            f"[sweep {self.sweep}] {event} | {completed} completed, {stopped} stopped early, {failed} failed, "
+            f"{running} running, {len(trials)} trials | {best_text}"
+        )
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._line(trials, f"trial {trial.trial_id} started {_short(trial.config)}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._line(
+            trials,
+            f"trial {trial.trial_id} epoch {result.get(names.EPOCH)}/{self.max_epochs} val_acc {result.get(names.VAL_ACCURACY, float('nan')):.4f}",
+        )
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        epoch = (trial.last_result or {}).get(names.EPOCH, 0)
+        outcome = "completed" if epoch >= self.max_epochs else f"stopped after epoch {epoch}"
+        self._line(trials, f"trial {trial.trial_id} {outcome}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trials, f"trial {trial.trial_id} FAILED")
+
+
+def _short(config: dict) -> str:
+    return " ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in config.items())
+
+
+# ---------------------------------------------------------------- one trial (runs in a Tune trial actor)
+
+
+def run_trial(params: dict[str, Any], context: dict) -> None:
+    """Tune trainable: one distillation (TorchTrainer) with ``params`` applied to the sweep's job.
+
+    Logs to its own MLflow child run (re-opened if the trial is restarted). A crash is recorded on
+    the child run and re-raised so that Tune marks the trial ERROR and the sweep goes on.
+    """
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline import train_distill
+
+    cfg = SweepConfig.model_validate(context["sweep"])
+    trial_id = tune.get_context().get_trial_id()
+    values = cfg.trial_job(params)
+    values["run_name"] = f"{cfg.name}-{trial_id}"
+    if cfg.fail_when and all(params.get(key) == value for key, value in cfg.fail_when.items()):
+        values.update(fail_at_step=1, max_failures=0)  # TEST-ONLY: rank 0 exits at the first step
+    job = DistillJobConfig.model_validate(values)
+    run_dir = Path(context["sweep_dir"]) / TRIALS_DIR / trial_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / names.JOB_FILE).write_text(json.dumps(job.model_dump(mode="json"), indent=2))
+    child = open_child(context["parent"], cfg.name, trial_id, run_dir, Path(context["workdir"]))
+    child.log_params({**flatten(job.model_dump(mode="json")), **{f"trial.{key}": str(value) for key, value in params.items()}})
+    try:
+        teacher = train_distill.check_job(job)
+        train_distill._fit(job, teacher, run_dir, child, context["use_gpu"], callbacks=[TuneReportCallback()])
+    except Exception as err:
+        child.set_tags({names.TAG_TRIAL_STATUS: sweep_report.FAILED, names.TAG_TRIAL_ERROR: _error_text(err)})
+        child.finish("FAILED")
+        raise
+
+
+def open_child(parent: RunTracker, sweep: str, trial_id: str, run_dir: Path, workdir: Path) -> RunTracker:
+    """The trial's MLflow run, nested under the sweep's (same experiment, ``mlflow.parentRunId``)."""
+    child = open_run(
+        tracking_uri=parent.tracking_uri, experiment=names.SWEEP_EXPERIMENT, run_name=f"{sweep}/{trial_id}", run_dir=run_dir, workdir=workdir
+    )
+    child.set_tags({names.TAG_PARENT_RUN: parent.run_id, names.TAG_TRIAL_ID: trial_id, names.TAG_RUN_DIR: str(run_dir)})
+    return child
+
+
+def _error_text(err: BaseException | str, limit: int = 4000) -> str:
+    text = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
+    return text.strip()[-limit:]
+
+
+# ---------------------------------------------------------------- after Tune: one row per trial
+
+
+def collect(cfg: SweepConfig, sweep_dir: Path, workdir: Path, parent: RunTracker) -> list[dict]:
+    """Read every trial back from Tune's saved experiment; close each child MLflow run with its outcome."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(sweep_dir / TUNE_DIR))
+    rows = []
+    for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
+        frame = analysis.trial_dataframes.get(trial.trial_id)  # keyed by trial id (its docstring says path)
+        history = _history(frame)
+        row = {
+            "trial_id": trial.trial_id,
+            "config": dict(trial.config),
+            "epochs": history[-1][names.EPOCH] if history else 0,
+            "status": _outcome(trial.status, history, cfg.max_epochs),
+            "error": _trial_error(trial) if trial.status == "ERROR" else None,
+        }
+        row.update(_best_epoch(history))
+        run_dir = sweep_dir / TRIALS_DIR / trial.trial_id
+        child = open_child(parent, cfg.name, trial.trial_id, run_dir, workdir)  # re-opens the trial's own run
+        row["run_id"] = child.run_id
+        tags = {names.TAG_TRIAL_STATUS: row["status"]}
+        if row["error"]:
+            tags[names.TAG_TRIAL_ERROR] = _error_text(row["error"])
+        child.set_tags(tags)
+        child.finish({sweep_report.COMPLETED: "FINISHED", sweep_report.FAILED: "FAILED"}.get(row["status"], "KILLED"))
+        rows.append(row)
+    return rows
+
+
+def _history(frame) -> list[dict]:
+    """Per-epoch rows, last report per epoch (a restarted trial may report an epoch twice)."""
+    if frame is None or frame.empty or names.EPOCH not in frame:
+        return []
+    by_epoch = {}
+    for record in frame.to_dict("records"):
+        if record.get(names.EPOCH) == record.get(names.EPOCH):  # not NaN
+            by_epoch[int(record[names.EPOCH])] = record
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+def _outcome(status: str, history: list[dict], max_epochs: int) -> str:
+    if status == "ERROR":
+        return sweep_report.FAILED
+    if status != "TERMINATED":
+        return sweep_report.UNFINISHED
+    if not history:
+        return sweep_report.NOT_STARTED
+    return sweep_report.COMPLETED if history[-1][names.EPOCH] >= max_epochs else sweep_report.STOPPED_EARLY
+
+
+def _best_epoch(history: list[dict]) -> dict:
+    """The best epoch whose checkpoint Ray Train kept (it keeps the best by val_accuracy)."""
+    kept = [m for m in history if m.get("checkpoint_path") and Path(m["checkpoint_path"]).is_dir()]
+    if not kept:
+        return {"checkpoint": None}
+    best = max(kept, key=lambda m: (m[names.VAL_ACCURACY], -m[names.VAL_LOSS], -m[names.EPOCH]))
+    return {
+        "checkpoint": best["checkpoint_path"],
+        "best_epoch": int(best[names.EPOCH]),
+        names.VAL_ACCURACY: float(best[names.VAL_ACCURACY]),
+        names.VAL_LOSS: float(best[names.VAL_LOSS]),
+        "metrics": {key: best[key] for key in best if key.startswith(("val_", "train_")) or key in (names.EPOCH, names.STEP, names.SAMPLES_PER_S)},
+    }
+
+
+def _trial_error(trial) -> str:
+    try:
+        path = trial.error_file
+        if path and Path(path).is_file():
+            return Path(path).read_text()
+    except Exception:  # an error file on storage this driver cannot read: say so rather than fail the report
+        pass
+    return "the trial failed (no error file)"
+
+
+# ---------------------------------------------------------------- measurement, selection, report
+
+
+def measure(rows: list[dict], sweep_dir: Path, cfg: SweepConfig) -> None:
+    """Add ``params`` and ``latency_ms_per_example`` to every row with a checkpoint (cached per checkpoint).
+
+    Latency: the driver, after the sweep, one torch thread, a batch of ``latency_batch_size``
+    validation examples, ``latency_repeats`` timed forward passes after 3 warm-up passes; the median
+    per example. Measured here rather than in trials so that every model is timed under the same
+    load (no training running beside it).
+    """
+    import torch
+
+    from amad.data.benchmark import BenchmarkSpec, make_split
+    from amad.data.text import load_tokenizer
+    from amad.models import get_adapter
+
+    cache_file = sweep_dir / names.MEASUREMENTS_FILE
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    batches = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for row in rows:
+            path = row.get("checkpoint")
+            if not path:
+                continue
+            if path not in cache:
+                directory = Path(path)
+                adapter = get_adapter(json.loads((directory / "config.json").read_text())["model_type"])
+                model = adapter.load(directory).eval()
+                spec_text = (directory / names.BENCHMARK_FILE).read_text()
+                if spec_text not in batches:
+                    val = make_split(BenchmarkSpec.from_dict(json.loads(spec_text)), "val", load_tokenizer(directory))
+                    batches[spec_text] = val.batch(torch.arange(min(cfg.selection.latency_batch_size, len(val))))
+                batch = batches[spec_text]
+                size = len(batch["labels"])
+                seconds = []
+                with torch.no_grad():
+                    for index in range(3 + cfg.selection.latency_repeats):
+                        tick = time.perf_counter()
+                        adapter.forward(model, batch, need_attentions=False)
+                        if index >= 3:
+                            seconds.append(time.perf_counter() - tick)
+                cache[path] = {
+                    names.PARAMS: sum(p.numel() for p in model.parameters()),
+                    names.LATENCY_MS: statistics.median(seconds) * 1000 / size,
+                    "heads": model.config.num_attention_heads,
+                    "layers": model.config.num_hidden_layers,
+                }
+            row.update(cache[path])
+    finally:
+        torch.set_num_threads(threads)
+    cache_file.write_text(json.dumps(cache, indent=2))
+
+
+def report(cfg: SweepConfig, sweep_dir: Path, parent: RunTracker, rows: list[dict], seconds: float) -> dict:
+    """Pareto front, selection, ``trials.csv``, plots and ``best.json``; all logged to the parent run."""
+    counts = {status: sum(r["status"] == status for r in rows) for status in (
+        sweep_report.COMPLETED, sweep_report.STOPPED_EARLY, sweep_report.FAILED, sweep_report.NOT_STARTED, sweep_report.UNFINISHED)}
+    interrupted = counts[sweep_report.UNFINISHED] > 0
+    summary = {"sweep": cfg.name, "sweep_dir": str(sweep_dir), "trials": len(rows), "counts": counts, "interrupted": interrupted,
+               "seconds": seconds, "mlflow": {"tracking_uri": parent.tracking_uri, "experiment_id": parent.experiment_id, "run_id": parent.run_id}}
+    if interrupted:
+        _log(f"[sweep {cfg.name}] interrupted with {counts[sweep_report.UNFINISHED]} trials unfinished: re-run with --resume to continue")
+        summary["best"] = None
+        return summary
+
+    measure(rows, sweep_dir, cfg)
+    front = sweep_report.pareto_front(rows)
+    budget = cfg.selection
+    best = sweep_report.select_best(rows, budget.max_params, budget.max_latency_ms)
+    for row in rows:
+        row["pareto"] = row["trial_id"] in front
+        row["within_budget"] = sweep_report.within_budget(row, budget.max_params, budget.max_latency_ms)
+        row["selected"] = best is not None and row["trial_id"] == best["trial_id"]
+
+    space_keys = list(cfg.space)
+    sweep_report.write_csv(rows, space_keys, sweep_dir / names.TRIALS_CSV)
+    shapes = {r["trial_id"]: {"heads": r.get("heads"), "layers": r.get("layers")} for r in rows}
+    plots = sweep_report.plot(rows, sweep_dir / PLOTS_DIR, shapes)
+    summary.update(
+        budget={"max_params": budget.max_params, "max_latency_ms": budget.max_latency_ms},
+        pareto_front=sorted(front),
+        best=_best_record(best, sweep_dir) if best else None,
+        rows=[{k: v for k, v in r.items() if k != "metrics"} for r in rows],
+    )
+    if best is None:
+        summary["reason"] = "no trial reported a validation accuracy within the budget"
+    best_file = sweep_dir / names.BEST_FILE
+    best_file.write_text(json.dumps(summary, indent=2, default=str))
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(parent.tracking_uri)
+    for path in (sweep_dir / names.TRIALS_CSV, best_file, *plots):
+        client.log_artifact(parent.run_id, str(path), PLOTS_DIR if path in plots else None)
+    parent.log_metrics({f"trials_{status}": count for status, count in counts.items()}, step=0)
+    if best:
+        parent.set_tags({
+            names.TAG_BEST_TRIAL: best["trial_id"], names.TAG_BEST_RUN: best["run_id"],
+            names.TAG_BEST_CHECKPOINT: best["checkpoint"], names.TAG_BEST_VAL_ACCURACY: f"{best[names.VAL_ACCURACY]:.6f}",
+        })
+        _log(
+            f"[sweep {cfg.name}] done in {seconds:.0f} s: {counts[sweep_report.COMPLETED]} completed, "
+            f"{counts[sweep_report.STOPPED_EARLY]} stopped early, {counts[sweep_report.FAILED]} failed; best {best['trial_id']} "
+            f"val_acc {best[names.VAL_ACCURACY]:.4f}, {best[names.PARAMS]} params, {best[names.LATENCY_MS]:.3f} ms/example "
+            f"-> {best_file}"
+        )
+    else:
+        parent.set_tags({names.TAG_BEST_TRIAL: "none"})
+        _log(f"[sweep {cfg.name}] done in {seconds:.0f} s: {summary['reason']} -> {best_file}")
+    return summary
+
+
+def _best_record(best: dict, sweep_dir: Path) -> dict:
+    job_file = sweep_dir / TRIALS_DIR / best["trial_id"] / names.JOB_FILE
+    return {
+        "trial_id": best["trial_id"],
+        "run_id": best["run_id"],
+        "checkpoint": best["checkpoint"],
+        "params": best["config"],
+        "config": json.loads(job_file.read_text()) if job_file.is_file() else None,
+        "metrics": {**best.get("metrics", {}), names.PARAMS: best[names.PARAMS], names.LATENCY_MS: best[names.LATENCY_MS]},
+        "best_epoch": best["best_epoch"],
+        "status": best["status"],
+    }
