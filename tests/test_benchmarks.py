@@ -108,3 +108,34 @@ def test_train_scaling_quick_run_writes_complete_results(tmp_path):
         assert math.isclose(run["samples_per_s"], expected) and math.isclose(rates[workers], expected)
         samples = config["steps_per_epoch_per_worker"] * config["batch_size_per_worker"] * int(workers) * len(measured)
         assert run["samples"] == samples, (workers, run["samples"], samples)
+
+
+def test_amad_loss_floor_quick_run_writes_complete_results(tmp_path):
+    floor = load_script("amad_loss_floor")
+    step_json = tmp_path / "step.json"
+    step_json.write_text(json.dumps({"step_ms": {"logit_kd": 100.0}}))
+    threads = torch.get_num_threads()
+    try:
+        returned = floor.main(["--quick", "--threads", "1", "--step-json", str(step_json),
+                               "--out", str(tmp_path / "floor.json")])
+    finally:
+        torch.set_num_threads(threads)
+
+    assert json.loads((tmp_path / "floor.json").read_text()) == json.loads(json.dumps(returned))
+    assert set(returned["ms_per_layer_fwd_bwd"]) == {"shipped", "one_pass"}  # --quick skips compile
+    assert all(positive_finite(v) for v in returned["ms_per_layer_fwd_bwd"].values())
+    assert returned["passes_per_layer"]["one_pass"] == 1.0
+    assert returned["budget_ms_per_layer"] == pytest.approx(0.10 * 100.0 / 2)
+
+
+def test_plain_amad_loss_matches_the_shipped_loss():
+    """The compiled variant times the same loss, so its plain form must equal amad_loss."""
+    floor = load_script("amad_loss_floor")
+    t, s, mask = floor.make_inputs(3, 6, 2, 21, padding=3)
+    assert not mask.all() and mask.any()
+    plain = floor.plain_amad_loss(t, s, mask)
+    (grad_plain,) = torch.autograd.grad(plain, s)
+    shipped = floor.amad_loss(t, s, mask)
+    (grad_shipped,) = torch.autograd.grad(shipped, s)
+    torch.testing.assert_close(plain, shipped, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad_plain, grad_shipped, rtol=1e-4, atol=1e-7)
