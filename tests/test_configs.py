@@ -10,10 +10,11 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, DistillJobConfig, TeacherJobConfig, load_config
+from pipeline.sweep_config import SweepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "tune_configs").rglob("*.yaml"))
-JOB_MODELS = {"teacher.yaml": TeacherJobConfig, "distill.yaml": DistillJobConfig}
+JOB_MODELS = {"teacher.yaml": TeacherJobConfig, "distill.yaml": DistillJobConfig, "sweep.yaml": SweepConfig}
 
 
 def test_there_are_configs_and_each_has_a_known_job():
@@ -27,6 +28,23 @@ def test_every_shipped_yaml_validates_and_shows_its_command(path):
     load_config(path, JOB_MODELS[path.name])
     header = path.read_text().splitlines()[:4]
     assert any(line.startswith("# Run:") and "amad " in line for line in header), f"{path}: header must show the command"
+
+
+def test_the_tiny_sweep_runs_at_least_four_trials_two_at_a_time():
+    cfg = load_config(ROOT / "tune_configs" / "tiny" / "sweep.yaml", SweepConfig)
+    grid = 1
+    for entry in cfg.space.values():
+        grid *= len(entry.values) if entry.kind == "grid" else 1
+    assert grid * cfg.search.num_samples >= 4 and cfg.max_concurrent_trials == 2
+
+
+def test_each_sweep_job_matches_the_distill_preset_of_its_folder():
+    """A sweep's job is the distill YAML beside it, apart from what a sweep sets per trial."""
+    for folder in (ROOT / "tune_configs", ROOT / "tune_configs" / "tiny"):
+        job = load_config(folder / "sweep.yaml", SweepConfig).job.model_dump()
+        distill = load_config(folder / "distill.yaml", DistillJobConfig).model_dump()
+        differing = sorted(key for key in distill if job[key] != distill[key])
+        assert set(differing) <= {"run_name", "checkpoints_to_keep", "max_failures", "train"}, (folder, differing)
 
 
 def test_every_tiny_config_has_a_full_twin():

@@ -1,0 +1,188 @@
+"""Sweep efficiency of ``amad sweep``: the same 8-trial space with ASHA early stopping and without.
+
+Run from the repository root (``--quick``: tiny shapes, a random teacher, ~8-10 minutes on 2 cores;
+the default uses the committed teacher and takes much longer):
+
+    .venv/bin/python benchmarks/sweep_efficiency.py --quick
+    .venv/bin/python benchmarks/sweep_efficiency.py
+
+**Set-up.** A two-node local ``ray.cluster_utils.Cluster`` (1 CPU and an 80 MB object store per node)
+bound to 127.0.0.1 with the loopback environment of :mod:`pipeline.local_cluster`, under a private
+temporary directory, shut down at the end. Both sweeps are real ``pipeline.sweep.main`` runs --
+Tune trials that each fit a TorchTrainer, MLflow in a throw-away SQLite store -- over the same grid
+(``student.heads`` x ``objective.attention_weight`` x ``objective.amad_temperature``, 2 x 2 x 2 = 8
+trials), ``max_concurrent_trials: 2``, the same seeds, so a trial trains identically in both sweeps
+until ASHA stops it. One sweep uses ASHA (grace period 1 epoch, reduction factor 2, ``--epochs``
+max), the other FIFO (every trial runs all epochs). ``--quick`` uses the shape of
+``tune_configs/tiny/teacher.yaml`` with random weights (accuracy figures then only compare the two
+sweeps with each other); the default uses ``weights/teacher-default``.
+
+**Measurement.** ``wall_s_*``: wall-clock seconds of ``sweep.main`` (Tune, every trial's start-up,
+training, validation and checkpoints, then selection with latency measurement). ``best_acc_*``: the
+selected trial's best-epoch validation accuracy. Target (reported, not enforced): ASHA's wall time
+at most 0.6 x the full sweep's, with a best accuracy within 1 point. The order of the two sweeps is
+ASHA first; the machine's load average before and after is recorded since it may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import pipeline  # noqa: F401
+except ImportError:  # run as a script from a checkout that is not pip-installed
+    sys.path.insert(0, str(ROOT))
+
+from pipeline.local_cluster import apply_loopback_env, local_cluster  # noqa: E402
+
+apply_loopback_env()  # before anything imports Ray
+
+import yaml  # noqa: E402
+
+TARGET_RATIO, TARGET_ACC_POINTS = 0.6, 1.0
+TARGET = f"wall_s_asha <= {TARGET_RATIO} x wall_s_full and best_acc_asha >= best_acc_full - {TARGET_ACC_POINTS} point"
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "sweep_efficiency.json"
+SPACE = {  # 8 trials
+    "student.heads": {"grid": [2, 4]},
+    "objective.attention_weight": {"grid": [0.5, 5.0]},
+    "objective.amad_temperature": {"grid": [1.0, 0.3]},
+}
+# (normal, --quick) defaults for flags left unset
+DEFAULTS = {"epochs": (4, 4), "train_scenes": (2000, 200), "val_scenes": (200, 20), "workers": (2, 1)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, random teacher: a smoke run")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=None, help="max epochs per trial (ASHA's max_t)")
+    parser.add_argument("--train-scenes", type=int, default=None, help="train scenes (x questions per scene)")
+    parser.add_argument("--val-scenes", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None, help="Ray Train workers per trial")
+    args = parser.parse_args(argv)
+    for name, values in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, values[args.quick])
+    return args
+
+
+def sweep_config(args, teacher: Path, scheduler: str):
+    from pipeline.config import parse_config
+    from pipeline.sweep_config import SweepConfig
+
+    preset = ROOT / "tune_configs" / ("tiny" if args.quick else "") / "sweep.yaml"
+    values = copy.deepcopy(yaml.safe_load(preset.read_text()))
+    values.update(name=f"efficiency-{scheduler}", space=SPACE, max_concurrent_trials=2, time_budget_s=None)
+    values["search"] = {"algorithm": "random", "num_samples": 1, "seed": 0}
+    values["scheduler"] = {"type": scheduler, "grace_period": 1, "reduction_factor": 2, "max_epochs": args.epochs}
+    job = values["job"]
+    job["teacher"] = str(teacher)
+    job["data"] = {"train_scenes": args.train_scenes, "val_scenes": args.val_scenes}
+    job["student"] = {"heads": 2, "layers": 1} if args.quick else {"heads": 4, "layers": 2, "head_dim": 16}
+    job["scaling"] = {"num_workers": args.workers, "cpus_per_worker": 1 / args.workers, "use_gpu": False, "threads_per_worker": 1}
+    job.update(checkpoints_to_keep=1, max_failures=0)
+    return parse_config(values, SweepConfig, f"{preset} (benchmark, {scheduler})")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import ray
+    import torch
+
+    from pipeline import names, sweep
+
+    load_before = os.getloadavg()
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="amad-sweep-eff-") as scratch:
+        scratch = Path(scratch)
+        if args.quick:
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            from train_scaling import save_random_teacher
+
+            save_random_teacher(ROOT / "tune_configs" / "tiny" / "teacher.yaml", scratch / "teacher")
+            teacher = scratch / "teacher"
+        else:
+            teacher = ROOT / "weights" / "teacher-default"
+        with local_cluster(nodes=2, num_cpus=1):
+            for scheduler in ("asha", "fifo"):
+                cfg = sweep_config(args, teacher, scheduler)
+                print(f"--- {scheduler}: 8 trials, {args.epochs} epochs max, {args.workers} worker(s) per trial, 2 at a time", flush=True)
+                tick = time.perf_counter()
+                summary = sweep.main(cfg, scratch / scheduler, tracking_uri=f"sqlite:///{scratch / scheduler / 'mlflow.db'}")
+                wall = time.perf_counter() - tick
+                rows = summary["rows"]
+                runs[scheduler] = {
+                    "wall_s": wall,
+                    "best_acc": summary["best"]["metrics"][names.VAL_ACCURACY],
+                    "best_trial": summary["best"]["params"],
+                    "counts": summary["counts"],
+                    "epochs_trained": sum(r["epochs"] for r in rows),
+                    "trials": sorted(
+                        [{**r["config"], "status": r["status"], "epochs": r["epochs"], names.VAL_ACCURACY: r.get(names.VAL_ACCURACY)} for r in rows],
+                        key=lambda r: sorted(r.items()).__repr__(),
+                    ),
+                }
+    load_after = os.getloadavg()
+
+    asha, full = runs["asha"], runs["fifo"]
+    ratio = asha["wall_s"] / full["wall_s"]
+    results = {
+        "wall_s_asha": asha["wall_s"],
+        "wall_s_full": full["wall_s"],
+        "best_acc_asha": asha["best_acc"],
+        "best_acc_full": full["best_acc"],
+        "wall_ratio": ratio,
+        "acc_gap_points": 100 * (full["best_acc"] - asha["best_acc"]),
+        "target": TARGET,
+        "meets_target": bool(ratio <= TARGET_RATIO and 100 * (full["best_acc"] - asha["best_acc"]) <= TARGET_ACC_POINTS),
+        "runs": runs,
+        "config": {
+            "quick": args.quick,
+            "space": SPACE,
+            "trials": 8,
+            "max_concurrent_trials": 2,
+            "epochs": args.epochs,
+            "asha": {"grace_period": 1, "reduction_factor": 2},
+            "train_scenes": args.train_scenes,
+            "val_scenes": args.val_scenes,
+            "workers_per_trial": args.workers,
+            "nodes": 2,
+            "cpus_per_node": 1,
+            "teacher": "random, tune_configs/tiny/teacher.yaml shape" if args.quick else "weights/teacher-default",
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in load_after],
+            "cpu_count": os.cpu_count(),
+            "ray": ray.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    }
+    print_table(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return results
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{'sweep':>6} | {'wall s':>7} | {'epochs trained':>14} | {'stopped early':>13} | {'best val acc':>12}")
+    for label, key in (("ASHA", "asha"), ("full", "fifo")):
+        run = results["runs"][key]
+        print(f"{label:>6} | {run['wall_s']:7.1f} | {run['epochs_trained']:14d} | {run['counts']['stopped_early']:13d} | {run['best_acc']:12.4f}")
+    print(f"ASHA / full wall time: {results['wall_ratio']:.2f}; accuracy gap {results['acc_gap_points']:.1f} points "
+          f"(target {results['target']}: {'met' if results['meets_target'] else 'NOT met'}); load average before "
+          f"{results['config']['load_average_before']}, after {results['config']['load_average_after']}")
+
+
+if __name__ == "__main__":
+    main()
