@@ -1,0 +1,430 @@
+"""``amad export``: a trained student -> ONNX, verified against PyTorch, registered in MLflow.
+
+Steps (each gate stops the job with :class:`GateFailed`, a non-zero exit and the figures; nothing
+is registered and no alias moves):
+
+1. The checkpoint: ``checkpoint`` directly, or the one a sweep chose (``<workdir>/sweeps/<name>/best.json``).
+2. Export to ``<workdir>/exports/<name>/student.onnx`` (dynamic batch and text length,
+   ``onnx.checker``). A file already exported from the same checkpoint bytes with the same exporter
+   and opset is reused (``force_export`` re-exports); the gate below checks it either way.
+3. Parity gate on the first ``gates.parity_examples`` validation examples: max |logit difference|
+   and top-1 agreement between PyTorch and ONNX Runtime.
+4. Graph optimisation (:func:`pipeline.onnx_tools.optimize_graph`), kept only if it passes the same gate.
+5. ``int8``: dynamic quantisation, kept only if its validation accuracy is within
+   ``gates.int8_max_accuracy_drop`` of fp32; a failure fails the job (int8 was asked for).
+6. ``report.json`` in the export directory; then (``registry.enabled``) the teacher is registered if its
+   weights are not yet, the shipped file is logged to an ``amad-export`` MLflow run and registered
+   as a new version of ``registry.student_model`` with its figures as tags, and the alias moved.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from amad.data.benchmark import BenchmarkSpec, make_split
+from amad.data.dataset import VQASplit
+from amad.data.text import TOKENIZER_FILE, load_tokenizer
+from amad.models import ViltAdapter
+from pipeline import names, onnx_tools
+from pipeline.config import ConfigError
+from pipeline.export_config import ExportJobConfig
+from pipeline.registry import TAG_VAL_ACCURACY, TAG_WEIGHTS_SHA, Registry, file_sha256, onnx_signature
+from pipeline.tracking import DEFAULT_ARTIFACTS, resolve_tracking_uri
+
+MODEL_FILES = ("config.json", "model.safetensors", TOKENIZER_FILE, names.BENCHMARK_FILE)
+MANIFEST = "manifest.json"
+REPORT = "report.json"
+SWEEP_BEST = "best.json"
+EVAL_BATCH = 256
+
+
+class GateFailed(RuntimeError):
+    """A candidate failed a gate; the message holds the figures."""
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+# ------------------------------------------------------------------ what to export
+
+
+@dataclass(frozen=True)
+class Source:
+    checkpoint: Path
+    run_dir: Path  # the Ray Train run (or sweep trial) directory holding the checkpoint
+    sweep: dict | None  # best.json of the sweep, when the checkpoint came from one
+
+
+def check_model_dir(path: Path, what: str) -> Path:
+    path = Path(path).expanduser().resolve()
+    if not path.is_dir():
+        raise ConfigError(f"{what}: {path} is not a directory")
+    missing = [name for name in MODEL_FILES if not (path / name).is_file()]
+    if missing:
+        raise ConfigError(f"{what}: {path} is not a model saved by amad (missing {', '.join(missing)})")
+    return path
+
+
+def resolve_source(cfg: ExportJobConfig, workdir: Path) -> Source:
+    """The checkpoint to export; ConfigError naming the problem if there is none."""
+    sweep = None
+    if cfg.sweep is not None:
+        best_file = workdir / "sweeps" / cfg.sweep / SWEEP_BEST
+        if not best_file.is_file():
+            raise ConfigError(f"sweep: no {best_file} (has `amad sweep` finished with --workdir {workdir}?)")
+        sweep = json.loads(best_file.read_text())
+        if not sweep.get("checkpoint"):
+            raise ConfigError(f"sweep: {best_file} names no checkpoint (no trial met the budgets)")
+        checkpoint = check_model_dir(Path(sweep["checkpoint"]), f"sweep {cfg.sweep}'s checkpoint")
+    else:
+        checkpoint = check_model_dir(cfg.checkpoint, "checkpoint")
+    return Source(checkpoint, checkpoint.parent, sweep)
+
+
+def resolve_teacher(cfg: ExportJobConfig, source: Source, tracking_uri: str) -> Path | None:
+    """The teacher that taught the checkpoint: ``cfg.teacher``, else the training run's MLflow tag, else
+    its job file (``teacher`` resolved from the current directory); None if none of them is a teacher."""
+    candidates = [cfg.teacher] if cfg.teacher is not None else []
+    record = source.run_dir / names.MLFLOW_RUN_FILE
+    if record.is_file():
+        try:
+            from mlflow.tracking import MlflowClient
+
+            saved = json.loads(record.read_text())
+            run = MlflowClient(saved.get("tracking_uri") or tracking_uri).get_run(saved["run_id"])
+            if run.data.tags.get(names.TAG_TEACHER_PATH):
+                candidates.append(Path(run.data.tags[names.TAG_TEACHER_PATH]))
+        except Exception:  # noqa: BLE001 -- a store that moved or was deleted: try the job file
+            pass
+    job = source.run_dir / names.JOB_FILE
+    if job.is_file():
+        teacher = json.loads(job.read_text()).get("teacher")
+        if teacher:
+            candidates.append(Path(teacher))
+    for candidate in candidates:
+        try:
+            return check_model_dir(candidate, "teacher")
+        except ConfigError:
+            if cfg.teacher is not None and candidate == cfg.teacher:
+                raise
+    return None
+
+
+# ------------------------------------------------------------------ loading and measuring
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    val: VQASplit
+    weights_sha256: str
+
+
+def load_model_and_val(directory: Path) -> Loaded:
+    model = ViltAdapter.load(directory).eval()
+    spec = BenchmarkSpec.from_dict(json.loads((directory / names.BENCHMARK_FILE).read_text()))
+    val = make_split(spec, "val", load_tokenizer(directory))
+    return Loaded(model, val, file_sha256(directory / "model.safetensors"))
+
+
+def first_examples(split: VQASplit, count: int) -> list[dict[str, torch.Tensor]]:
+    indices = torch.arange(min(count, len(split)))
+    return [split.batch(indices[i : i + EVAL_BATCH]) for i in range(0, len(indices), EVAL_BATCH)]
+
+
+def parity(model: torch.nn.Module, session, batches: list[dict]) -> dict[str, float]:
+    """``max_abs_logit_diff``, ``top1_agreement`` and ``examples`` of ONNX Runtime against PyTorch."""
+    expected = onnx_tools.torch_logits(model, batches)
+    got = onnx_tools.ort_logits(session, batches)
+    if got.shape != expected.shape:
+        return {"max_abs_logit_diff": float("inf"), "top1_agreement": 0.0, "examples": int(expected.shape[0])}
+    diff = float(np.abs(got - expected).max()) if np.isfinite(got).all() else float("inf")
+    agreement = float((got.argmax(-1) == expected.argmax(-1)).mean())
+    return {"max_abs_logit_diff": diff, "top1_agreement": agreement, "examples": int(expected.shape[0])}
+
+
+def passes_parity(figures: dict, cfg: ExportJobConfig) -> bool:
+    return figures["max_abs_logit_diff"] <= cfg.gates.max_abs_logit_diff and figures["top1_agreement"] >= cfg.gates.min_top1_agreement
+
+
+def describe_parity(figures: dict, cfg: ExportJobConfig) -> str:
+    return (
+        f"max |logit diff| {figures['max_abs_logit_diff']:.3g} (allowed {cfg.gates.max_abs_logit_diff:g}), "
+        f"top-1 agreement {figures['top1_agreement']:.2%} (required {cfg.gates.min_top1_agreement:.0%}) "
+        f"on {figures['examples']} validation examples"
+    )
+
+
+def ort_accuracy(session, split: VQASplit) -> float:
+    logits = onnx_tools.ort_logits(session, split.batches(EVAL_BATCH))
+    return float((torch.from_numpy(logits).argmax(-1) == split.labels).float().mean())
+
+
+def ort_latency(session, split: VQASplit, repeats: int) -> dict[str, float]:
+    feed = onnx_tools.model_inputs(split.batch(torch.arange(1)))
+    return onnx_tools.latency_ms(lambda: session.run([onnx_tools.OUTPUT_NAME], feed), repeats=repeats)
+
+
+def int8_gate(accuracy_fp32: float, accuracy_int8: float, allowed_drop: float, examples: int) -> dict:
+    """The int8 gate's figures: accuracies, ``drop`` (fp32 - int8, in accuracy units) and what is allowed."""
+    return {"val_accuracy_fp32": accuracy_fp32, "val_accuracy_int8": accuracy_int8, "drop": accuracy_fp32 - accuracy_int8,
+            "allowed_drop": allowed_drop, "examples": examples}
+
+
+def int8_failure(gate: dict) -> str | None:
+    """None if the int8 model may ship, else the message. A tolerance of 1e-9 absorbs float rounding
+    of accuracies that differ by exactly the allowed drop."""
+    if gate["drop"] <= gate["allowed_drop"] + 1e-9:
+        return None
+    return (
+        f"int8 gate failed: validation accuracy {gate['val_accuracy_int8']:.2%} vs fp32 {gate['val_accuracy_fp32']:.2%} "
+        f"(drop {gate['drop'] * 100:.2f} points, allowed {gate['allowed_drop'] * 100:.2f}) on {gate['examples']} examples"
+    )
+
+
+# ------------------------------------------------------------------ export with reuse
+
+
+def export_checked(model, directory: Path, filename: str, example: dict, cfg: ExportJobConfig, weights_sha256: str) -> tuple[Path, bool]:
+    """Export ``model`` to ``directory/filename`` unless the manifest shows the same weights, exporter
+    and opset made the file already; returns ``(path, reused)``."""
+    path = directory / filename
+    manifest_file = directory / MANIFEST
+    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+    wanted = {"weights_sha256": weights_sha256, "exporter": cfg.exporter, "opset": cfg.opset}
+    if not cfg.force_export and path.is_file() and manifest.get(filename) == wanted:
+        return path, True
+    started = time.perf_counter()
+    onnx_tools.export_onnx(model, path, example, exporter=cfg.exporter, opset=cfg.opset)
+    manifest[filename] = wanted
+    manifest_file.write_text(json.dumps(manifest, indent=2))
+    _log(f"exported {path} ({cfg.exporter}, opset {cfg.opset}) in {time.perf_counter() - started:.1f} s")
+    return path, False
+
+
+def verified_fp32(loaded: Loaded, directory: Path, filename: str, cfg: ExportJobConfig, threads: int | None) -> tuple[Path, object, dict]:
+    """Export (or reuse) and pass the parity gate; returns ``(path, session, figures)`` or raises GateFailed."""
+    batches = first_examples(loaded.val, cfg.gates.parity_examples)
+    example = loaded.val.batch(torch.arange(min(2, len(loaded.val))))
+    path, reused = export_checked(loaded.model, directory, filename, example, cfg, loaded.weights_sha256)
+    try:
+        session = onnx_tools.open_session(path, threads=threads)
+        figures = parity(loaded.model, session, batches)
+    except ValueError as err:
+        hint = " (a reused file: re-run with --force-export to export it again)" if reused else ""
+        raise GateFailed(f"parity gate failed for {path}: {err}{hint}") from None
+    if not passes_parity(figures, cfg):
+        hint = " (the file was reused from an earlier export: re-run with --force-export)" if reused else ""
+        raise GateFailed(f"parity gate failed for {path}: {describe_parity(figures, cfg)}{hint}")
+    return path, session, {**figures, "reused_export": reused}
+
+
+# ------------------------------------------------------------------ the job
+
+
+def main(cfg: ExportJobConfig, workdir: str | Path, tracking_uri: str | None = None) -> dict:
+    """Export, gate and (``cfg.registry.enabled``) register; returns the report (also ``report.json``)."""
+    workdir = Path(workdir).resolve()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    uri = resolve_tracking_uri(workdir, tracking_uri)
+    source = resolve_source(cfg, workdir)
+    teacher_dir = resolve_teacher(cfg, source, uri)
+    name = cfg.name or f"{source.run_dir.name}-{source.checkpoint.name}"
+    directory = workdir / "exports" / name
+    directory.mkdir(parents=True, exist_ok=True)
+    student = load_model_and_val(source.checkpoint)
+    config = student.model.config
+    report: dict = {
+        "name": name,
+        "checkpoint": str(source.checkpoint),
+        "teacher": str(teacher_dir) if teacher_dir else None,
+        "heads": config.num_attention_heads,
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "parameters": sum(p.numel() for p in student.model.parameters()),
+        "weights_sha256": student.weights_sha256,
+        "gates": {},
+        "passed": False,
+    }
+    try:
+        _gate_and_measure(cfg, student, directory, report)
+    except GateFailed as err:
+        report["failure"] = str(err)
+        (directory / REPORT).write_text(json.dumps(report, indent=2))
+        raise
+    if cfg.registry.enabled:
+        report["registry"] = _register(cfg, report, student, teacher_dir, source, directory, workdir, uri)
+    (directory / REPORT).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _gate_and_measure(cfg: ExportJobConfig, student: Loaded, directory: Path, report: dict) -> None:
+    threads = cfg.threads
+    path, session, figures = verified_fp32(student, directory, "student.onnx", cfg, threads)
+    report["gates"]["parity_fp32"] = figures
+    _log(f"parity fp32: {describe_parity(figures, cfg)}: passed")
+    shipped, shipped_session, precision = path, session, "fp32"
+
+    if cfg.optimize:
+        optimized = directory / "student.opt.onnx"
+        how = onnx_tools.optimize_graph(path, optimized, heads=report["heads"], hidden=report["hidden_size"])
+        try:
+            opt_session = onnx_tools.open_session(optimized, threads=threads)
+            opt_figures = parity(student.model, opt_session, first_examples(student.val, cfg.gates.parity_examples))
+        except ValueError as err:
+            opt_figures, opt_session = {"error": str(err)}, None
+        kept = opt_session is not None and passes_parity(opt_figures, cfg)
+        report["gates"]["parity_optimized"] = {**opt_figures, "method": how, "kept": kept}
+        if kept:
+            plain_ms = ort_latency(session, student.val, cfg.latency_repeats)["p50"]
+            opt_ms = ort_latency(opt_session, student.val, cfg.latency_repeats)["p50"]
+            report["gates"]["parity_optimized"].update(p50_ms_plain=plain_ms, p50_ms_optimized=opt_ms)
+            kept = opt_ms <= plain_ms * 1.02  # an "optimised" graph that is not faster is not shipped
+            report["gates"]["parity_optimized"]["kept"] = kept
+        _log(f"graph optimisation ({how}): {'kept' if kept else 'not kept'}")
+        if kept:
+            shipped, shipped_session = optimized, opt_session
+
+    accuracy_fp32 = ort_accuracy(shipped_session, student.val)
+    report["val_accuracy_fp32"] = accuracy_fp32
+    if cfg.int8:
+        quantized = onnx_tools.quantize_int8(path, directory / "student.int8.onnx")
+        int8_session = onnx_tools.open_session(quantized, threads=threads)
+        gate = int8_gate(accuracy_fp32, ort_accuracy(int8_session, student.val), cfg.gates.int8_max_accuracy_drop, len(student.val))
+        report["gates"]["int8_accuracy"] = gate
+        failure = int8_failure(gate)
+        if failure:
+            raise GateFailed(failure)
+        accuracy_int8 = gate["val_accuracy_int8"]
+        _log(f"int8: val accuracy {accuracy_int8:.2%} vs fp32 {accuracy_fp32:.2%}: passed")
+        shipped, shipped_session, precision = quantized, int8_session, "int8"
+
+    report["val_accuracy"] = accuracy_fp32 if precision == "fp32" else report["gates"]["int8_accuracy"]["val_accuracy_int8"]
+    report["latency_ms_b1"] = ort_latency(shipped_session, student.val, cfg.latency_repeats)
+    report["shipped"] = {"file": str(shipped), "precision": precision, "providers": shipped_session.get_providers()}
+    report["passed"] = True
+    _log(
+        f"shipping {shipped.name} ({precision}): val accuracy {report['val_accuracy']:.2%}, "
+        f"batch-1 p50 {report['latency_ms_b1']['p50']:.2f} ms on {shipped_session.get_providers()[0]}"
+    )
+
+
+def _register(cfg, report: dict, student: Loaded, teacher_dir: Path | None, source: Source, directory: Path, workdir: Path, uri: str) -> dict:
+    registry = Registry(uri)
+    run_id = registry.start_run("amad-export", report["name"], workdir / DEFAULT_ARTIFACTS)
+    try:
+        teacher = _register_teacher(cfg, registry, teacher_dir, directory.parent, run_id) if teacher_dir else None
+        config = student.model.config
+        example = onnx_tools.model_inputs(student.val.batch(torch.arange(min(2, len(student.val)))))
+        tags = {
+            TAG_WEIGHTS_SHA: student.weights_sha256,
+            TAG_VAL_ACCURACY: f"{report['val_accuracy']:.6f}",
+            "checkpoint": report["checkpoint"],
+            "heads": str(report["heads"]),
+            "layers": str(report["layers"]),
+            "parameters": str(report["parameters"]),
+            "precision": report["shipped"]["precision"],
+            "parity.max_abs_logit_diff": f"{report['gates']['parity_fp32']['max_abs_logit_diff']:.3g}",
+            "parity.top1_agreement": f"{report['gates']['parity_fp32']['top1_agreement']:.6f}",
+            "parity.examples": str(report["gates"]["parity_fp32"]["examples"]),
+            "latency.p50_ms_b1": f"{report['latency_ms_b1']['p50']:.4f}",
+            "latency.p99_ms_b1": f"{report['latency_ms_b1']['p99']:.4f}",
+            "export_run_id": run_id,
+        }
+        if "int8_accuracy" in report["gates"]:
+            tags["int8.accuracy_drop"] = f"{report['gates']['int8_accuracy']['drop']:.6f}"
+        if teacher:
+            tags.update({"teacher.model": teacher["name"], "teacher.version": teacher["version"]})
+        training_run = source.run_dir / names.MLFLOW_RUN_FILE
+        if training_run.is_file():
+            tags["training_run_id"] = json.loads(training_run.read_text())["run_id"]
+        if source.sweep:
+            for key in ("parent_run_id", "sweep_run_id", "trial_id"):
+                if source.sweep.get(key):
+                    tags[f"sweep.{key}"] = str(source.sweep[key])
+            for key, value in (source.sweep.get("params") or source.sweep.get("config") or {}).items():
+                tags[f"trial.{key}"] = json.dumps(value) if not isinstance(value, str) else value
+        _log_run_figures(registry, run_id, report)
+        version, model_uri = registry.log_and_register(
+            run_id=run_id,
+            onnx_path=Path(report["shipped"]["file"]),
+            name=cfg.registry.student_model,
+            artifact_name="student",
+            signature=onnx_signature(config.num_labels, config.image_size),
+            input_example=example,
+            providers=onnx_tools.machine_providers(),
+            tags=tags,
+        )
+        alias, reason = registry.promote(
+            cfg.registry.student_model, version, report["val_accuracy"], promote=cfg.registry.promote, require_no_worse=cfg.registry.require_no_worse
+        )
+        registry.client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        registry.client.set_terminated(run_id, "FAILED")
+        raise
+    _log(f"registered {cfg.registry.student_model} v{version} as @{alias} ({reason})")
+    return {"model": cfg.registry.student_model, "version": version, "alias": alias, "reason": reason,
+            "model_uri": model_uri, "run_id": run_id, "tracking_uri": uri, "teacher": teacher}
+
+
+def _log_run_figures(registry: Registry, run_id: str, report: dict) -> None:
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    metrics = {
+        "val_accuracy": report["val_accuracy"],
+        "val_accuracy_fp32": report["val_accuracy_fp32"],
+        "parity_max_abs_logit_diff": report["gates"]["parity_fp32"]["max_abs_logit_diff"],
+        "parity_top1_agreement": report["gates"]["parity_fp32"]["top1_agreement"],
+        "latency_p50_ms_b1": report["latency_ms_b1"]["p50"],
+        "latency_p99_ms_b1": report["latency_ms_b1"]["p99"],
+    }
+    params = {k: str(report[k]) for k in ("checkpoint", "heads", "layers", "hidden_size", "parameters")}
+    registry.client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        params=[Param(k, v) for k, v in params.items()],
+    )
+
+
+def _register_teacher(cfg: ExportJobConfig, registry: Registry, teacher_dir: Path, exports: Path, run_id: str) -> dict:
+    """The teacher's registered version: found by its weights' hash, else exported, gated and registered."""
+    sha = file_sha256(teacher_dir / "model.safetensors")
+    name = cfg.registry.teacher_model
+    found = registry.find_by_tag(name, TAG_WEIGHTS_SHA, sha)
+    if found is not None:
+        return {"name": name, "version": str(found.version), "new": False}
+    teacher = load_model_and_val(teacher_dir)
+    directory = exports / f"teacher-{sha[:12]}"
+    directory.mkdir(parents=True, exist_ok=True)
+    path, _, figures = verified_fp32(teacher, directory, "teacher.onnx", cfg, cfg.threads)
+    config = teacher.model.config
+    version, _ = registry.log_and_register(
+        run_id=run_id,
+        onnx_path=path,
+        name=name,
+        artifact_name="teacher",
+        signature=onnx_signature(config.num_labels, config.image_size),
+        input_example=onnx_tools.model_inputs(teacher.val.batch(torch.arange(min(2, len(teacher.val))))),
+        providers=onnx_tools.machine_providers(),
+        tags={
+            TAG_WEIGHTS_SHA: sha,
+            "path": str(teacher_dir),
+            "heads": str(config.num_attention_heads),
+            "layers": str(config.num_hidden_layers),
+            "parity.max_abs_logit_diff": f"{figures['max_abs_logit_diff']:.3g}",
+        },
+    )
+    # The first teacher version is the champion teacher; later ones are registered without moving it.
+    if registry.alias_version(name, "champion") is None:
+        registry.client.set_registered_model_alias(name, "champion", version)
+    _log(f"registered teacher {name} v{version} ({teacher_dir})")
+    return {"name": name, "version": version, "new": True}

@@ -1,0 +1,167 @@
+"""The MLflow Model Registry side of ``amad export``: log ONNX models, register versions, move aliases.
+
+* A model is logged with ``mlflow.onnx.log_model`` (tensor signature with dynamic batch and text
+  length, a small input example, execution providers chosen for this machine) inside an export run,
+  and registered as a new version of its registered model. Versions are never overwritten.
+* ``champion`` moves to a new version only when the caller says every gate passed and the version is
+  no worse than the current champion (when ``require_no_worse``); otherwise the new version becomes
+  ``challenger``. Nothing is registered for a candidate that failed a gate.
+* Teachers are registered too (``amad-teacher`` by default), one version per distinct weights file
+  (tag ``weights_sha256``), so every student version can name the teacher version that taught it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+EXPORT_EXPERIMENT = "amad-export"
+TAG_WEIGHTS_SHA = "weights_sha256"
+TAG_VAL_ACCURACY = "val_accuracy"
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def onnx_signature(num_labels: int, image_size: int):
+    """Inputs ``input_ids``/``attention_mask`` ``(-1, -1)`` int64, ``pixel_values`` ``(-1, 3, S, S)``
+    float32; output ``logits`` ``(-1, num_labels)``. -1 marks the dynamic batch and text dims, so
+    MLflow's schema check accepts any batch size and question length."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    inputs = Schema([
+        TensorSpec(np.dtype("int64"), (-1, -1), "input_ids"),
+        TensorSpec(np.dtype("int64"), (-1, -1), "attention_mask"),
+        TensorSpec(np.dtype("float32"), (-1, 3, image_size, image_size), "pixel_values"),
+    ])
+    outputs = Schema([TensorSpec(np.dtype("float32"), (-1, num_labels), "logits")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    version: str
+    alias: str | None  # champion, challenger, or None (an existing version found again)
+    model_uri: str  # models:/<name>/<version>
+    run_id: str
+
+
+class Registry:
+    """Registry operations against one tracking/registry URI (``MlflowClient`` only: no process-wide state)."""
+
+    def __init__(self, tracking_uri: str):
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    # ------------------------------------------------------------------ queries
+
+    def alias_version(self, name: str, alias: str):
+        """The version holding ``alias``, or None (no such model or alias)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            return None
+
+    def versions(self, name: str) -> list:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return list(self.client.search_model_versions(f"name = '{name}'"))
+        except MlflowException:
+            return []
+
+    def find_by_tag(self, name: str, key: str, value: str):
+        """The newest version of ``name`` tagged ``key=value``, or None."""
+        matches = [v for v in self.versions(name) if v.tags.get(key) == value]
+        return max(matches, key=lambda v: int(v.version)) if matches else None
+
+    # ------------------------------------------------------------------ writes
+
+    def start_run(self, experiment: str, run_name: str, artifact_root: Path | None) -> str:
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            local = self.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in self.tracking_uri
+            location = artifact_root.resolve().as_uri() if local and artifact_root else None
+            experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            experiment_id = found.experiment_id
+        return self.client.create_run(experiment_id, run_name=run_name).info.run_id
+
+    def log_and_register(
+        self,
+        *,
+        run_id: str,
+        onnx_path: Path,
+        name: str,
+        artifact_name: str,
+        signature,
+        input_example: dict[str, np.ndarray],
+        providers: list[str],
+        tags: dict[str, str],
+    ) -> tuple[str, str]:
+        """Save ``onnx_path`` as an MLflow ONNX model, upload it to ``run_id``'s artifacts under
+        ``artifact_name`` and register it as a new version of ``name`` (created with its tags in one
+        call); returns ``(version, model_uri)``.
+
+        ``mlflow.onnx.save_model`` + ``MlflowClient`` rather than the fluent ``log_model``: the fluent
+        API sets process-wide tracking/registry URIs (and ``MLFLOW_TRACKING_URI``), which would leak into
+        whatever the process does next.
+        """
+        import tempfile
+
+        import mlflow.onnx
+        import onnx
+        from mlflow.exceptions import MlflowException
+
+        model = onnx.load(str(onnx_path))
+        with tempfile.TemporaryDirectory() as scratch:
+            local = Path(scratch) / artifact_name
+            mlflow.onnx.save_model(
+                model,
+                str(local),
+                signature=signature,
+                input_example=input_example,
+                onnx_execution_providers=providers,
+                save_as_external_data=False,
+            )
+            self.client.log_artifacts(run_id, str(local), artifact_name)
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_name}"
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException:
+            pass  # it exists already
+        version = self.client.create_model_version(name, source, run_id=run_id, tags=tags)
+        return str(version.version), f"models:/{name}/{version.version}"
+
+    def promote(self, name: str, version: str, accuracy: float, *, promote: bool, require_no_worse: bool) -> tuple[str, str]:
+        """Move ``champion`` (or, when not promoted, ``challenger``) to ``version``; returns (alias, reason)."""
+        if not promote:
+            alias, reason = CHALLENGER, "promotion disabled (registry.promote: false)"
+        else:
+            current = self.alias_version(name, CHAMPION)
+            current_accuracy = float(current.tags.get(TAG_VAL_ACCURACY, "nan")) if current is not None else None
+            if current is None:
+                alias, reason = CHAMPION, "first champion"
+            elif not require_no_worse or not accuracy < current_accuracy:
+                alias, reason = CHAMPION, f"val_accuracy {accuracy:.4f} >= champion v{current.version}'s {current_accuracy:.4f}"
+            else:
+                alias, reason = CHALLENGER, f"val_accuracy {accuracy:.4f} < champion v{current.version}'s {current_accuracy:.4f}"
+        self.client.set_registered_model_alias(name, alias, version)
+        self.client.set_model_version_tag(name, version, "promotion", reason)
+        return alias, reason
