@@ -50,6 +50,38 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0 if summary["best"] else 1
 
 
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.config import parse_config, read_yaml, with_overrides
+    from pipeline.export_config import ExportJobConfig
+
+    values = read_yaml(args.config)
+    overrides = {
+        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+        "sweep": args.sweep,
+        "teacher": str(args.teacher) if args.teacher else None,
+        "name": args.name,
+        "registry.student_model": args.register,
+        "int8": True if args.int8 else None,
+        "force_export": True if args.force_export else None,
+        "registry.enabled": False if args.no_register else None,
+    }
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if args.checkpoint or args.sweep:  # the command line names the source: drop the YAML's
+        values = {k: v for k, v in values.items() if k not in ("checkpoint", "sweep")}
+    cfg = parse_config(with_overrides(values, overrides), ExportJobConfig, f"{args.config} with the command line")
+    from pipeline import export  # heavy imports (onnx, onnxruntime, mlflow) once the config is valid
+
+    try:
+        report = export.main(cfg, args.workdir, tracking_uri=args.tracking_uri)
+    except export.GateFailed as failure:
+        print(f"amad export: {failure}; nothing was registered", file=sys.stderr)
+        return 1
+    registered = report.get("registry")
+    if registered:
+        print(f"amad export: {registered['model']} v{registered['version']} @{registered['alias']} ({registered['reason']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amad",
@@ -96,6 +128,27 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
     sweep.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name (finished trials are kept)")
     sweep.set_defaults(handler=_sweep)
+
+    export = commands.add_parser(
+        "export",
+        help="export a student to ONNX, gate it against PyTorch, register it in the MLflow Model Registry",
+        description="Export a student checkpoint (or a sweep's chosen one) to ONNX, check it against PyTorch on "
+        "validation examples (parity gate; int8: accuracy gate), optionally keep an ONNX Runtime-optimised graph, "
+        "and register a new model version. A failing gate exits with status 1 and registers nothing.",
+    )
+    source = export.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", type=Path, default=None, help="a student checkpoint directory (epoch_NNNN)")
+    source.add_argument("--sweep", default=None, help="a sweep name: export the checkpoint its best.json names")
+    export.add_argument("--config", type=Path, default=Path("tune_configs/export.yaml"), help="export settings YAML (default: %(default)s)")
+    export.add_argument("--workdir", type=Path, default=Path("runs/sweep"), help="holds sweeps/<name>/best.json; exports go to <workdir>/exports (default: %(default)s)")
+    export.add_argument("--register", default=None, metavar="NAME", help="registered model name (default: the config's, amad-student)")
+    export.add_argument("--int8", action="store_true", help="ship a dynamic int8 model, gated on validation accuracy")
+    export.add_argument("--teacher", type=Path, default=None, help="the teacher directory (default: the one the training run recorded)")
+    export.add_argument("--name", default=None, help="export directory name under <workdir>/exports")
+    export.add_argument("--force-export", action="store_true", help="export again even if the same checkpoint was exported before")
+    export.add_argument("--no-register", action="store_true", help="export and gate only")
+    export.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
+    export.set_defaults(handler=_export)
     return parser
 
 

@@ -243,7 +243,8 @@ def format_validation_error(error: ValidationError) -> str:
         reason = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             reason = "unknown key (not a setting of this job)"
-        got = f" (got {item['input']!r})" if item["type"] not in ("extra_forbidden", "missing") else ""
+        shown = item["type"] not in ("extra_forbidden", "missing") and item["loc"]  # not the whole file again
+        got = f" (got {item['input']!r})" if shown else ""
         lines.append(f"{where}: {reason}{got}")
     return "\n".join(lines)
 
@@ -270,6 +271,11 @@ def with_overrides(values: dict, changes: dict) -> dict:
 
 def load_config(path: str | Path, model: type[ConfigT]) -> ConfigT:
     """Read a YAML file and validate it as ``model``."""
+    return parse_config(read_yaml(path), model, str(path))
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The settings mapping of a YAML file (not validated); ConfigError if unreadable."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -279,4 +285,4 @@ def load_config(path: str | Path, model: type[ConfigT]) -> ConfigT:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of settings, got {type(values).__name__}")
-    return parse_config(values, model, str(path))
+    return values

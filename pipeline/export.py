@@ -75,6 +75,8 @@ def check_model_dir(path: Path, what: str) -> Path:
 def resolve_source(cfg: ExportJobConfig, workdir: Path) -> Source:
     """The checkpoint to export; ConfigError naming the problem if there is none."""
     sweep = None
+    if cfg.checkpoint is None and cfg.sweep is None:
+        raise ConfigError("nothing to export: give a checkpoint (--checkpoint DIR) or a sweep (--sweep NAME)")
     if cfg.sweep is not None:
         best_file = workdir / "sweeps" / cfg.sweep / SWEEP_BEST
         if not best_file.is_file():

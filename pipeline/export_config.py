@@ -46,6 +46,8 @@ class ExportJobConfig(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "ExportJobConfig":
-        if (self.checkpoint is None) == (self.sweep is None):
-            raise ValueError("give exactly one of checkpoint (a checkpoint directory) or sweep (a sweep name)")
+        # Neither is allowed here (a YAML of settings, the source given on the command line);
+        # export.resolve_source refuses to run without one.
+        if self.checkpoint is not None and self.sweep is not None:
+            raise ValueError("give only one of checkpoint (a checkpoint directory) or sweep (a sweep name)")
         return self

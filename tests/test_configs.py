@@ -10,11 +10,12 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, DistillJobConfig, TeacherJobConfig, load_config
+from pipeline.export_config import ExportJobConfig
 from pipeline.sweep_config import SweepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "tune_configs").rglob("*.yaml"))
-JOB_MODELS = {"teacher.yaml": TeacherJobConfig, "distill.yaml": DistillJobConfig, "sweep.yaml": SweepConfig}
+JOB_MODELS = {"teacher.yaml": TeacherJobConfig, "distill.yaml": DistillJobConfig, "sweep.yaml": SweepConfig, "export.yaml": ExportJobConfig}
 
 
 def test_there_are_configs_and_each_has_a_known_job():

@@ -259,9 +259,9 @@ def test_providers_are_chosen_for_this_machine():
 
 
 def test_bad_sources_are_clear_errors_before_anything_is_written(student_checkpoint, tmp_path):
-    with pytest.raises(ConfigError, match="exactly one of checkpoint"):
-        parse_config({}, ExportJobConfig, "x")
-    with pytest.raises(ConfigError, match="exactly one of checkpoint"):
+    with pytest.raises(ConfigError, match="nothing to export: give a checkpoint"):
+        export.main(parse_config({}, ExportJobConfig, "x"), tmp_path / "work")
+    with pytest.raises(ConfigError, match="only one of checkpoint"):
         parse_config({"checkpoint": "a", "sweep": "b"}, ExportJobConfig, "x")
     with pytest.raises(ConfigError, match="unknown key"):
         parse_config({"checkpoint": "a", "gates": {"parity": 3}}, ExportJobConfig, "x")
@@ -276,3 +276,21 @@ def test_bad_sources_are_clear_errors_before_anything_is_written(student_checkpo
     with pytest.raises(ConfigError, match=r"sweep: no .*sweeps/nosuch/best.json"):
         export.main(sweep, tmp_path / "work")
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.integration
+def test_cli_exports_with_the_tiny_preset_and_exits_1_on_a_failing_gate(student_checkpoint, tiny_teacher, tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    command = [sys.executable, "-m", "pipeline.cli", "export", "--config", str(ROOT / "tune_configs" / "tiny" / "export.yaml"),
+               "--checkpoint", str(student_checkpoint), "--teacher", str(tiny_teacher), "--workdir", str(tmp_path),
+               "--register", "tiny-student"]
+    ok = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "amad export: tiny-student v1 @champion (first champion)" in ok.stdout
+
+    tamper_first_initializer(tmp_path / "exports" / "run0-epoch_0002" / "student.onnx")
+    failed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert failed.returncode == 1
+    assert "amad export: parity gate failed" in failed.stderr and "nothing was registered" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert registry_state(f"sqlite:///{tmp_path / 'mlflow.db'}", "tiny-student")["versions"][-1][0] == "1"
