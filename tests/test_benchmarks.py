@@ -139,3 +139,27 @@ def test_plain_amad_loss_matches_the_shipped_loss():
     (grad_shipped,) = torch.autograd.grad(shipped, s)
     torch.testing.assert_close(plain, shipped, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grad_plain, grad_shipped, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.integration
+def test_inference_quick_run_writes_complete_results(tmp_path):
+    inference = load_script("inference")
+    threads = torch.get_num_threads()
+    try:
+        returned = inference.main(["--quick", "--threads", "1", "--repeats", "8", "--out", str(tmp_path / "inf.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "inf.json").read_text()) == json.loads(json.dumps(returned))
+    variants = {"teacher_torch", "student_torch", "student_ort_fp32", "student_ort_int8"}
+    for key in ("p50_ms", "p99_ms", "rps_b32", "accuracy"):
+        assert set(returned[key]) == variants, key
+    for variant in variants:
+        assert positive_finite(returned["p50_ms"][variant]) and returned["p50_ms"][variant] <= returned["p99_ms"][variant]
+        assert positive_finite(returned["rps_b32"][variant])
+        assert 0.0 <= returned["accuracy"][variant] <= 1.0
+    # The fp32 ONNX student passed the parity gate, so it answers as the PyTorch student does
+    # (a near-tie within 1e-4 may flip one or two of the random student's answers).
+    assert returned["notes"]["parity_fp32"] <= 1e-4
+    questions = returned["config"]["validation_questions"]
+    assert abs(returned["accuracy"]["student_ort_fp32"] - returned["accuracy"]["student_torch"]) <= 2 / questions
+    assert returned["config"]["quick"] is True and returned["config"]["validation_questions"] <= 256
