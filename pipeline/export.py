@@ -82,9 +82,11 @@ def resolve_source(cfg: ExportJobConfig, workdir: Path) -> Source:
         if not best_file.is_file():
             raise ConfigError(f"sweep: no {best_file} (has `amad sweep` finished with --workdir {workdir}?)")
         sweep = json.loads(best_file.read_text())
-        if not sweep.get("checkpoint"):
-            raise ConfigError(f"sweep: {best_file} names no checkpoint (no trial met the budgets)")
-        checkpoint = check_model_dir(Path(sweep["checkpoint"]), f"sweep {cfg.sweep}'s checkpoint")
+        chosen = sweep.get("best") or {}
+        if not chosen.get("checkpoint"):
+            reason = sweep.get("reason") or ("the sweep was interrupted: finish it with --resume" if sweep.get("interrupted") else "no trial was chosen")
+            raise ConfigError(f"sweep: {best_file} names no checkpoint ({reason})")
+        checkpoint = check_model_dir(Path(chosen["checkpoint"]), f"sweep {cfg.sweep}'s checkpoint")
     else:
         checkpoint = check_model_dir(cfg.checkpoint, "checkpoint")
     return Source(checkpoint, checkpoint.parent, sweep)
@@ -349,11 +351,13 @@ def _register(cfg, report: dict, student: Loaded, teacher_dir: Path | None, sour
         if training_run.is_file():
             tags["training_run_id"] = json.loads(training_run.read_text())["run_id"]
         if source.sweep:
-            for key in ("parent_run_id", "sweep_run_id", "trial_id"):
-                if source.sweep.get(key):
-                    tags[f"sweep.{key}"] = str(source.sweep[key])
-            for key, value in (source.sweep.get("params") or source.sweep.get("config") or {}).items():
-                tags[f"trial.{key}"] = json.dumps(value) if not isinstance(value, str) else value
+            chosen = source.sweep["best"]
+            tags["sweep.name"] = str(source.sweep.get("sweep"))
+            tags["sweep.parent_run_id"] = str((source.sweep.get("mlflow") or {}).get("run_id"))
+            tags["sweep.trial_id"] = str(chosen.get("trial_id"))
+            tags["sweep.trial_run_id"] = str(chosen.get("run_id"))
+            for key, value in (chosen.get("params") or {}).items():
+                tags[f"trial.{key}"] = value if isinstance(value, str) else json.dumps(value)
         _log_run_figures(registry, run_id, report)
         version, model_uri = registry.log_and_register(
             run_id=run_id,
@@ -364,6 +368,7 @@ def _register(cfg, report: dict, student: Loaded, teacher_dir: Path | None, sour
             input_example=example,
             providers=onnx_tools.machine_providers(),
             tags=tags,
+            extra_files=serving_files(source.checkpoint),
         )
         alias, reason = registry.promote(
             cfg.registry.student_model, version, report["val_accuracy"], promote=cfg.registry.promote, require_no_worse=cfg.registry.require_no_worse
@@ -375,6 +380,11 @@ def _register(cfg, report: dict, student: Loaded, teacher_dir: Path | None, sour
     _log(f"registered {cfg.registry.student_model} v{version} as @{alias} ({reason})")
     return {"model": cfg.registry.student_model, "version": version, "alias": alias, "reason": reason,
             "model_uri": model_uri, "run_id": run_id, "tracking_uri": uri, "teacher": teacher}
+
+
+def serving_files(model_dir: Path) -> list[Path]:
+    """The files a server needs beside the ONNX graph: tokenizer, config (labels, image size), data spec."""
+    return [model_dir / name for name in ("config.json", TOKENIZER_FILE, names.BENCHMARK_FILE)]
 
 
 def _log_run_figures(registry: Registry, run_id: str, report: dict) -> None:
@@ -424,6 +434,7 @@ def _register_teacher(cfg: ExportJobConfig, registry: Registry, teacher_dir: Pat
             "layers": str(config.num_hidden_layers),
             "parity.max_abs_logit_diff": f"{figures['max_abs_logit_diff']:.3g}",
         },
+        extra_files=serving_files(teacher_dir),
     )
     # The first teacher version is the champion teacher; later ones are registered without moving it.
     if registry.alias_version(name, "champion") is None:

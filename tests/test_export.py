@@ -294,3 +294,25 @@ def test_cli_exports_with_the_tiny_preset_and_exits_1_on_a_failing_gate(student_
     assert "amad export: parity gate failed" in failed.stderr and "nothing was registered" in failed.stderr
     assert "Traceback" not in failed.stderr
     assert registry_state(f"sqlite:///{tmp_path / 'mlflow.db'}", "tiny-student")["versions"][-1][0] == "1"
+
+
+@pytest.mark.integration
+def test_export_from_a_sweep_tags_the_parent_run_and_the_trial(student_checkpoint, tiny_teacher, tmp_path):
+    """`--sweep NAME` reads the checkpoint from best.json in the layout `amad sweep` writes (pipeline/sweep.py)."""
+    workdir = tmp_path / "work"
+    sweep_dir = workdir / "sweeps" / "s1"
+    sweep_dir.mkdir(parents=True)
+    best = {"sweep": "s1", "mlflow": {"run_id": "parent123"}, "interrupted": False,
+            "best": {"trial_id": "t0002", "run_id": "child456", "checkpoint": str(student_checkpoint),
+                     "params": {"student.heads": 2, "objective.attention_weight": 0.5}}}
+    (sweep_dir / "best.json").write_text(json.dumps(best))
+    report = export.main(parse_config({"sweep": "s1", "teacher": str(tiny_teacher), "exporter": "torchscript",
+                                       "latency_repeats": 3, "threads": 1}, ExportJobConfig, "x"), workdir)
+    tags = Registry(report["registry"]["tracking_uri"]).alias_version("amad-student", CHAMPION).tags
+    assert tags["sweep.parent_run_id"] == "parent123" and tags["sweep.trial_id"] == "t0002"
+    assert tags["trial.student.heads"] == "2" and tags["trial.objective.attention_weight"] == "0.5"
+    assert tags["checkpoint"] == str(student_checkpoint)
+
+    (sweep_dir / "best.json").write_text(json.dumps({"sweep": "s1", "best": None, "reason": "no trial within the budget"}))
+    with pytest.raises(ConfigError, match=r"names no checkpoint \(no trial within the budget\)"):
+        export.main(parse_config({"sweep": "s1"}, ExportJobConfig, "x"), workdir)
