@@ -114,10 +114,15 @@ class Registry:
         input_example: dict[str, np.ndarray],
         providers: list[str],
         tags: dict[str, str],
+        extra_files: list[Path] | tuple[Path, ...] = (),
     ) -> tuple[str, str]:
         """Save ``onnx_path`` as an MLflow ONNX model, upload it to ``run_id``'s artifacts under
         ``artifact_name`` and register it as a new version of ``name`` (created with its tags in one
         call); returns ``(version, model_uri)``.
+
+        ``extra_files`` (e.g. ``tokenizer.json``, ``config.json``, ``benchmark.json``) land in the model
+        directory's ``extra_files/``: what a server needs besides the graph to turn an image and a
+        question into inputs and logits into answers (``serving/model.py`` reads them).
 
         ``mlflow.onnx.save_model`` + ``MlflowClient`` rather than the fluent ``log_model``: the fluent
         API sets process-wide tracking/registry URIs (and ``MLFLOW_TRACKING_URI``), which would leak into
@@ -139,6 +144,7 @@ class Registry:
                 input_example=input_example,
                 onnx_execution_providers=providers,
                 save_as_external_data=False,
+                extra_files=[str(path) for path in extra_files] or None,
             )
             self.client.log_artifacts(run_id, str(local), artifact_name)
         source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_name}"
