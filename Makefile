@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 
 # The main job end to end on embedded defaults.
 demo: install
-	$(BIN)/amad teacher --config tune_configs/teacher.yaml --workdir $(WORKDIR)
+	$(BIN)/amad run --config tune_configs/default.yaml --workdir $(WORKDIR)
 
 # The whole test suite (unit + integration).
 test: install

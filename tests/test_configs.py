@@ -11,11 +11,14 @@ import yaml
 
 from pipeline.config import ConfigError, DistillJobConfig, TeacherJobConfig, load_config
 from pipeline.export_config import ExportJobConfig
+from pipeline.run_config import RunJobConfig
 from pipeline.sweep_config import SweepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "tune_configs").rglob("*.yaml"))
-JOB_MODELS = {"teacher.yaml": TeacherJobConfig, "distill.yaml": DistillJobConfig, "sweep.yaml": SweepConfig, "export.yaml": ExportJobConfig}
+JOB_MODELS = {"teacher.yaml": TeacherJobConfig, "distill.yaml": DistillJobConfig, "sweep.yaml": SweepConfig, "export.yaml": ExportJobConfig,
+              "default.yaml": RunJobConfig, "run.yaml": RunJobConfig}
+FULL_NAME_OF_TINY = {"run.yaml": "default.yaml"}  # `amad run`'s full preset is the README's tune_configs/default.yaml
 
 
 def test_there_are_configs_and_each_has_a_known_job():
@@ -49,7 +52,7 @@ def test_each_sweep_job_matches_the_distill_preset_of_its_folder():
 
 
 def test_every_tiny_config_has_a_full_twin():
-    tiny = {p.name for p in (ROOT / "tune_configs" / "tiny").glob("*.yaml")}
+    tiny = {FULL_NAME_OF_TINY.get(p.name, p.name) for p in (ROOT / "tune_configs" / "tiny").glob("*.yaml")}
     full = {p.name for p in (ROOT / "tune_configs").glob("*.yaml")}
     assert tiny == full
 

@@ -1,0 +1,329 @@
+"""``amad run``: the whole pipeline, stage by stage, each reused when its inputs have not changed.
+
+teacher -> sweep (distillation trials on Ray Tune + Train) -> selection -> ONNX export and gates ->
+registry (``champion`` moves only when the gates pass) -> Serve smoke test -> report.
+
+Every stage has a key: a hash of its settings and of the keys/results of the stages it reads. A
+finished stage records ``{"key", "result"}`` in ``<workdir>/pipeline_state.json``; a later run with
+the same key reuses the result instead of running again, so re-running a finished command trains
+nothing. The sweep is named after its key (``<sweep name>-<key[:8]>``): an interrupted run finds
+the sweep directory and resumes it (``Tuner.restore``) instead of starting over; a changed config
+makes a new sweep and never mixes trials of two configs.
+
+MLflow: one ``amad-run`` run per pipeline run (stage keys as params; stage results, the sweep's
+parent run and the export run as tags; the report as artifacts). The sweep and export runs are tagged
+``amad.pipeline_run_id`` back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from pipeline import names
+from pipeline.config import ConfigError, TeacherJobConfig, load_config, parse_config
+from pipeline.export_config import ExportJobConfig
+from pipeline.run_config import RunJobConfig
+from pipeline.sweep_config import SweepConfig
+from pipeline.tracking import RunTracker, open_run, resolve_tracking_uri
+
+STATE_FILE = "pipeline_state.json"
+RUN_EXPERIMENT = "amad-run"
+STAGES = ("teacher", "sweep", "export", "smoke", "report")
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def stage_key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class State:
+    """``<workdir>/pipeline_state.json``: per stage, the key it ran with and its result. Written
+    atomically after every stage, so an interrupted run keeps what finished."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.stages = json.loads(path.read_text()) if path.is_file() else {}
+
+    def cached(self, stage: str, key: str):
+        record = self.stages.get(stage)
+        return record["result"] if record and record.get("key") == key else None
+
+    def record(self, stage: str, key: str, result) -> None:
+        self.stages[stage] = {"key": key, "result": result, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(self.stages, indent=2, default=str))
+        os.replace(partial, self.path)
+
+
+class Settings:
+    """Every config ``amad run`` needs, read and validated before any stage starts."""
+
+    def __init__(self, cfg: RunJobConfig):
+        self.cfg = cfg
+        self.teacher_job = load_config(cfg.teacher.train_config, TeacherJobConfig) if cfg.teacher.train_config else None
+        self.sweep = load_config(cfg.sweep, SweepConfig)
+        self.export = load_config(cfg.export, ExportJobConfig)
+        if self.export.checkpoint is not None or self.export.sweep is not None:
+            raise ConfigError(f"{cfg.export}: leave checkpoint/sweep unset: amad run exports the sweep's choice")
+        if cfg.teacher.path is not None:
+            from pipeline.export import check_model_dir
+
+            check_model_dir(cfg.teacher.path, "teacher.path")
+
+
+def main(cfg: RunJobConfig, workdir: str | Path, address: str | None = None, tracking_uri: str | None = None, serve: bool = False) -> dict:
+    """Run (or resume, or reuse) every stage; returns the per-stage results."""
+    import ray
+
+    settings = Settings(cfg)
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    uri = resolve_tracking_uri(workdir, tracking_uri)
+    state = State(workdir / STATE_FILE)
+    started_ray = False
+    if not ray.is_initialized():
+        target = address or os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=target, **({"object_store_memory": 256 * 2**20} if target == "local" else {}))
+        started_ray = True
+    tracker = open_run(tracking_uri=uri, experiment=RUN_EXPERIMENT, run_name=cfg.name, run_dir=workdir / "run", workdir=workdir)
+    results: dict = {}
+    clock = time.perf_counter()
+    try:
+        for stage in STAGES:
+            runner = {"teacher": _teacher, "sweep": _sweep, "export": _export, "smoke": _smoke, "report": _report}[stage]
+            key = _key(stage, settings, results, serve)
+            cached = state.cached(stage, key)
+            started = time.perf_counter()
+            if cached is not None:
+                results[stage] = cached
+                _log(f"[run {cfg.name}] {stage}: reused ({_summary(stage, cached)})")
+            else:
+                _log(f"[run {cfg.name}] {stage}: running")
+                results[stage] = runner(settings, workdir, uri, results, tracker, serve)
+                state.record(stage, key, results[stage])
+                _log(f"[run {cfg.name}] {stage}: done in {time.perf_counter() - started:.0f} s ({_summary(stage, results[stage])})")
+            tracker.log_params({f"stage.{stage}.key": key[:16]})
+        seconds = time.perf_counter() - clock
+        tracker.log_metrics({"pipeline_seconds": seconds}, step=0)
+        tracker.finish("FINISHED")
+        results["seconds"] = seconds
+        results["mlflow"] = {"tracking_uri": uri, "run_id": tracker.run_id}
+        (workdir / "run" / names.SUMMARY_FILE).write_text(json.dumps(results, indent=2, default=str))
+        _log(f"[run {cfg.name}] finished in {seconds:.0f} s; report: {results['report']['markdown']}")
+        return results
+    except BaseException:
+        tracker.finish("KILLED")
+        raise
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _key(stage: str, settings: Settings, results: dict, serve: bool) -> str:
+    cfg = settings.cfg
+    if stage == "teacher":
+        if settings.teacher_job is not None:
+            return stage_key("train", settings.teacher_job.model_dump(mode="json"))
+        from pipeline.registry import file_sha256
+
+        path = Path(cfg.teacher.path).resolve()
+        return stage_key("path", str(path), file_sha256(path / "model.safetensors"))
+    if stage == "sweep":
+        return stage_key(settings.sweep.model_dump(mode="json", exclude={"job": {"teacher"}}), results["teacher"]["key"])
+    if stage == "export":
+        return stage_key(settings.export.model_dump(mode="json"), results["sweep"]["checkpoint"], results["sweep"]["weights_sha256"])
+    if stage == "smoke":
+        return stage_key(cfg.smoke.model_dump(mode="json"), results["export"]["model_uri"], serve)
+    return stage_key(cfg.report.model_dump(mode="json"), results["export"]["model_uri"], results["sweep"]["key"])
+
+
+def _summary(stage: str, result: dict) -> str:
+    if stage == "teacher":
+        return f"{result['path']}, test accuracy {result.get('test_accuracy')}"
+    if stage == "sweep":
+        return f"trial {result['trial_id']} val_acc {result['val_accuracy']:.4f}, {result['params']} params"
+    if stage == "export":
+        return f"{result['model_uri']} @{result['alias']}, val_acc {result['val_accuracy']:.4f}"
+    if stage == "smoke":
+        return "skipped" if result.get("skipped") else f"{result['agreed']}/{result['questions']} answers agree over HTTP"
+    return result["markdown"]
+
+
+# ---------------------------------------------------------------- stages
+
+
+def _teacher(settings: Settings, workdir: Path, uri: str, results: dict, tracker: RunTracker, serve: bool) -> dict:
+    key = _key("teacher", settings, results, serve)
+    if settings.teacher_job is not None:
+        from pipeline import train_teacher
+
+        output = workdir / "teacher"
+        metrics = train_teacher.main(settings.teacher_job, workdir, output)
+        path = output
+        accuracy = metrics["test"]["teacher"]["accuracy"]
+    else:
+        path = Path(settings.cfg.teacher.path).resolve()
+        metrics_file = path / "metrics.json"
+        accuracy = json.loads(metrics_file.read_text())["test"]["teacher"]["accuracy"] if metrics_file.is_file() else None
+    tracker.set_tags({names.TAG_TEACHER_PATH: str(path)})
+    return {"path": str(path), "test_accuracy": accuracy, "key": key}
+
+
+def _sweep(settings: Settings, workdir: Path, uri: str, results: dict, tracker: RunTracker, serve: bool) -> dict:
+    from pipeline import sweep
+    from pipeline.registry import file_sha256
+
+    key = _key("sweep", settings, results, serve)
+    values = settings.sweep.model_dump(mode="json")
+    values["name"] = f"{settings.sweep.name}-{key[:8]}"
+    values["job"]["teacher"] = results["teacher"]["path"]
+    cfg = parse_config(values, SweepConfig, f"{settings.cfg.sweep} (teacher: {results['teacher']['path']})")
+    sweep_dir = workdir / "sweeps" / cfg.name
+    resume = (sweep_dir / names.SWEEP_JOB_FILE).is_file()
+    if resume:
+        _log(f"[run {settings.cfg.name}] sweep {cfg.name} exists: resuming it")
+    summary = sweep.main(cfg, workdir, tracking_uri=uri, resume=resume)
+    if summary.get("interrupted"):
+        raise KeyboardInterrupt(f"sweep {cfg.name} interrupted")
+    best = summary.get("best")
+    if not best:
+        raise RuntimeError(f"sweep {cfg.name}: {summary.get('reason', 'no trial was chosen')}")
+    tracker.set_tags({"sweep.name": cfg.name, "sweep.parent_run_id": summary["mlflow"]["run_id"], "sweep.best_trial": best["trial_id"]})
+    _tag_back(uri, summary["mlflow"]["run_id"], tracker.run_id)
+    metrics = best["metrics"]
+    return {
+        "name": cfg.name,
+        "key": key,
+        "trial_id": best["trial_id"],
+        "trial_run_id": best["run_id"],
+        "checkpoint": best["checkpoint"],
+        "weights_sha256": file_sha256(Path(best["checkpoint"]) / "model.safetensors"),
+        "val_accuracy": metrics[names.VAL_ACCURACY],
+        "params": metrics[names.PARAMS],
+        "latency_ms_per_example": metrics[names.LATENCY_MS],
+        "plots": [str(p) for p in sorted((sweep_dir / "plots").glob("*.png"))],
+        "objective": (best.get("config") or {}).get("objective", {}),
+        "counts": summary["counts"],
+    }
+
+
+def _export(settings: Settings, workdir: Path, uri: str, results: dict, tracker: RunTracker, serve: bool) -> dict:
+    from pipeline import export
+
+    values = settings.export.model_dump(mode="json")
+    values.update(sweep=results["sweep"]["name"], teacher=results["teacher"]["path"], name=f"{settings.cfg.name}-{results['sweep']['name']}")
+    report = export.main(parse_config(values, ExportJobConfig, str(settings.cfg.export)), workdir, tracking_uri=uri)
+    registered = report.get("registry") or {}
+    if registered:
+        tracker.set_tags({"registry.model": registered["model"], "registry.version": registered["version"], "registry.alias": registered["alias"]})
+        _tag_back(uri, registered["run_id"], tracker.run_id)
+    return {
+        "report": str(workdir / "exports" / report["name"] / export.REPORT),
+        "onnx": report["shipped"]["file"],
+        "precision": report["shipped"]["precision"],
+        "val_accuracy": report["val_accuracy"],
+        "model_uri": f"models:/{registered['model']}/{registered['version']}" if registered else None,
+        "alias": registered.get("alias"),
+        "teacher_onnx": _teacher_onnx(workdir, registered),
+    }
+
+
+def _teacher_onnx(workdir: Path, registered: dict) -> str | None:
+    teacher = (registered or {}).get("teacher") or {}
+    matches = sorted((workdir / "exports").glob("teacher-*/teacher.onnx"))
+    return str(matches[-1]) if teacher and matches else None
+
+
+def _smoke(settings: Settings, workdir: Path, uri: str, results: dict, tracker: RunTracker, serve: bool) -> dict:
+    if not settings.cfg.smoke.enabled and not serve:
+        return {"skipped": True}
+    from pipeline import run_smoke
+
+    outcome = run_smoke.check(
+        model_uri=results["export"]["model_uri"], tracking_uri=uri, onnx_file=results["export"]["onnx"],
+        checkpoint=results["sweep"]["checkpoint"], questions=settings.cfg.smoke.questions, port=settings.cfg.smoke.port, keep_running=serve,
+    )
+    tracker.log_metrics({"smoke_agreement": outcome["agreed"] / outcome["questions"]}, step=0)
+    if outcome["agreed"] != outcome["questions"]:
+        raise RuntimeError(f"smoke test: only {outcome['agreed']}/{outcome['questions']} served answers equal the offline ones")
+    return outcome
+
+
+def _report(settings: Settings, workdir: Path, uri: str, results: dict, tracker: RunTracker, serve: bool) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    from amad.models import ViltAdapter
+    from pipeline import export, run_report
+
+    teacher_dir, checkpoint = Path(results["teacher"]["path"]), Path(results["sweep"]["checkpoint"])
+    teacher = export.load_model_and_val(teacher_dir)
+    student_model = ViltAdapter.load(checkpoint).eval()
+    objective = results["sweep"]["objective"]
+    alignment = run_report.alignment_weights(
+        teacher.model, student_model, teacher.val, objective.get("layer_map", "uniform"),
+        float(objective.get("amad_temperature", 1.0)), settings.cfg.report.alignment_examples,
+    )
+    comparison = _compare(teacher_dir, checkpoint, results, settings.cfg.report.latency_repeats, workdir)
+    client = MlflowClient(uri)
+    history = []
+    for metric in (names.TRAIN_LOSS, names.VAL_LOSS, names.VAL_ACCURACY):
+        for point in client.get_metric_history(results["sweep"]["trial_run_id"], metric):
+            while len(history) < point.step:
+                history.append({"epoch": len(history) + 1})
+            history[point.step - 1][metric] = point.value
+    history = [h for h in history if names.VAL_ACCURACY in h]
+    directory = workdir / run_report.REPORT_DIR
+    files = run_report.write_report(
+        directory, comparison=comparison, alignment=alignment, history=history,
+        sweep_plots=[Path(p) for p in results["sweep"]["plots"]],
+        context={"name": settings.cfg.name, "teacher": str(teacher_dir), "sweep": results["sweep"]["name"], "trial": results["sweep"]["trial_id"],
+                 "registered": results["export"]["model_uri"] or "(not registered)"},
+    )
+    for path in files:
+        client.log_artifact(tracker.run_id, str(path), "report")
+    tracker.log_metrics({"teacher_test_accuracy": comparison["teacher"]["accuracy"], "student_test_accuracy": comparison["student"]["accuracy"],
+                         "speedup_b1": comparison["speedup"]}, step=0)
+    return {"markdown": str(directory / "report.md"), "files": [str(p) for p in files], "comparison": comparison}
+
+
+def _compare(teacher_dir: Path, checkpoint: Path, results: dict, repeats: int, workdir: Path) -> dict:
+    """Test accuracy, size and ONNX Runtime batch-1 latency of the teacher and the shipped student."""
+    import torch
+
+    from amad.data.benchmark import BenchmarkSpec, make_split
+    from amad.data.text import load_tokenizer
+    from amad.models import ViltAdapter
+    from pipeline import export, onnx_tools
+
+    spec = BenchmarkSpec.from_dict(json.loads((teacher_dir / names.BENCHMARK_FILE).read_text()))
+    test = make_split(spec, "test", load_tokenizer(teacher_dir))
+    teacher_onnx = results["export"]["teacher_onnx"]
+    if teacher_onnx is None:  # registry disabled: export the teacher here (TorchScript: seconds)
+        teacher_onnx = onnx_tools.export_onnx(ViltAdapter.load(teacher_dir).eval(), workdir / "report-teacher.onnx",
+                                              test.batch(torch.arange(2)), exporter="torchscript")
+    out = {"test_questions": len(test)}
+    for label, directory, onnx_file in (("teacher", teacher_dir, teacher_onnx), ("student", checkpoint, results["export"]["onnx"])):
+        config = ViltAdapter.load(directory).config
+        session = onnx_tools.open_session(onnx_file)
+        out[label] = {
+            "accuracy": export.ort_accuracy(session, test),
+            "parameters": sum(p.numel() for p in ViltAdapter.load(directory).parameters()),
+            "heads": config.num_attention_heads, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
+            "p50_ms": export.ort_latency(session, test, repeats)["p50"],
+        }
+    out["speedup"] = out["teacher"]["p50_ms"] / out["student"]["p50_ms"]
+    out["parameter_ratio"] = out["teacher"]["parameters"] / out["student"]["parameters"]
+    return out
+
+
+def _tag_back(uri: str, run_id: str, pipeline_run_id: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).set_tag(run_id, "amad.pipeline_run_id", pipeline_run_id)
