@@ -1,0 +1,206 @@
+"""The Ray Serve application: a FastAPI ingress over :class:`serving.model.Predictor` with dynamic batching.
+
+Routes (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
+
+* ``POST /v1/answer`` -- JSON ``{"image": <base64 PNG/JPEG>, "question": str, "top_k": int?}`` or a
+  multipart form (an ``image`` file, a ``question`` field, optionally ``top_k``) ->
+  ``{"answer", "score", "top_k": [{"answer", "score"}], "model": {"name", "version"}, "latency_ms"}``.
+  The response header ``X-Batch-Size`` says how many requests shared the ONNX Runtime call.
+* ``GET /healthz``; ``GET /v1/model`` (name, version, alias, heads, layers, labels, parity figures).
+
+Every request is parsed and validated on its own (a bad one gets a 4xx JSON ``{"error", "status"}``
+and never reaches a batch); only prepared inputs are batched (``@serve.batch``). The ONNX Runtime
+call runs on one worker thread per replica, so the replica's event loop keeps parsing requests (and
+the next batch keeps filling) while the model runs.
+
+Champion changes: the model version is part of the Serve *user config*. :func:`deploy` resolves the
+alias to a version and (re)deploys; when only the user config changed Serve calls ``reconfigure`` on
+the live replicas, which load the new version beside the old one and swap it in between batches:
+requests in flight finish on the old session, none is dropped, no replica restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from serving.config import ReplicaSettings, ServeConfig, UserConfig
+from serving.inputs import JSON_TYPE, MULTIPART_TYPE, BadInput, check_content_length, media_type, parse_json, parse_multipart
+
+api = FastAPI(
+    title="amad serve",
+    description="Visual question answering with the distilled student from the MLflow Model Registry.",
+    version="1",
+)
+
+ANSWER_BODY = {
+    "required": True,
+    "content": {
+        JSON_TYPE: {"schema": {
+            "type": "object", "additionalProperties": False, "required": ["image", "question"],
+            "properties": {
+                "image": {"type": "string", "format": "byte", "description": "base64 PNG/JPEG"},
+                "question": {"type": "string", "minLength": 1},
+                "top_k": {"type": "integer", "minimum": 1, "default": 1},
+            },
+        }},
+        MULTIPART_TYPE: {"schema": {
+            "type": "object", "required": ["image", "question"],
+            "properties": {"image": {"type": "string", "format": "binary"}, "question": {"type": "string"},
+                           "top_k": {"type": "integer", "minimum": 1, "default": 1}},
+        }},
+    },
+}
+
+
+def error(err: BadInput) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, at most ``limit`` bytes (413 past it, also for bodies without a Content-Length)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadInput(413, f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@serve.deployment(name="AnswerService", health_check_period_s=10, health_check_timeout_s=30)
+@serve.ingress(api)
+class AnswerService:
+    """One replica: the model loaded in ``__init__``, batches of prepared requests answered on a worker thread."""
+
+    def __init__(self, settings: dict):
+        from serving.model import Predictor, load_bundle
+
+        self.settings = ReplicaSettings.model_validate(settings)
+        self._load_bundle, self._predictor_cls = load_bundle, Predictor
+        # What the URI names now; reconfigure (called right after, with the user config) pins the version
+        # the driver resolved -- normally the same one, so nothing is loaded twice. The version is not a
+        # constructor argument: a changed argument would make Serve restart replicas instead of reconfiguring.
+        self.predictor = self._open(None)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
+
+    def _open(self, version: str | None):
+        bundle = self._load_bundle(self.settings.model_uri, self.settings.tracking_uri, version)
+        return self._predictor_cls(bundle, threads=self.settings.threads, limits=self.settings.limits)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Batching knobs and the model version; a new version is loaded first, then swapped in."""
+        config = UserConfig.model_validate(user_config)
+        self._batched.set_max_batch_size(config.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
+        if config.model_version != self.predictor.bundle.version:
+            self.predictor = self._open(config.model_version)
+
+    def check_health(self) -> None:
+        if self.predictor.session is None:  # pragma: no cover -- a replica whose model is gone is replaced
+            raise RuntimeError("no ONNX Runtime session")
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _batched(self, items: list) -> list:
+        """``items``: prepared requests -> ``(Answer, batch size)`` each, from one ORT call."""
+        predictor = self.predictor  # a reconfigure during the call swaps the attribute, not this batch's model
+        answers = await asyncio.get_running_loop().run_in_executor(self._executor, predictor.answer, items)
+        return [(answer, len(items), predictor) for answer in answers]
+
+    async def _single(self, item) -> tuple:
+        predictor = self.predictor
+        answers = await asyncio.get_running_loop().run_in_executor(self._executor, predictor.answer, [item])
+        return answers[0], 1, predictor
+
+    def _authorised(self, request: Request) -> bool:
+        if not self.settings.token_sha256:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        digest = hashlib.sha256(token.strip().encode()).hexdigest()
+        return scheme.lower() == "bearer" and hmac.compare_digest(digest, self.settings.token_sha256)
+
+    @api.post("/v1/answer", openapi_extra={"requestBody": ANSWER_BODY}, summary="Answer a question about an image")
+    async def answer(self, request: Request):
+        started = time.perf_counter()
+        limits = self.settings.limits
+        try:
+            if not self._authorised(request):
+                raise BadInput(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+            check_content_length(request.headers.get("content-length"), limits)
+            kind = media_type(request.headers.get("content-type"))
+            if kind not in (JSON_TYPE, MULTIPART_TYPE):
+                raise BadInput(415, f"content type {kind or '(none)'!r} is not supported; send {JSON_TYPE} or {MULTIPART_TYPE}")
+            body = await read_body(request, limits.max_body_bytes)
+            if kind == JSON_TYPE:
+                query = parse_json(body, limits)
+            else:
+                request._body = body  # Starlette's form parser reads a cached body (already size-checked) from here
+                try:
+                    form = await request.form(max_files=1, max_fields=8, max_part_size=limits.max_body_bytes)
+                except Exception as err:  # noqa: BLE001 -- Starlette raises its own types for malformed forms
+                    raise BadInput(400, f"malformed multipart body: {err}") from None
+                query = await parse_multipart(form, limits)
+            prepared = self.predictor.prepare(query.image, query.question, query.top_k)
+        except BadInput as err:
+            return error(err)
+        try:
+            run = self._batched if self.settings.batching else self._single
+            result, batch_size, predictor = await run(prepared)
+        except Exception as err:  # noqa: BLE001 -- a model failure is a JSON 500; the replica keeps serving
+            return JSONResponse({"error": f"inference failed: {type(err).__name__}: {err}", "status": 500}, status_code=500)
+        body = {
+            "answer": result.answer,
+            "score": result.score,
+            "top_k": [{"answer": a, "score": s} for a, s in result.top_k],
+            "model": {"name": predictor.bundle.name, "version": predictor.bundle.version},
+            "latency_ms": (time.perf_counter() - started) * 1e3,
+        }
+        return JSONResponse(body, headers={"X-Batch-Size": str(batch_size)})
+
+    @api.get("/healthz", summary="Liveness")
+    async def healthz(self):
+        return {"status": "ok", "model": {"name": self.predictor.bundle.name, "version": self.predictor.bundle.version}}
+
+    @api.get("/v1/model", summary="The model being served")
+    async def model(self):
+        return self.predictor.describe()
+
+
+def build(cfg: ServeConfig, version: str, token: str | None = None):
+    """The bound application for ``cfg`` serving ``version``."""
+    from serving.config import token_hash
+
+    settings = ReplicaSettings(model_uri=cfg.model, tracking_uri=cfg.tracking_uri, limits=cfg.limits,
+                               token_sha256=token_hash(token), threads=cfg.threads, batching=cfg.batching)
+    user_config = UserConfig(model_version=version, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms)
+    options = dict(
+        user_config=user_config.model_dump(),
+        max_ongoing_requests=cfg.max_ongoing_requests(),
+        ray_actor_options={"num_cpus": cfg.replica_cpus},
+    )
+    if cfg.autoscale:
+        low, high = cfg.autoscale
+        options["autoscaling_config"] = {"min_replicas": low, "initial_replicas": max(low, 1), "max_replicas": high,
+                                         "target_ongoing_requests": max(2, cfg.max_batch_size)}
+    else:
+        options["num_replicas"] = cfg.replicas
+    return AnswerService.options(**options).bind(settings.model_dump(mode="json"))
+
+
+def deploy(cfg: ServeConfig, token: str | None = None) -> str:
+    """Resolve ``cfg.model`` to a version and deploy it (again); returns the version.
+
+    Calling it again after the alias moved changes only the user config: Serve reconfigures the
+    running replicas in place (see the module docstring)."""
+    from serving.model import resolve_version
+
+    _, version, _, _ = resolve_version(cfg.model, cfg.tracking_uri)
+    serve.run(build(cfg, version, token), name=cfg.app_name, route_prefix="/", blocking=False)
+    return version

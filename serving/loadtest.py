@@ -1,0 +1,135 @@
+"""``amad loadtest``: real test-split questions at a fixed concurrency against a running ``amad serve``.
+
+Bounded in count (``requests``) and time (``duration_s``); only the URL it is given (default the
+loopback one). Examples: the served model's benchmark spec (``GET /v1/model``) generates the first
+scenes of its *test* split -- the same images and questions ``amad/data`` makes -- each image sent
+as a base64 PNG. Reports p50/p95/p99 latency, throughput, errors by status and the batch sizes the
+server reported (``X-Batch-Size``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Example:
+    image_png: bytes
+    question: str
+    answer: str
+
+
+def test_examples(benchmark: dict, count: int) -> list[Example]:
+    """The first ``count`` questions of the benchmark's test split (its first scenes only: generation is sequential)."""
+    from PIL import Image
+
+    from amad.data import benchmark as bench
+    from amad.data.scenes import generate
+
+    spec = bench.BenchmarkSpec.from_dict(benchmark) if benchmark else bench.BenchmarkSpec()
+    scenes = min(spec.test_scenes, max(1, -(-count // spec.questions_per_scene)))
+    # The test split's seed, as make_split derives it (private there; the offsets never change).
+    images, questions = generate(scenes, spec.questions_per_scene, spec.seed + bench._SPLIT_SEED_OFFSET["test"], spec.scene)
+    pngs = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    return [Example(pngs[q.scene], q.text, q.answer) for q in questions[:count]]
+
+
+def json_body(example: Example, top_k: int = 1) -> bytes:
+    return json.dumps({"image": base64.b64encode(example.image_png).decode(), "question": example.question, "top_k": top_k}).encode()
+
+
+def summarise(latencies_ms: list[float], statuses: Counter, batch_sizes: Counter, wall_s: float) -> dict:
+    lat = np.asarray(latencies_ms) if latencies_ms else np.asarray([np.nan])
+    ok = statuses.get(200, 0)
+    return {
+        "requests": int(sum(statuses.values())),
+        "ok": ok,
+        "errors_by_status": {str(k): v for k, v in sorted(statuses.items(), key=lambda kv: str(kv[0])) if k != 200},
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p95_ms": float(np.percentile(lat, 95)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "throughput_rps": ok / wall_s if wall_s > 0 else 0.0,
+        "wall_s": wall_s,
+        "batch_sizes": {str(k): v for k, v in sorted(batch_sizes.items())},
+        "mean_batch_size": (sum(k * v for k, v in batch_sizes.items()) / sum(batch_sizes.values())) if batch_sizes else None,
+    }
+
+
+async def _run(url: str, bodies: list[bytes], concurrency: int, requests: int, duration_s: float | None, headers: dict) -> dict:
+    import aiohttp
+
+    latencies: list[float] = []
+    statuses: Counter = Counter()
+    batch_sizes: Counter = Counter()
+    next_index = 0
+    deadline = time.perf_counter() + duration_s if duration_s else None
+    headers = {"Content-Type": "application/json", **headers}
+
+    async def worker(session):
+        nonlocal next_index
+        while next_index < requests and (deadline is None or time.perf_counter() < deadline):
+            body = bodies[next_index % len(bodies)]
+            next_index += 1
+            started = time.perf_counter()
+            try:
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    status = response.status
+                    if status == 200 and "X-Batch-Size" in response.headers:
+                        batch_sizes[int(response.headers["X-Batch-Size"])] += 1
+            except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+                status = f"connection:{type(err).__name__}"
+            latencies.append((time.perf_counter() - started) * 1e3)
+            statuses[status] += 1
+
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=60)
+    started = time.perf_counter()
+    # trust_env=False: never a proxy, whatever the environment says; only the URL given is contacted.
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return summarise(latencies, statuses, batch_sizes, time.perf_counter() - started)
+
+
+def model_info(base_url: str, headers: dict | None = None) -> dict:
+    import urllib.request
+
+    request = urllib.request.Request(base_url.rstrip("/") + "/v1/model", headers=headers or {})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxies
+    with opener.open(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def run(url: str, concurrency: int, requests: int, duration_s: float | None = None, token: str | None = None,
+        examples: int = 200, bodies: list[bytes] | None = None) -> dict:
+    """Send ``requests`` (or until ``duration_s``) POSTs to ``url`` (``.../v1/answer``) with ``concurrency`` in flight."""
+    if concurrency < 1 or requests < 1:
+        raise ValueError("concurrency and requests must be >= 1")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if bodies is None:
+        base = url.rsplit("/v1/", 1)[0]
+        bodies = [json_body(e) for e in test_examples(model_info(base, headers).get("benchmark") or {}, examples)]
+    summary = asyncio.run(_run(url, bodies, concurrency, requests, duration_s, headers))
+    return {"url": url, "concurrency": concurrency, **summary}
+
+
+def format_summary(summary: dict) -> str:
+    errors = ", ".join(f"{k}: {v}" for k, v in summary["errors_by_status"].items()) or "none"
+    batch = f"{summary['mean_batch_size']:.2f}" if summary["mean_batch_size"] else "n/a"
+    return (
+        f"{summary['requests']} requests at concurrency {summary['concurrency']} in {summary['wall_s']:.1f} s: "
+        f"{summary['throughput_rps']:.1f} req/s; latency p50 {summary['p50_ms']:.1f} ms, p95 {summary['p95_ms']:.1f} ms, "
+        f"p99 {summary['p99_ms']:.1f} ms; errors: {errors}; mean batch size {batch}"
+    )

@@ -1,0 +1,205 @@
+"""The model behind the service: resolve a registry URI, load the ONNX graph, answer questions.
+
+:class:`Predictor` is plain Python (no Ray): ``predict(images, questions)`` is what the Serve
+deployment calls per batch and what tests call directly. Pre-processing is the training code's own
+(:func:`amad.data.images.decode_image` / :func:`~amad.data.images.pixels_from_uint8`,
+:func:`amad.data.text.encode_questions`), so served and offline logits agree.
+
+A registered model version (``amad export``) is an MLflow ONNX-flavour directory: ``*.onnx`` plus
+``extra_files/`` holding ``config.json`` (answer labels, image size), ``tokenizer.json`` and
+``benchmark.json`` (the question length used in training).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from amad.data.images import decode_image, pixels_from_uint8
+from amad.data.text import count_words, encode_questions, load_tokenizer
+from serving.config import Limits, parse_model_uri
+from serving.inputs import BadInput
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+@dataclass
+class Bundle:
+    """Everything needed to answer with one model version."""
+
+    name: str
+    version: str
+    alias: str | None
+    onnx_path: Path
+    directory: Path  # the extra files: config.json, tokenizer.json, benchmark.json
+    tags: dict = field(default_factory=dict)
+
+    def config(self) -> dict:
+        return json.loads((self.directory / "config.json").read_text())
+
+    def benchmark(self) -> dict:
+        path = self.directory / "benchmark.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def resolve_version(model_uri: str, tracking_uri: str) -> tuple[str, str, str | None, dict]:
+    """``(name, version, alias, tags)`` of the version ``model_uri`` points at now; ValueError if none."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    name, alias, version = parse_model_uri(model_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as err:
+        raise ValueError(f"{model_uri}: not in the registry at {tracking_uri} ({err.message.splitlines()[0]})") from None
+    return name, str(found.version), alias, dict(found.tags)
+
+
+def load_bundle(model_uri: str, tracking_uri: str, version: str | None = None, cache: str | Path | None = None) -> Bundle:
+    """Download (or find) the files of ``model_uri``, pinned to ``version`` when given."""
+    import mlflow.artifacts
+    from mlflow.tracking import MlflowClient
+
+    name, alias, _ = parse_model_uri(model_uri)
+    if version is None:
+        name, version, alias, tags = resolve_version(model_uri, tracking_uri)
+    else:
+        tags = dict(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).get_model_version(name, version).tags)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    source = client.get_model_version_download_uri(name, version)
+    dst = Path(cache or os.environ.get("AMAD_SERVE_CACHE", "/tmp/amad-serve-cache")) / f"{name}-v{version}-{os.getpid()}"
+    dst.mkdir(parents=True, exist_ok=True)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri))
+    onnx_files = sorted(local.glob("*.onnx"))
+    extra = local / "extra_files"
+    if not onnx_files:
+        raise ValueError(f"{name} v{version}: no .onnx file in {source}")
+    if not (extra / "tokenizer.json").is_file() or not (extra / "config.json").is_file():
+        raise ValueError(f"{name} v{version}: no extra_files/tokenizer.json and config.json (registered before serving support? re-run amad export)")
+    return Bundle(name, str(version), alias, onnx_files[0], extra, tags)
+
+
+@dataclass(frozen=True)
+class Answer:
+    answer: str
+    score: float  # softmax probability of ``answer``
+    top_k: list[tuple[str, float]]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One validated request: ``image`` ``(S, S, 3)`` uint8, the question, how many answers to return."""
+
+    image: np.ndarray
+    question: str
+    top_k: int = 1
+
+
+class Predictor:
+    """An ONNX Runtime session with the model's pre- and post-processing."""
+
+    def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None, limits: Limits | None = None):
+        import onnxruntime as ort
+
+        self.bundle = bundle
+        self.limits = limits or Limits()
+        config = bundle.config()
+        self.labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+        self.image_size = int(config["image_size"])
+        self.max_length = int(bundle.benchmark().get("max_question_length", config.get("max_position_embeddings", 40)))
+        self.tokenizer = load_tokenizer(bundle.directory)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(bundle.onnx_path), sess_options=options, providers=providers or default_providers())
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def prepare(self, image: bytes | np.ndarray, question: str, top_k: int = 1) -> Prepared:
+        """Decode and check one request; BadInput (4xx) naming the problem."""
+        words = count_words(self.tokenizer, question)
+        if words == 0:
+            raise BadInput(422, "question has no words")
+        if words > self.max_length - 2:  # [CLS] and [SEP] take two of the model's positions
+            raise BadInput(422, f"question has {words} words; this model reads at most {self.max_length - 2}")
+        if top_k > len(self.labels):
+            raise BadInput(422, f"top_k={top_k} is more than the model's {len(self.labels)} answers")
+        if isinstance(image, np.ndarray):
+            pixels = image
+        else:
+            try:
+                pixels = decode_image(image, self.image_size, max_pixels=self.limits.max_image_pixels)
+            except Image.DecompressionBombError as err:  # PIL's own limit, hit before ours for huge headers
+                raise BadInput(413, f"image is too large: {err}") from None
+            except ValueError as err:
+                status = 413 if "over the limit" in str(err) else 400
+                raise BadInput(status, str(err)) from None
+        return Prepared(pixels, question, top_k)
+
+    def logits(self, items: list[Prepared]) -> np.ndarray:
+        """``(B, num_labels)`` float32 logits for ``B`` prepared requests (one ORT call)."""
+        input_ids, attention_mask = encode_questions(self.tokenizer, [item.question for item in items], self.max_length)
+        pixel_values = pixels_from_uint8(np.stack([item.image for item in items]))  # (B, 3, S, S)
+        feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(), "pixel_values": pixel_values.numpy()}
+        return self.session.run(["logits"], feed)[0]
+
+    def answer(self, items: list[Prepared]) -> list[Answer]:
+        logits = self.logits(items)
+        shifted = logits - logits.max(-1, keepdims=True)
+        probs = np.exp(shifted) / np.exp(shifted).sum(-1, keepdims=True)  # (B, num_labels)
+        answers = []
+        for row, item in zip(probs, items):
+            order = np.argsort(-row)[: item.top_k]
+            top = [(self.labels[i], float(row[i])) for i in order]
+            answers.append(Answer(top[0][0], top[0][1], top))
+        return answers
+
+    def predict(self, images: list[bytes | np.ndarray], questions: list[str], top_k: int = 1) -> list[Answer]:
+        """Answers for ``images`` (encoded bytes, or ``(S, S, 3)`` uint8 arrays) and their questions."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        return self.answer([self.prepare(image, question, top_k) for image, question in zip(images, questions)])
+
+    def describe(self) -> dict:
+        config = self.bundle.config()
+        tags = self.bundle.tags
+        return {
+            "name": self.bundle.name,
+            "version": self.bundle.version,
+            "alias": self.bundle.alias,
+            "heads": int(config["num_attention_heads"]),
+            "layers": int(config["num_hidden_layers"]),
+            "labels": self.labels,
+            "image_size": self.image_size,
+            "max_question_length": self.max_length,
+            "parity": {k.split(".", 1)[1]: float(v) for k, v in tags.items() if k.startswith("parity.")},
+            "val_accuracy": float(tags["val_accuracy"]) if "val_accuracy" in tags else None,
+            "providers": self.providers,
+            "benchmark": self.bundle.benchmark(),
+        }
+
+
+def default_providers() -> list[str]:
+    """CUDA first only where ONNX Runtime has it *and* a device answers (onnxruntime-gpu lists it on CPU-only machines)."""
+    import onnxruntime as ort
+
+    if CUDA in ort.get_available_providers():
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                return [CUDA, CPU]
+        except ImportError:
+            pass
+    return [CPU]

@@ -1,0 +1,77 @@
+"""``amad serve``: start (or join) Ray, start Serve on the given host/port, deploy, follow the alias.
+
+The config is validated and the model URI resolved in the registry before Ray starts, so a typo
+is one message, not a cluster start-up. With ``--blocking`` (always, when the command started its
+own local Ray cluster) the command serves until Ctrl-C / SIGTERM and then shuts Serve and Ray down;
+meanwhile it re-reads the alias every ``poll_s`` seconds and, when it moved, redeploys with the new
+version in the user config (an in-place ``reconfigure``; see :mod:`serving.app`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from serving.config import TOKEN_ENV, ServeConfig
+
+
+def _log(message: str) -> None:
+    print(f"amad serve: {message}", flush=True)
+
+
+def start(cfg: ServeConfig, address: str | None = None) -> str:
+    """Connect to (or start) Ray, start Serve on ``cfg.host:cfg.port`` and deploy; returns the version."""
+    import ray
+    from ray import serve
+
+    from serving.app import deploy
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+                     object_store_memory=100 * 1024 * 1024)
+    serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})
+    return deploy(cfg, os.environ.get(TOKEN_ENV) or None)
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def main(cfg: ServeConfig, *, address: str | None = None, blocking: bool = False, poll_s: float = 30.0) -> int:
+    from serving.model import resolve_version
+
+    _, version, _, _ = resolve_version(cfg.model, cfg.tracking_uri)  # fails clearly before Ray starts
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address and not blocking:
+        _log("no --address: the local Ray cluster ends with this command, so it serves until Ctrl-C (as --blocking)")
+        blocking = True
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        version = start(cfg, address)
+        _log(f"serving {cfg.model} (v{version}) at http://{cfg.host}:{cfg.port}/v1/answer (docs: /docs)")
+        if not blocking:
+            return 0
+        while True:
+            time.sleep(poll_s)
+            _, now, _, _ = resolve_version(cfg.model, cfg.tracking_uri)
+            if now != version:
+                from serving.app import deploy
+
+                version = deploy(cfg, os.environ.get(TOKEN_ENV) or None)
+                _log(f"{cfg.model} moved: now serving v{version} (replicas reconfigured in place)")
+    except KeyboardInterrupt:
+        _log("shutting down")
+        return 0
+    finally:
+        if blocking:
+            stop()
