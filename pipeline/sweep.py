@@ -338,12 +338,13 @@ def collect(cfg: SweepConfig, sweep_dir: Path, workdir: Path, parent: RunTracker
             "config": dict(trial.config),
             "epochs": history[-1][names.EPOCH] if history else 0,
             "status": _outcome(trial.status, history, cfg.max_epochs),
-            "error": _trial_error(trial) if trial.status == "ERROR" else None,
         }
         row.update(_best_epoch(history))
         run_dir = sweep_dir / TRIALS_DIR / trial.trial_id
         child = open_child(parent, cfg.name, trial.trial_id, run_dir, workdir)  # re-opens the trial's own run
         row["run_id"] = child.run_id
+        row["error"] = _trial_error(trial, child) if trial.status == "ERROR" else None
+        _backfill(child, history)
         tags = {names.TAG_TRIAL_STATUS: row["status"]}
         if row["error"]:
             tags[names.TAG_TRIAL_ERROR] = _error_text(row["error"])
@@ -362,6 +363,26 @@ def _history(frame) -> list[dict]:
         if record.get(names.EPOCH) == record.get(names.EPOCH):  # not NaN
             by_epoch[int(record[names.EPOCH])] = record
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+EPOCH_METRICS = (
+    names.EPOCH, names.STEP, names.LR, names.TRAIN_LOSS, names.TRAIN_TASK_LOSS, names.TRAIN_LOGIT_KD_LOSS,
+    names.TRAIN_ATTENTION_LOSS, names.VAL_ACCURACY, names.VAL_RELATIONAL_ACCURACY, names.VAL_LOSS, names.SAMPLES_PER_S,
+    names.EPOCH_SECONDS,
+)
+
+
+def _backfill(child: RunTracker, history: list[dict]) -> None:
+    """Log to the child run the epochs Tune received but rank 0 did not log to MLflow.
+
+    ASHA stops a trial as soon as Tune sees the report of its rung epoch; the trial's actors are
+    killed, often before rank 0 (which logs to MLflow after ``ray.train.report`` returns) got there.
+    """
+    logged = child.logged_steps(names.VAL_ACCURACY)
+    for metrics in history:
+        epoch = int(metrics[names.EPOCH])
+        if epoch not in logged:
+            child.log_metrics({key: float(metrics[key]) for key in EPOCH_METRICS if metrics.get(key) is not None}, step=epoch)
 
 
 def _outcome(status: str, history: list[dict], max_epochs: int) -> str:
@@ -389,14 +410,20 @@ def _best_epoch(history: list[dict]) -> dict:
     }
 
 
-def _trial_error(trial) -> str:
-    try:
-        path = trial.error_file
-        if path and Path(path).is_file():
-            return Path(path).read_text()
-    except Exception:  # an error file on storage this driver cannot read: say so rather than fail the report
-        pass
-    return "the trial failed (no error file)"
+def _trial_error(trial, child: RunTracker) -> str:
+    """The trial's error: what the trial recorded on its child run, else Tune's error file (under the
+    trial's storage path: ``trial.error_file`` points at the driver's local staging copy, which is gone
+    once the driver that ran the trial has exited)."""
+    from mlflow.tracking import MlflowClient
+
+    recorded = MlflowClient(child.tracking_uri).get_run(child.run_id).data.tags.get(names.TAG_TRIAL_ERROR)
+    if recorded:  # "<ExceptionType>: <message>", written by the trial itself
+        return recorded
+    name = getattr(trial.run_metadata, "error_filename", None)
+    for base in (trial.path, trial.local_path):
+        if base and name and Path(base, name).is_file():
+            return Path(base, name).read_text()
+    return "the trial failed (Tune kept no error file)"
 
 
 # ---------------------------------------------------------------- measurement, selection, report
