@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -82,6 +83,57 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from pipeline.run_config import RunJobConfig
+
+    cfg = load_config(args.config, RunJobConfig)
+    from pipeline import run  # imports Ray: only once the config is known to be valid
+
+    run.main(cfg, args.workdir, address=args.address, tracking_uri=args.tracking_uri, serve=args.serve)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from pipeline.tracking import resolve_tracking_uri
+    from serving.config import ServeConfig, format_errors, parse_autoscale
+
+    try:
+        values = {"model": args.model, "tracking_uri": resolve_tracking_uri(args.workdir, args.tracking_uri), "host": args.host,
+                  "port": args.port, "replicas": args.replicas, "replica_cpus": args.replica_cpus,
+                  "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms}
+        if args.autoscale:
+            values["autoscale"] = parse_autoscale(args.autoscale)
+        cfg = ServeConfig.model_validate(values)
+    except ValidationError as err:
+        raise ConfigError(format_errors(err)) from None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    from serving import server  # imports Ray: only once the config is valid
+
+    try:
+        return server.main(cfg, address=args.address, blocking=args.blocking, poll_s=args.poll_s)
+    except ValueError as err:  # the model URI is not in the registry
+        raise ConfigError(str(err)) from None
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from serving import loadtest
+
+    if args.concurrency < 1 or args.requests < 1:
+        raise ConfigError("--concurrency and --requests must be >= 1")
+    summary = loadtest.run(args.url, args.concurrency, args.requests, args.duration_s, token=os.environ.get("AMAD_SERVE_TOKEN"))
+    print(f"amad loadtest: {loadtest.format_summary(summary)}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(summary, indent=2))
+    return 0 if not summary["errors_by_status"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amad",
@@ -149,11 +201,65 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-register", action="store_true", help="export and gate only")
     export.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
     export.set_defaults(handler=_export)
+
+    run = commands.add_parser(
+        "run",
+        help="the whole pipeline: teacher, sweep, selection, ONNX export and gates, registry, Serve smoke test, report",
+        description="Run every stage on the config's settings; a finished stage is reused when its inputs have not changed, "
+        "and an interrupted run resumes at the stage it stopped in.",
+    )
+    run.add_argument("--config", type=Path, default=Path("tune_configs/default.yaml"), help="pipeline YAML (default: %(default)s)")
+    run.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="everything the run writes, and the default MLflow store (default: %(default)s)")
+    run.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one)")
+    run.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
+    run.add_argument("--serve", action="store_true", help="leave Serve running on the champion after the smoke test and print its URL")
+    run.set_defaults(handler=_run)
+
+    serve_cmd = commands.add_parser(
+        "serve",
+        help="serve a registered student over HTTP with Ray Serve (dynamic batching, validation)",
+        description="Serve models:/<name>@<alias> from the MLflow Model Registry with Ray Serve: POST /v1/answer, "
+        "GET /healthz, GET /v1/model, docs at /docs. Set AMAD_SERVE_TOKEN to require a bearer token.",
+    )
+    serve_cmd.add_argument("--model", default="models:/amad-student@champion", help="registry URI (default: %(default)s)")
+    serve_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve_cmd.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    scale = serve_cmd.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=1, help="fixed number of replicas (default: %(default)s)")
+    scale.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="Serve autoscaling between MIN and MAX replicas")
+    serve_cmd.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica; ONNX Runtime threads = whole CPUs (default: %(default)s)")
+    serve_cmd.add_argument("--max-batch-size", type=int, default=16, help="dynamic batching: largest batch (default: %(default)s)")
+    serve_cmd.add_argument("--batch-wait-ms", type=float, default=5.0, help="dynamic batching: longest wait for a batch to fill (default: %(default)s)")
+    serve_cmd.add_argument("--blocking", action="store_true", help="serve until Ctrl-C, following the alias (always so without --address)")
+    serve_cmd.add_argument("--poll-s", type=float, default=30.0, help="how often --blocking re-reads the alias (default: %(default)s)")
+    serve_cmd.add_argument("--address", default=None, help="deploy onto this Ray cluster (default: $RAY_ADDRESS, else a local one)")
+    serve_cmd.add_argument("--workdir", type=Path, default=Path("runs/sweep"), help="where the default MLflow store is (default: %(default)s)")
+    serve_cmd.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
+    serve_cmd.set_defaults(handler=_serve)
+
+    load = commands.add_parser(
+        "loadtest",
+        help="send real test-split questions to amad serve at a fixed concurrency; latency percentiles and errors",
+        description="Bounded load (count and time) against the given URL only: p50/p95/p99 latency, throughput, errors by status.",
+    )
+    load.add_argument("--url", default="http://127.0.0.1:8000/v1/answer", help="(default: %(default)s)")
+    load.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
+    load.add_argument("--requests", type=int, default=500, help="total requests at most (default: %(default)s)")
+    load.add_argument("--duration-s", type=float, default=None, help="stop after this many seconds even if requests remain")
+    load.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
+    load.set_defaults(handler=_loadtest)
     return parser
+
+
+# Ray Train gives a worker group 60 s to start by default. On a small machine under load (a sweep's
+# trials start their workers while others train), importing torch in a new worker can take longer,
+# and the trial then retries the start-up forever. A local cluster started by this command inherits this.
+WORKER_START_TIMEOUT = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.environ.setdefault(*WORKER_START_TIMEOUT)
     try:
         return args.handler(args)
     except (ConfigError, FileNotFoundError) as err:

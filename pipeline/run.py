@@ -117,6 +117,8 @@ def main(cfg: RunJobConfig, workdir: str | Path, address: str | None = None, tra
         results["mlflow"] = {"tracking_uri": uri, "run_id": tracker.run_id}
         (workdir / "run" / names.SUMMARY_FILE).write_text(json.dumps(results, indent=2, default=str))
         _log(f"[run {cfg.name}] finished in {seconds:.0f} s; report: {results['report']['markdown']}")
+        if serve:
+            _serve_until_interrupted(results["smoke"])
         return results
     except BaseException:
         tracker.finish("KILLED")
@@ -321,6 +323,21 @@ def _compare(teacher_dir: Path, checkpoint: Path, results: dict, repeats: int, w
     out["speedup"] = out["teacher"]["p50_ms"] / out["student"]["p50_ms"]
     out["parameter_ratio"] = out["teacher"]["parameters"] / out["student"]["parameters"]
     return out
+
+
+def _serve_until_interrupted(smoke: dict) -> None:
+    """``--serve``: Serve (started by the smoke stage) keeps answering until Ctrl-C; the local Ray
+    cluster this command started ends with it."""
+    from ray import serve
+
+    _log(f"[run] serving at {smoke['url']}  (Ctrl-C stops it)\n  try: {smoke['curl']}")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        _log("[run] stopping Serve")
+    finally:
+        serve.shutdown()
 
 
 def _tag_back(uri: str, run_id: str, pipeline_run_id: str) -> None:

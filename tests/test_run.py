@@ -1,0 +1,149 @@
+"""`amad run` end to end on the tiny preset: real Ray (local), real MLflow (SQLite), real Serve on 127.0.0.1.
+
+One pipeline run per module (a few minutes on 2 cores) is shared by the tests that read its outputs;
+the interrupt test runs the CLI in a subprocess of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.config import parse_config
+from pipeline.run_config import RunJobConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RUN = ROOT / "tune_configs" / "tiny" / "run.yaml"
+
+pytestmark = pytest.mark.integration
+
+
+def tiny_run_config(**changes) -> RunJobConfig:
+    values = yaml.safe_load(TINY_RUN.read_text())
+    for key, value in changes.items():
+        section, _, leaf = key.partition(".")
+        if leaf:
+            values.setdefault(section, {})[leaf] = value
+        else:
+            values[key] = value
+    return parse_config(values, RunJobConfig, "tiny run")
+
+
+def cli_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """The tiny pipeline run once through the CLI (as the README's command runs it), then again."""
+    workdir = tmp_path_factory.mktemp("run") / "work"
+    command = [sys.executable, "-m", "pipeline.cli", "run", "--config", str(TINY_RUN), "--workdir", str(workdir)]
+    first = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=cli_env(), timeout=1500)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    state_after_first = json.loads((workdir / "pipeline_state.json").read_text())
+    second = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=cli_env(), timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return {"workdir": workdir, "first": first, "second": second, "state": state_after_first}
+
+
+def test_the_tiny_pipeline_registers_a_champion_and_writes_the_report(finished_run):
+    from pipeline.registry import CHAMPION, Registry
+
+    workdir = finished_run["workdir"]
+    summary = json.loads((workdir / "run" / "summary.json").read_text())
+    assert summary["export"]["alias"] == CHAMPION
+    registry = Registry(f"sqlite:///{workdir / 'mlflow.db'}")
+    champion = registry.alias_version("amad-student", CHAMPION)
+    assert f"models:/amad-student/{champion.version}" == summary["export"]["model_uri"]
+    assert summary["smoke"]["agreed"] == summary["smoke"]["questions"] == 4
+
+    report = workdir / "report"
+    for name in ("report.md", "alignment_heatmap.png", "alignment.json", "learning_curves.png"):
+        assert (report / name).is_file() and (report / name).stat().st_size > 0, name
+    assert list(report.glob("sweep_*.png")), "the sweep's plots are copied into the report"
+    markdown = (report / "report.md").read_text()
+    assert "| teacher |" in markdown and "| student |" in markdown and "alignment_heatmap.png" in markdown
+    for stage in ("teacher", "sweep", "export", "smoke", "report"):
+        assert f"[run tiny] {stage}: done" in finished_run["first"].stdout, stage
+
+    # Everything in one MLflow pipeline run, with the report as artifacts.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["registry.alias"] == CHAMPION
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} >= {"report/report.md", "report/alignment_heatmap.png"}
+
+
+def test_running_the_finished_command_again_trains_nothing(finished_run):
+    second = finished_run["second"].stdout
+    for stage in ("teacher", "sweep", "export", "smoke", "report"):
+        assert f"[run tiny] {stage}: reused" in second, stage
+    assert "running" not in second.replace("Serve is running", "")
+    state = json.loads((finished_run["workdir"] / "pipeline_state.json").read_text())
+    assert {k: v["key"] for k, v in state.items()} == {k: v["key"] for k, v in finished_run["state"].items()}
+    from pipeline.registry import Registry
+
+    versions = Registry(f"sqlite:///{finished_run['workdir'] / 'mlflow.db'}").versions("amad-student")
+    assert len(versions) == 1
+
+
+def test_the_heatmap_numbers_are_align_weights_on_the_same_data(finished_run):
+    from amad.losses import align_weights
+    from amad.models import ViltAdapter
+    from pipeline import export
+
+    workdir = finished_run["workdir"]
+    summary = json.loads((workdir / "run" / "summary.json").read_text())
+    alignment = json.loads((workdir / "report" / "alignment.json").read_text())
+    teacher = export.load_model_and_val(Path(summary["teacher"]["path"]))
+    student = ViltAdapter.load(summary["sweep"]["checkpoint"]).eval()
+    batch = teacher.val.batch(torch.arange(alignment[0]["examples"]))
+    with torch.no_grad():
+        t_out = ViltAdapter.forward(teacher.model.eval(), batch)
+        s_out = ViltAdapter.forward(student, batch)
+    for layer in alignment:
+        expected = align_weights(t_out.attentions["self"][layer["teacher_layer"]], s_out.attentions["self"][layer["student_layer"]],
+                                 t_out.query_masks["self"], temperature=layer["temperature"]).double().mean(0)
+        weights = np.asarray(layer["weights"])
+        assert weights.shape == (teacher.model.config.num_attention_heads, student.config.num_attention_heads)
+        np.testing.assert_allclose(weights, expected.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(weights.sum(1), 1.0, atol=1e-6)
+
+
+def test_an_interrupted_run_resumes_at_the_sweep(tmp_path):
+    workdir = tmp_path / "work"
+    config = tmp_path / "run.yaml"
+    values = yaml.safe_load(TINY_RUN.read_text())
+    values["smoke"]["enabled"] = False  # this test is about the sweep stage
+    config.write_text(yaml.safe_dump(values))
+    command = [sys.executable, "-m", "pipeline.cli", "run", "--config", str(config), "--workdir", str(workdir)]
+    log = open(tmp_path / "first.log", "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=cli_env(), start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:  # the sweep's first trial has reported an epoch
+        trials = list((workdir / "sweeps").glob("*/trials/*/epoch_0001"))
+        if trials or process.poll() is not None:
+            break
+        time.sleep(1)
+    assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(timeout=300) != 0
+    state = json.loads((workdir / "pipeline_state.json").read_text())
+    assert set(state) == {"teacher"}, "only the teacher stage finished"
+
+    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=cli_env(), timeout=1500)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "[run tiny] teacher: reused" in again.stdout
+    assert "exists: resuming it" in again.stdout
+    assert set(json.loads((workdir / "pipeline_state.json").read_text())) == {"teacher", "sweep", "export", "smoke", "report"}
