@@ -113,9 +113,9 @@ def main(cfg: SweepConfig, workdir: str | Path, address: str | None = None, trac
     workdir = Path(workdir).resolve()
     sweep_dir = workdir / "sweeps" / cfg.name
     teacher = check_sweep(cfg)
-    check_resumable(cfg, sweep_dir, resume)
     # trials run in Tune's trial directories (Ray changes the working directory): absolute paths only
     cfg = SweepConfig.model_validate({**cfg.model_dump(mode="json"), "job": {**cfg.job.model_dump(mode="json"), "teacher": str(teacher.path)}})
+    check_resumable(cfg, sweep_dir, resume)
     started_ray = False
     if not ray.is_initialized():
         target = address or os.environ.get("RAY_ADDRESS") or "local"
