@@ -87,11 +87,14 @@ def main(cfg: RunJobConfig, workdir: str | Path, address: str | None = None, tra
     workdir.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(workdir, tracking_uri)
     state = State(workdir / STATE_FILE)
-    started_ray = False
-    if not ray.is_initialized():
-        target = address or os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=target, **({"object_store_memory": 256 * 2**20} if target == "local" else {}))
-        started_ray = True
+    started_ray = []  # Ray starts when the first stage that needs it runs: a fully reused run needs none
+
+    def ensure_ray() -> None:
+        if not ray.is_initialized():
+            target = address or os.environ.get("RAY_ADDRESS") or "local"
+            ray.init(address=target, **({"object_store_memory": 256 * 2**20} if target == "local" else {}))
+            started_ray.append(True)
+
     tracker = open_run(tracking_uri=uri, experiment=RUN_EXPERIMENT, run_name=cfg.name, run_dir=workdir / "run", workdir=workdir)
     results: dict = {}
     clock = time.perf_counter()
@@ -106,6 +109,8 @@ def main(cfg: RunJobConfig, workdir: str | Path, address: str | None = None, tra
                 _log(f"[run {cfg.name}] {stage}: reused ({_summary(stage, cached)})")
             else:
                 _log(f"[run {cfg.name}] {stage}: running")
+                if stage in ("sweep", "smoke"):
+                    ensure_ray()
                 results[stage] = runner(settings, workdir, uri, results, tracker, serve)
                 state.record(stage, key, results[stage])
                 _log(f"[run {cfg.name}] {stage}: done in {time.perf_counter() - started:.0f} s ({_summary(stage, results[stage])})")
@@ -118,7 +123,7 @@ def main(cfg: RunJobConfig, workdir: str | Path, address: str | None = None, tra
         (workdir / "run" / names.SUMMARY_FILE).write_text(json.dumps(results, indent=2, default=str))
         _log(f"[run {cfg.name}] finished in {seconds:.0f} s; report: {results['report']['markdown']}")
         if serve:
-            _serve_until_interrupted(results["smoke"])
+            _serve_until_interrupted(results["smoke"])  # --serve makes the smoke stage's key new: it ran
         return results
     except BaseException:
         tracker.finish("KILLED")
