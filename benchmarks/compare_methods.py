@@ -1,0 +1,254 @@
+"""The paper's claim on our benchmark: AMAD vs the other distillation objectives, per student head count.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/compare_methods.py                 # full: 7 methods x 3 head counts x 3 seeds
+    .venv/bin/python benchmarks/compare_methods.py --quick --out /tmp/cm.json --results-md /tmp/results.md
+
+**Set-up.** The default teacher (``weights/teacher-default``: 12 heads x 4 layers, hidden 96) is
+distilled into students of 2, 4 and 6 heads (2 layers, head_dim 16: hidden 32/64/96), 3 seeds each,
+with every method below. Every run has the same budget: ``--steps`` AdamW steps of batch
+``--batch-size`` on the teacher's training split (same seeds, same data order per seed), lr with
+warm-up and cosine decay, gradient clipping 1.0, one process (no Ray: the comparison is about the
+objective, and in-process training keeps every run identical apart from it). Methods
+(:class:`amad.objective.DistillationObjective`; task weight 1 everywhere):
+
+* ``task``: cross-entropy only.            * ``logit_kd``: + logit KD (weight 1, T = 1).
+* ``one_to_one``: + logit KD + attention KD of teacher head k -> student head k (extra teacher heads dropped).
+* ``head_mean``: + logit KD + KD of the teacher heads' mean map to every student head.
+* ``relation``: + logit KD + MiniLMv2 self-attention relations.
+* ``amad_t1``: + logit KD + AMAD (KL, alignment temperature 1, the paper's).
+* ``amad_tsweep``: + logit KD + AMAD at ``--sweep-temperature`` (the sweep's preferred value: from a
+  ``best.json`` via ``--sweep-best``, else 0.3).
+
+Attention terms use weight 1 and ``layer_map="uniform"``. Test accuracy on ``--test-scenes`` scenes
+(10 questions each; 1000 scenes = 10,000 questions, so one accuracy's standard error is below 0.5
+point). For the AMAD students the script also records how uniform the alignment weights are on
+validation data (mean over teacher heads of the largest ``a_ij``; 1/Hs is uniform, 1 is one-hot).
+
+Writes ``benchmarks/results/compare_methods.json`` (``accuracy[method][heads] = [per-seed]``) and the
+generated ``docs/results.md`` (never edit it by hand). ``--quick``: a random tiny teacher, 2 heads,
+1 seed, 20 steps: a smoke run for CI, its accuracies mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import amad  # noqa: F401
+except ImportError:  # run as a script from a checkout that is not pip-installed
+    sys.path.insert(0, str(ROOT))
+
+import torch
+from torch import nn
+
+from amad.data.benchmark import BenchmarkSpec, make_split
+from amad.data.text import load_tokenizer
+from amad.losses import align_weights
+from amad.models import StudentSpec, ViltAdapter
+from amad.objective import DistillationObjective, resolve_layer_map
+from amad.training import accuracy_report, make_optimizer, predict, warmup_cosine
+from pipeline import names
+
+METHODS = ("task", "logit_kd", "one_to_one", "head_mean", "relation", "amad_t1", "amad_tsweep")
+DEFAULT_TEACHER = ROOT / "weights" / "teacher-default"
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "compare_methods.json"
+DEFAULT_MD = ROOT / "docs" / "results.md"
+
+
+def objective_for(method: str, relation_heads: int, sweep_temperature: float) -> DistillationObjective:
+    kd = {"task_weight": 1.0, "logit_kd_weight": 1.0, "attention_weight": 1.0, "layer_map": "uniform"}
+    if method == "task":
+        return DistillationObjective(method="none", task_weight=1.0, logit_kd_weight=0.0, attention_weight=0.0)
+    if method == "logit_kd":
+        return DistillationObjective(method="none", task_weight=1.0, logit_kd_weight=1.0, attention_weight=0.0)
+    if method == "relation":
+        return DistillationObjective(method="relation", relation_heads=relation_heads, **kd)
+    if method.startswith("amad"):
+        return DistillationObjective(method="amad", amad_temperature=1.0 if method == "amad_t1" else sweep_temperature, **kd)
+    return DistillationObjective(method=method, **kd)
+
+
+def relation_heads_for(*hidden_sizes: int, wanted: int = 4) -> int:
+    common = math.gcd(*hidden_sizes)
+    return max(a for a in range(1, min(wanted, common) + 1) if common % a == 0)
+
+
+def train_student(teacher, spec: StudentSpec, objective: DistillationObjective, train, args, seed: int) -> nn.Module:
+    student = ViltAdapter.build(ViltAdapter.student_config(teacher.config, spec), seed=seed).train()
+    optimizer = make_optimizer(student, args.lr, 0.01)
+    generator = torch.Generator().manual_seed(seed)
+    step = 0
+    while step < args.steps:
+        for batch in train.batches(args.batch_size, shuffle=True, generator=generator, drop_last=True):
+            if step >= args.steps:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr * warmup_cosine(step, args.warmup, args.steps, 0.1)
+            with torch.no_grad():
+                t_out = ViltAdapter.forward(teacher, batch, need_attentions=objective.needs_teacher and objective.method not in ("none", "relation"),
+                                            need_qkv=objective.method == "relation") if objective.needs_teacher else None
+            s_out = ViltAdapter.forward(student, batch, need_attentions=objective.method not in ("none", "relation"),
+                                        need_qkv=objective.method == "relation")
+            loss = objective(t_out, s_out, batch["labels"])["loss"]
+            loss.backward()
+            nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+    return student.eval()
+
+
+def alignment_peak(teacher, student, split, temperature: float, examples: int = 256) -> float:
+    """Mean over teacher heads, layers and questions of max_j a_ij (1/Hs: uniform; 1: one-hot)."""
+    batch = split.batch(torch.arange(min(examples, len(split))))
+    with torch.no_grad():
+        t_out = ViltAdapter.forward(teacher, batch)
+        s_out = ViltAdapter.forward(student, batch)
+    pairs = resolve_layer_map("uniform", teacher.config.num_hidden_layers, student.config.num_hidden_layers)
+    peaks = [align_weights(t_out.attentions["self"][t], s_out.attentions["self"][s], t_out.query_masks["self"],
+                           temperature=temperature).max(-1).values.mean().item() for s, t in pairs]
+    return float(statistics.mean(peaks))
+
+
+def quick_teacher(directory: Path) -> Path:
+    from amad.data.benchmark import benchmark_tokenizer
+    from amad.data.text import save_tokenizer
+    from pipeline import train_teacher
+    from pipeline.config import TeacherJobConfig, load_config
+
+    cfg = load_config(ROOT / "tune_configs" / "tiny" / "teacher.yaml", TeacherJobConfig)
+    tokenizer = benchmark_tokenizer()
+    model = train_teacher.build_model(cfg, make_split(cfg.data.benchmark_spec(), "val", tokenizer).answers, tokenizer.get_vocab_size(), seed=0)
+    model.save_pretrained(directory)
+    save_tokenizer(tokenizer, directory)
+    (directory / names.BENCHMARK_FILE).write_text(json.dumps(cfg.data.benchmark_spec().to_dict()))
+    return directory
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", default=str(DEFAULT_TEACHER))
+    parser.add_argument("--heads", type=int, nargs="+", default=[2, 4, 6])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps per run (the budget)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--test-scenes", type=int, default=1000, help="x10 questions")
+    parser.add_argument("--sweep-best", default=None, help="a sweep's best.json: its objective.amad_temperature is amad_tsweep's")
+    parser.add_argument("--sweep-temperature", type=float, default=0.3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--results-md", default=str(DEFAULT_MD))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.heads, args.seeds, args.steps, args.batch_size, args.warmup, args.test_scenes = [2], [0], 20, 16, 2, 20
+    if args.sweep_best:
+        best = json.loads(Path(args.sweep_best).read_text())["best"]
+        args.sweep_temperature = float(best["config"]["objective"]["amad_temperature"])
+    return args
+
+
+def write_markdown(path: Path, results: dict, command: str) -> None:
+    heads = results["config"]["heads"]
+    lines = [
+        "<!-- generated by benchmarks/compare_methods.py: do not edit by hand -->",
+        "# Distillation methods on the built-in benchmark",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Teacher: {results['config']['teacher']} ({results['teacher']['heads']} heads x {results['teacher']['layers']} layers), "
+        f"test accuracy **{results['teacher']['accuracy']:.2%}** on the same {results['config']['test_questions']} test questions.",
+        f"Students: {results['config']['layers']} layers, head_dim {results['config']['head_dim']}; {results['config']['steps']} steps of batch "
+        f"{results['config']['batch_size']} per run; {len(results['config']['seeds'])} seeds. Test accuracy, mean ± std over seeds:",
+        "",
+        "| method | " + " | ".join(f"{h} heads" for h in heads) + " |",
+        "| --- | " + " | ".join("---" for _ in heads) + " |",
+    ]
+    for method, per_heads in results["accuracy"].items():
+        cells = []
+        for h in heads:
+            values = per_heads[str(h)]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.2%} ± {std:.2%}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if results.get("alignment_peak"):
+        lines += ["", "AMAD alignment peak (mean over teacher heads of max_j a_ij on validation data; uniform = 1/heads):", ""]
+        for method, per_heads in results["alignment_peak"].items():
+            lines.append(f"- {method}: " + ", ".join(f"{h} heads {statistics.mean(v):.3f} (uniform {1 / int(h):.3f})" for h, v in per_heads.items()))
+    lines += ["", f"Wall time: {results['seconds'] / 60:.1f} min on {results['config']['threads']} threads ({results['config']['machine']})."]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        teacher_dir = quick_teacher(Path(scratch)) if args.quick else Path(args.teacher)
+        teacher = ViltAdapter.load(teacher_dir).eval()
+        spec = BenchmarkSpec.from_dict(json.loads((teacher_dir / names.BENCHMARK_FILE).read_text()))
+        tokenizer = load_tokenizer(teacher_dir)
+        train = make_split(spec, "train", tokenizer)
+        val = make_split(replace(spec, val_scenes=min(spec.val_scenes, 100)), "val", tokenizer)
+        test = make_split(replace(spec, test_scenes=args.test_scenes), "test", tokenizer)
+    teacher_accuracy = accuracy_report(predict(teacher, ViltAdapter, test)[0], test)["accuracy"]
+    accuracy: dict[str, dict[str, list[float]]] = {m: {str(h): [] for h in args.heads} for m in args.methods}
+    peaks: dict[str, dict[str, list[float]]] = {}
+    for heads in args.heads:
+        student_spec = StudentSpec(heads, args.layers, args.head_dim)
+        relation_heads = relation_heads_for(teacher.config.hidden_size, heads * args.head_dim)
+        for method in args.methods:
+            objective = objective_for(method, relation_heads, args.sweep_temperature)
+            for seed in args.seeds:
+                clock = time.perf_counter()
+                student = train_student(teacher, student_spec, objective, train, args, seed)
+                acc = accuracy_report(predict(student, ViltAdapter, test)[0], test)["accuracy"]
+                accuracy[method][str(heads)].append(acc)
+                if method.startswith("amad"):
+                    peak = alignment_peak(teacher, student, val, objective.amad_temperature)
+                    peaks.setdefault(method, {}).setdefault(str(heads), []).append(peak)
+                print(f"{method:12} heads {heads} seed {seed}: test accuracy {acc:.2%} ({time.perf_counter() - clock:.0f} s)", flush=True)
+    results = {
+        "accuracy": accuracy,
+        "alignment_peak": peaks,
+        "teacher": {"accuracy": teacher_accuracy, "heads": teacher.config.num_attention_heads, "layers": teacher.config.num_hidden_layers},
+        "seconds": time.perf_counter() - started,
+        "config": {
+            "teacher": "random tiny (quick)" if args.quick else str(args.teacher),
+            "heads": args.heads, "seeds": args.seeds, "methods": args.methods, "layers": args.layers, "head_dim": args.head_dim,
+            "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "sweep_temperature": args.sweep_temperature,
+            "test_questions": len(test), "quick": args.quick, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "machine": platform.machine(),
+        },
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    command = "python benchmarks/compare_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_markdown(Path(args.results_md), results, command.strip())
+    print(f"wrote {out} and {args.results_md}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
