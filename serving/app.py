@@ -19,8 +19,8 @@ the live replicas, which load the new version beside the old one and swap it in 
 requests in flight finish on the old session, none is dropped, no replica restarts.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Serve re-wraps the ingress methods, and FastAPI then
+# cannot resolve a string annotation "Request" -- it would take `request` for a required query parameter.
 import asyncio
 import hashlib
 import hmac
@@ -143,7 +143,7 @@ class AnswerService:
             else:
                 request._body = body  # Starlette's form parser reads a cached body (already size-checked) from here
                 try:
-                    form = await request.form(max_files=1, max_fields=8, max_part_size=limits.max_body_bytes)
+                    form = await request.form(max_files=4, max_fields=8, max_part_size=limits.max_body_bytes)
                 except Exception as err:  # noqa: BLE001 -- Starlette raises its own types for malformed forms
                     raise BadInput(400, f"malformed multipart body: {err}") from None
                 query = await parse_multipart(form, limits)

@@ -11,10 +11,12 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -328,7 +330,8 @@ def test_cli_serves_answers_loadtests_and_shuts_down_cleanly(registered, tmp_pat
     import requests
 
     port = free_port()
-    env = {**os.environ, "RAY_TMPDIR": str(tmp_path), "PYTHONWARNINGS": "ignore"}
+    ray_tmp = tempfile.mkdtemp(prefix="amad-serve-", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONWARNINGS": "ignore"}
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "-m", "pipeline.cli", "serve", "--model", MODEL, "--tracking-uri", registered["uri"],
                "--port", str(port), "--replica-cpus", "0.5", "--blocking", "--poll-s", "2"]
@@ -343,9 +346,9 @@ def test_cli_serves_answers_loadtests_and_shuts_down_cleanly(registered, tmp_pat
             assert time.time() < deadline, "amad serve did not answer /healthz in 180 s"
             started_here |= descendants(process.pid)
             try:
-                if http.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
+                if http.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or the proxy has no route yet
                 pass
             time.sleep(1)
         started_here |= descendants(process.pid)
@@ -372,4 +375,5 @@ def test_cli_serves_answers_loadtests_and_shuts_down_cleanly(registered, tmp_pat
     while any(alive(pid) for pid in started_here) and time.time() < deadline:
         time.sleep(0.5)
     left = [pid for pid in started_here if alive(pid)]
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not left, f"processes left behind: {left}"
