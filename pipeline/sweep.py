@@ -232,9 +232,9 @@ class Progress(Callback):
     def __init__(self, sweep: str, max_epochs: int):
         self.sweep, self.max_epochs = sweep, max_epochs
 
-    def _line(self, trials, event: str) -> None:
+    def _line(self, trials, event: str, latest: tuple[str, float] | None = None) -> None:
         completed = stopped = failed = running = 0
-        best = None
+        best = latest  # Tune updates a trial's metric_analysis only after the callbacks saw the result
         for trial in trials:
             epoch = (trial.last_result or {}).get(names.EPOCH, 0)
             if trial.status == "TERMINATED":
@@ -247,16 +247,18 @@ class Progress(Callback):
         best_text = f"best so far {best[0]} val_acc {best[1]:.4f}" if best else "no result yet"
         _log(
             f"[sweep {self.sweep}] {event} | {completed} completed, {stopped} stopped early, {failed} failed, "
-            f"{running} running, {len(trials)} trials | {best_text}"
+            f"{running} running, {len(trials)} created | {best_text}"
         )
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._line(trials, f"trial {trial.trial_id} started {_short(trial.config)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        accuracy = result.get(names.VAL_ACCURACY)
         self._line(
             trials,
-            f"trial {trial.trial_id} epoch {result.get(names.EPOCH)}/{self.max_epochs} val_acc {result.get(names.VAL_ACCURACY, float('nan')):.4f}",
+            f"trial {trial.trial_id} epoch {result.get(names.EPOCH)}/{self.max_epochs} val_acc {accuracy if accuracy is not None else float('nan'):.4f}",
+            latest=(trial.trial_id, accuracy) if accuracy is not None else None,
         )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
