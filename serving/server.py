@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 from serving.config import TOKEN_ENV, ServeConfig
@@ -31,8 +32,16 @@ def start(cfg: ServeConfig, address: str | None = None) -> str:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
-                     object_store_memory=100 * 1024 * 1024)
+            for attempt in (1, 2):
+                try:
+                    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+                             object_store_memory=100 * 1024 * 1024)
+                    break
+                except Exception as err:  # noqa: BLE001 -- Ray gives its raylet a fixed 30 s; a loaded machine can miss it
+                    ray.shutdown()
+                    if attempt == 2:
+                        raise RuntimeError(f"could not start a local Ray cluster: {err}") from None
+                    _log(f"Ray did not start ({str(err)[:120]}); trying once more")
     serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})
     return deploy(cfg, os.environ.get(TOKEN_ENV) or None)
 
@@ -72,6 +81,9 @@ def main(cfg: ServeConfig, *, address: str | None = None, blocking: bool = False
     except KeyboardInterrupt:
         _log("shutting down")
         return 0
+    except RuntimeError as err:
+        print(f"amad serve: error: {err}", file=sys.stderr, flush=True)
+        return 1
     finally:
         if blocking:
             stop()

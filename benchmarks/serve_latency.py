@@ -1,0 +1,212 @@
+"""Ray Serve latency and throughput for the registered student, a teacher-sized model and a no-op ceiling.
+
+Run from the repository root (a few minutes on 2 cores):
+
+    .venv/bin/python benchmarks/serve_latency.py
+    .venv/bin/python benchmarks/serve_latency.py --throughput-optimized   # RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+
+**Models.** In a temporary MLflow store, ``amad export`` registers the default teacher
+(``weights/teacher-default``) as ``bench-teacher`` and a randomly initialised default student (4
+heads x 2 layers, head_dim 16, as ``benchmarks/inference.py``) as ``bench-student``: latency is
+what matters here, not accuracy.
+
+**Measurements, all in one run on one machine.** ``ort_p50_ms``: in-process
+:meth:`serving.model.Predictor.predict` at batch 1 (PNG decode, tokenisation, ONNX Runtime -- the
+same work a replica does per request). Then one local Ray cluster (loopback), Serve on 127.0.0.1,
+one replica of ``--replica-cpus`` CPUs, and per app (deployed in turn): HTTP p50/p99 at concurrency
+1 (sequential requests) for the student, and throughput at concurrency 32 (``--seconds`` each) for
+a no-op FastAPI deployment (the proxy's ceiling), the student and the teacher with batching on and
+off. The client is :mod:`serving.loadtest` in this process (aiohttp), on the same cores.
+
+Writes ``benchmarks/results/serve_latency.json`` (``ort_p50_ms``, ``http_p50_ms``, ``http_p99_ms``,
+``rps_noop_c32``, ``rps_batched_c32``, ``rps_unbatched_c32``, ``teacher_rps_batched_c32``,
+``teacher_rps_unbatched_c32``, plus the settings, load average and the targets' verdicts).
+"""
+
+# No `from __future__ import annotations`: the no-op FastAPI route below must see a real `Request`
+# annotation (as a string, FastAPI inside Serve takes `request` for a query parameter: every call a 422).
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.local_cluster import apply_loopback_env  # noqa: E402
+
+apply_loopback_env()
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "serve_latency.json"
+TEACHER = ROOT / "weights" / "teacher-default"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def register_models(workdir: Path) -> str:
+    """Export + register the teacher and a default-shaped student; returns the tracking URI."""
+    from amad.data.text import TOKENIZER_FILE
+    from amad.models import StudentSpec, ViltAdapter
+    from pipeline import export, names
+    from pipeline.config import parse_config
+    from pipeline.export_config import ExportJobConfig
+
+    teacher = ViltAdapter.load(TEACHER)
+    student_dir = workdir / "student" / "epoch_0001"
+    student = ViltAdapter.build(ViltAdapter.student_config(teacher.config, StudentSpec(heads=4, layers=2, head_dim=16)), seed=0)
+    student.eval().save_pretrained(student_dir)
+    for name in (TOKENIZER_FILE, names.BENCHMARK_FILE):
+        shutil.copy(TEACHER / name, student_dir / name)
+    uri = None
+    for checkpoint, model in ((student_dir, "bench-student"), (TEACHER, "bench-teacher")):
+        cfg = parse_config({"checkpoint": str(checkpoint), "latency_repeats": 5, "gates": {"parity_examples": 64},
+                            "registry": {"student_model": model, "require_no_worse": False}}, ExportJobConfig, "bench")
+        uri = export.main(cfg, workdir)["registry"]["tracking_uri"]
+    return uri
+
+
+def ort_p50(uri: str, model: str, examples, repeats: int) -> dict:
+    import numpy as np
+
+    from serving.model import Predictor, load_bundle
+
+    predictor = Predictor(load_bundle(model, uri), threads=1)
+    example = examples[0]
+    for _ in range(10):
+        predictor.predict([example.image_png], [example.question])
+    times = []
+    for i in range(repeats):
+        e = examples[i % len(examples)]
+        started = time.perf_counter()
+        predictor.predict([e.image_png], [e.question])
+        times.append((time.perf_counter() - started) * 1e3)
+    return {"p50": float(np.percentile(times, 50)), "p99": float(np.percentile(times, 99))}
+
+
+def noop_app():
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(name="Noop", max_ongoing_requests=64)
+    @serve.ingress(api)
+    class Noop:
+        @api.post("/v1/answer")
+        async def answer(self, request: Request):
+            await request.body()
+            return JSONResponse({"answer": "noop"})
+
+    return Noop.bind()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--seconds", type=float, default=8.0, help="per throughput measurement")
+    parser.add_argument("--c1-requests", type=int, default=200)
+    parser.add_argument("--replica-cpus", type=float, default=1.0)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--batch-wait-ms", type=float, default=2.0)
+    parser.add_argument("--throughput-optimized", action="store_true", help="set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 before Ray starts")
+    args = parser.parse_args(argv)
+    if args.throughput_optimized:
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    load_before = os.getloadavg()
+
+    from serving import loadtest
+    from serving.config import ServeConfig
+
+    workdir = Path(tempfile.mkdtemp(prefix="amad-serve-bench-"))
+    try:
+        uri = register_models(workdir)
+        examples = loadtest.test_examples(json.loads((TEACHER / "benchmark.json").read_text()), 200)
+        bodies = [loadtest.json_body(e) for e in examples]
+        ort = ort_p50(uri, "models:/bench-student@champion", examples, 300)
+        ort_teacher = ort_p50(uri, "models:/bench-teacher@champion", examples, 100)
+        print(f"in-process predict at batch 1: student p50 {ort['p50']:.2f} ms, teacher p50 {ort_teacher['p50']:.2f} ms", flush=True)
+
+        from ray import serve
+
+        from pipeline.local_cluster import local_cluster
+        from serving.app import build
+        from serving.model import resolve_version
+
+        results: dict = {}
+        with local_cluster(nodes=1, num_cpus=2, prefix="amad-serve-bench-"):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}/v1/answer"
+            serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+
+            def measure(app, label: str, c1: bool = False) -> None:
+                serve.run(app, name="bench", route_prefix="/", blocking=False)
+                loadtest.run(url, 8, 100, bodies=bodies)  # warm-up
+                if c1:
+                    results[f"{label}_c1"] = loadtest.run(url, 1, args.c1_requests, bodies=bodies)
+                results[f"{label}_c32"] = loadtest.run(url, 32, 100_000, duration_s=args.seconds, bodies=bodies)
+                serve.delete("bench")
+                line = f"{label}: c32 {results[f'{label}_c32']['throughput_rps']:.1f} req/s"
+                if c1:
+                    line += f", c1 p50 {results[f'{label}_c1']['p50_ms']:.2f} ms p99 {results[f'{label}_c1']['p99_ms']:.2f} ms"
+                print(line + f", mean batch {results[f'{label}_c32']['mean_batch_size']}", flush=True)
+
+            def app(model: str, batching: bool):
+                cfg = ServeConfig(model=model, tracking_uri=uri, replica_cpus=args.replica_cpus, batching=batching,
+                                  max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
+                return build(cfg, resolve_version(model, uri)[1])
+
+            measure(noop_app(), "noop", c1=True)
+            measure(app("models:/bench-student@champion", True), "student_batched", c1=True)
+            measure(app("models:/bench-student@champion", False), "student_unbatched", c1=True)
+            measure(app("models:/bench-teacher@champion", True), "teacher_batched")
+            measure(app("models:/bench-teacher@champion", False), "teacher_unbatched")
+            serve.shutdown()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    out = {
+        "ort_p50_ms": ort["p50"],
+        "http_p50_ms": results["student_batched_c1"]["p50_ms"],
+        "http_p99_ms": results["student_batched_c1"]["p99_ms"],
+        "rps_noop_c32": results["noop_c32"]["throughput_rps"],
+        "rps_batched_c32": results["student_batched_c32"]["throughput_rps"],
+        "rps_unbatched_c32": results["student_unbatched_c32"]["throughput_rps"],
+        "teacher_rps_batched_c32": results["teacher_batched_c32"]["throughput_rps"],
+        "teacher_rps_unbatched_c32": results["teacher_unbatched_c32"]["throughput_rps"],
+        "ort_teacher_p50_ms": ort_teacher["p50"],
+        "http_p50_ms_unbatched": results["student_unbatched_c1"]["p50_ms"],
+        "http_p50_ms_noop": results["noop_c1"]["p50_ms"],
+        "details": results,
+        "settings": {"replica_cpus": args.replica_cpus, "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
+                     "seconds": args.seconds, "throughput_optimized": args.throughput_optimized, "replicas": 1},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+    }
+    out["targets"] = {
+        "http_minus_ort_p50_le_5ms": out["http_p50_ms"] - out["ort_p50_ms"] <= 5,
+        "student_c32_ge_0.8x_noop": out["rps_batched_c32"] >= 0.8 * out["rps_noop_c32"],
+        "teacher_batching_gain_ge_1.5x": out["teacher_rps_batched_c32"] >= 1.5 * out["teacher_rps_unbatched_c32"],
+        "student_batching_never_loses": out["rps_batched_c32"] >= out["rps_unbatched_c32"],
+    }
+    print("\n| figure | value |\n| --- | --- |")
+    for key in ("ort_p50_ms", "http_p50_ms", "http_p99_ms", "rps_noop_c32", "rps_batched_c32", "rps_unbatched_c32",
+                "teacher_rps_batched_c32", "teacher_rps_unbatched_c32"):
+        print(f"| {key} | {out[key]:.2f} |")
+    print("targets:", json.dumps(out["targets"]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
