@@ -108,3 +108,51 @@ def local_cluster(
         else:
             os.environ["RAY_TMPDIR"] = previous
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def connected(address: str | None = None, object_store_memory: int | None = None) -> Iterator[None]:
+    """Connect this process to Ray for a job: the cluster already connected, else ``address`` /
+    ``$RAY_ADDRESS``, else a new one-node cluster on this machine (all its CPUs), shut down on exit.
+
+    The new cluster keeps its files under a private ``RAY_TMPDIR`` (as :func:`local_cluster` does), so
+    its own processes find it by its ``ray_current_cluster`` file. Plain ``ray.init(address="local")``
+    leaves them none: Ray Train's placement-group cleaner then looks the cluster up by scanning for GCS
+    processes, fails as soon as another Ray cluster runs on the machine, and the placement groups of
+    trials that ASHA stopped are never released -- later trials and Serve replicas wait forever.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        ray.init(address=target)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
+    from ray.cluster_utils import Cluster
+
+    temp_dir = tempfile.mkdtemp(prefix="amad-ray-", dir="/tmp")  # short: socket paths must stay < 107 bytes
+    previous = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = temp_dir
+    session_root = Path(temp_dir) / "ray"
+    session_root.mkdir()
+    cluster = Cluster()
+    try:
+        options = {"object_store_memory": object_store_memory} if object_store_memory else {}
+        cluster.add_node(num_cpus=os.cpu_count() or 1, temp_dir=str(session_root), **options)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        yield
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if previous is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = previous
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -17,6 +17,7 @@ parent run and the export run as tags; the report as artifacts). The sweep and e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 from pipeline import names
 from pipeline.config import ConfigError, TeacherJobConfig, load_config, parse_config
 from pipeline.export_config import ExportJobConfig
+from pipeline.local_cluster import connected
 from pipeline.run_config import RunJobConfig
 from pipeline.sweep_config import SweepConfig
 from pipeline.tracking import RunTracker, open_run, resolve_tracking_uri
@@ -87,13 +89,11 @@ def main(cfg: RunJobConfig, workdir: str | Path, address: str | None = None, tra
     workdir.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(workdir, tracking_uri)
     state = State(workdir / STATE_FILE)
-    started_ray = []  # Ray starts when the first stage that needs it runs: a fully reused run needs none
+    ray_context = contextlib.ExitStack()  # Ray starts when the first stage that needs it runs: a fully reused run needs none
 
     def ensure_ray() -> None:
         if not ray.is_initialized():
-            target = address or os.environ.get("RAY_ADDRESS") or "local"
-            ray.init(address=target, **({"object_store_memory": 256 * 2**20} if target == "local" else {}))
-            started_ray.append(True)
+            ray_context.enter_context(connected(address, object_store_memory=256 * 2**20))
 
     tracker = open_run(tracking_uri=uri, experiment=RUN_EXPERIMENT, run_name=cfg.name, run_dir=workdir / "run", workdir=workdir)
     results: dict = {}
@@ -129,8 +129,7 @@ def main(cfg: RunJobConfig, workdir: str | Path, address: str | None = None, tra
         tracker.finish("KILLED")
         raise
     finally:
-        if started_ray:
-            ray.shutdown()
+        ray_context.close()
 
 
 def _key(stage: str, settings: Settings, results: dict, serve: bool) -> str:

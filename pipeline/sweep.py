@@ -26,7 +26,6 @@ none): a trial interrupted mid-way starts its function again, and its ``TorchTra
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from ray.tune import Callback  # Progress subclasses it; importers of this modul
 
 from pipeline import names, sweep_report
 from pipeline.config import ConfigError, DistillJobConfig, parse_config
+from pipeline.local_cluster import connected
 from pipeline.sweep_config import SweepConfig
 from pipeline.tracking import RunTracker, flatten, open_run, resolve_tracking_uri
 
@@ -108,45 +108,39 @@ def main(cfg: SweepConfig, workdir: str | Path, address: str | None = None, trac
     anything is written. ``summary["interrupted"]`` is True when the driver was stopped (Ctrl-C)
     before every trial ended: nothing is selected, and ``--resume`` continues.
     """
-    import ray
-
     workdir = Path(workdir).resolve()
     sweep_dir = workdir / "sweeps" / cfg.name
     teacher = check_sweep(cfg)
     # trials run in Tune's trial directories (Ray changes the working directory): absolute paths only
     cfg = SweepConfig.model_validate({**cfg.model_dump(mode="json"), "job": {**cfg.job.model_dump(mode="json"), "teacher": str(teacher.path)}})
     check_resumable(cfg, sweep_dir, resume)
-    started_ray = False
-    if not ray.is_initialized():
-        target = address or os.environ.get("RAY_ADDRESS") or "local"
-        options = {"object_store_memory": LOCAL_OBJECT_STORE_BYTES} if target == "local" else {}
-        ray.init(address=target, **options)
-        started_ray = True
-    try:
-        from pipeline import train_distill
+    with connected(address, object_store_memory=LOCAL_OBJECT_STORE_BYTES):
+        return _run(cfg, sweep_dir, workdir, teacher, tracking_uri, resume)
 
-        use_gpu = train_distill.check_placement(cfg.job)
-        # -- nothing above writes; from here on the sweep exists
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / names.SWEEP_JOB_FILE).write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-        uri = resolve_tracking_uri(workdir, tracking_uri)
-        parent = open_run(tracking_uri=uri, experiment=names.SWEEP_EXPERIMENT, run_name=cfg.name, run_dir=sweep_dir, workdir=workdir)
-        parent.log_params(flatten(cfg.model_dump(mode="json")))
-        parent.set_tags({names.TAG_TEACHER_PATH: str(teacher.path), names.TAG_RUN_DIR: str(sweep_dir)})
-        _log(f"[sweep {cfg.name}] {'resuming' if resume else 'starting'}: {_describe(cfg)}; MLflow run {parent.run_id} ({uri})")
-        started = time.perf_counter()
-        try:
-            _tune(cfg, sweep_dir, workdir, parent, use_gpu, resume)
-            rows = collect(cfg, sweep_dir, workdir, parent)
-        except BaseException:
-            parent.finish("KILLED")
-            raise
-        summary = report(cfg, sweep_dir, parent, rows, time.perf_counter() - started)
-        parent.finish("KILLED" if summary["interrupted"] else "FINISHED")
-        return summary
-    finally:
-        if started_ray:
-            ray.shutdown()
+
+def _run(cfg: SweepConfig, sweep_dir: Path, workdir: Path, teacher, tracking_uri: str | None, resume: bool) -> dict:
+    """:func:`main` once Ray is connected."""
+    from pipeline import train_distill
+
+    use_gpu = train_distill.check_placement(cfg.job)
+    # -- nothing above writes; from here on the sweep exists
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / names.SWEEP_JOB_FILE).write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    uri = resolve_tracking_uri(workdir, tracking_uri)
+    parent = open_run(tracking_uri=uri, experiment=names.SWEEP_EXPERIMENT, run_name=cfg.name, run_dir=sweep_dir, workdir=workdir)
+    parent.log_params(flatten(cfg.model_dump(mode="json")))
+    parent.set_tags({names.TAG_TEACHER_PATH: str(teacher.path), names.TAG_RUN_DIR: str(sweep_dir)})
+    _log(f"[sweep {cfg.name}] {'resuming' if resume else 'starting'}: {_describe(cfg)}; MLflow run {parent.run_id} ({uri})")
+    started = time.perf_counter()
+    try:
+        _tune(cfg, sweep_dir, workdir, parent, use_gpu, resume)
+        rows = collect(cfg, sweep_dir, workdir, parent)
+    except BaseException:
+        parent.finish("KILLED")
+        raise
+    summary = report(cfg, sweep_dir, parent, rows, time.perf_counter() - started)
+    parent.finish("KILLED" if summary["interrupted"] else "FINISHED")
+    return summary
 
 
 def _describe(cfg: SweepConfig) -> str:

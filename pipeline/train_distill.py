@@ -39,6 +39,7 @@ from amad.models import StudentSpec, get_adapter
 from amad.objective import DistillationObjective
 from amad.training import make_optimizer, warmup_cosine
 from pipeline import names
+from pipeline.local_cluster import connected
 from pipeline.config import ConfigError, DistillJobConfig
 from pipeline.tracking import RunTracker, flatten, open_run, resolve_tracking_uri
 
@@ -184,43 +185,38 @@ def main(cfg: DistillJobConfig, workdir: str | Path, address: str | None = None,
     ``$RAY_ADDRESS``, else starts a local one (and shuts it down at the end). A bad config raises
     :class:`ConfigError` before anything is written under ``workdir``.
     """
-    import ray
-
     started = time.perf_counter()
     workdir = Path(workdir).resolve()
     teacher = check_job(cfg)
-    started_ray = False
-    if not ray.is_initialized():
-        # "local" starts a new cluster: plain ray.init() would join whatever /tmp/ray/ray_current_cluster names
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")
-        started_ray = True
+    with connected(address):
+        return _run(cfg, teacher, workdir, tracking_uri, started)
+
+
+def _run(cfg: DistillJobConfig, teacher: "Teacher", workdir: Path, tracking_uri: str | None, started: float) -> dict:
+    """:func:`main` once Ray is connected."""
+    use_gpu = check_placement(cfg)
+    run_dir = workdir / "ray" / cfg.run_name
+    check_resumable(cfg, run_dir)
+    # -- nothing above writes; from here on the run exists
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / names.JOB_FILE).write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    tracker = _open_tracking(cfg, teacher, workdir, run_dir, resolve_tracking_uri(workdir, tracking_uri), use_gpu)
     try:
-        use_gpu = check_placement(cfg)
-        run_dir = workdir / "ray" / cfg.run_name
-        check_resumable(cfg, run_dir)
-        # -- nothing above writes; from here on the run exists
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / names.JOB_FILE).write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-        tracker = _open_tracking(cfg, teacher, workdir, run_dir, resolve_tracking_uri(workdir, tracking_uri), use_gpu)
-        try:
-            result = _fit(cfg, teacher, run_dir, tracker, use_gpu)
-        except BaseException:
-            tracker.finish("FAILED")
-            raise
-        summary = _summarise(cfg, teacher, run_dir, tracker, result, use_gpu, time.perf_counter() - started)
-        tracker.log_directory(summary["best_checkpoint"], names.BEST_CHECKPOINT_ARTIFACT, skip=(names.TRAIN_STATE_FILE,))
-        tracker.set_tags({names.TAG_BEST_CHECKPOINT: summary["best_checkpoint"]})
-        tracker.finish("FINISHED")
-        (run_dir / names.SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        best = summary["best"]
-        _log(
-            f"[{cfg.run_name}] best: epoch {best[names.EPOCH]} val_acc {best[names.VAL_ACCURACY]:.4f} "
-            f"(teacher test accuracy {teacher.test_accuracy}) -> {summary['best_checkpoint']}"
-        )
-        return summary
-    finally:
-        if started_ray:
-            ray.shutdown()
+        result = _fit(cfg, teacher, run_dir, tracker, use_gpu)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    summary = _summarise(cfg, teacher, run_dir, tracker, result, use_gpu, time.perf_counter() - started)
+    tracker.log_directory(summary["best_checkpoint"], names.BEST_CHECKPOINT_ARTIFACT, skip=(names.TRAIN_STATE_FILE,))
+    tracker.set_tags({names.TAG_BEST_CHECKPOINT: summary["best_checkpoint"]})
+    tracker.finish("FINISHED")
+    (run_dir / names.SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    best = summary["best"]
+    _log(
+        f"[{cfg.run_name}] best: epoch {best[names.EPOCH]} val_acc {best[names.VAL_ACCURACY]:.4f} "
+        f"(teacher test accuracy {teacher.test_accuracy}) -> {summary['best_checkpoint']}"
+    )
+    return summary
 
 
 def _open_tracking(cfg, teacher: Teacher, workdir: Path, run_dir: Path, uri: str, use_gpu: bool) -> RunTracker:
