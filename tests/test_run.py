@@ -125,7 +125,13 @@ def test_an_interrupted_run_resumes_at_the_sweep(tmp_path):
     workdir = tmp_path / "work"
     config = tmp_path / "run.yaml"
     values = yaml.safe_load(TINY_RUN.read_text())
-    values["smoke"]["enabled"] = False  # this test is about the sweep stage
+    values["smoke"]["enabled"] = False  # this test is about the sweep stage: a 2-trial sweep keeps it short
+    sweep = yaml.safe_load((ROOT / values["sweep"]).read_text())
+    sweep["space"] = {"student.heads": {"grid": [2, 4]}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    values["sweep"] = str(tmp_path / "sweep.yaml")
+    values["export"] = str(ROOT / values["export"])
+    values["teacher"]["train_config"] = str(ROOT / values["teacher"]["train_config"])
     config.write_text(yaml.safe_dump(values))
     command = [sys.executable, "-m", "pipeline.cli", "run", "--config", str(config), "--workdir", str(workdir)]
     log = open(tmp_path / "first.log", "w")
