@@ -153,19 +153,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def quick_teacher(directory: Path) -> Path:
-    """A random teacher in the tiny preset's shape, saved like `amad teacher` saves one."""
-    from amad.data.benchmark import benchmark_tokenizer
-    from amad.data.text import save_tokenizer
+    """A random teacher in the tiny preset's shape (``--quick``), saved like `amad teacher` saves one."""
     from pipeline import train_teacher
     from pipeline.config import TeacherJobConfig, load_config
 
-    cfg = load_config(ROOT / "tune_configs" / "tiny" / "teacher.yaml", TeacherJobConfig)
-    tokenizer = benchmark_tokenizer()
-    model = train_teacher.build_model(cfg, make_split(cfg.data.benchmark_spec(), "val", tokenizer).answers, tokenizer.get_vocab_size(), seed=0)
-    model.save_pretrained(directory)
-    save_tokenizer(tokenizer, directory)
-    (directory / names.BENCHMARK_FILE).write_text(json.dumps(cfg.data.benchmark_spec().to_dict()))
-    return directory
+    return train_teacher.save_untrained(load_config(ROOT / "tune_configs" / "tiny" / "teacher.yaml", TeacherJobConfig), directory)
 
 
 def main(argv=None) -> dict:

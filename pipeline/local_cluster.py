@@ -63,6 +63,27 @@ def apply_loopback_env(environ: MutableMapping[str, str] | None = None) -> None:
 
 
 @contextlib.contextmanager
+def private_ray_tmpdir(prefix: str = "amad-ray-") -> Iterator[Path]:
+    """A fresh ``RAY_TMPDIR`` for the duration (restored and removed after); yields Ray's session root in it.
+
+    Short path under /tmp: Ray's socket paths under it must stay below the 107-byte Unix limit.
+    """
+    temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    previous = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = temp_dir
+    session_root = Path(temp_dir) / "ray"  # = Ray's default temp dir under RAY_TMPDIR
+    session_root.mkdir()
+    try:
+        yield session_root
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = previous
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def local_cluster(
     nodes: int = 2,
     num_cpus: float = 1,
@@ -81,33 +102,23 @@ def local_cluster(
     import ray
     from ray.cluster_utils import Cluster
 
-    # Short path: Ray's socket paths under it must stay below the 107-byte Unix limit.
-    temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
-    previous = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = temp_dir
-    session_root = Path(temp_dir) / "ray"  # = Ray's default temp dir under RAY_TMPDIR
-    session_root.mkdir()
     node = dict(num_cpus=num_cpus, object_store_memory=object_store_memory, node_ip_address=LOOPBACK)
-    cluster = Cluster()
-    try:
-        cluster.add_node(**node, temp_dir=str(session_root))  # the head (with the dashboard: Train V2 queries the State API)
-        for _ in range(nodes - 1):
-            cluster.add_node(**node)
-        cluster.wait_for_nodes()
-        if not cluster.address.startswith(f"{LOOPBACK}:"):
-            raise RuntimeError(f"the local Ray cluster is at {cluster.address}, not on {LOOPBACK}: call apply_loopback_env() before importing ray")
-        if connect:
-            ray.init(address=cluster.address)
-        yield cluster
-    finally:
-        if connect:
-            ray.shutdown()
-        cluster.shutdown()
-        if previous is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = previous
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with private_ray_tmpdir(prefix) as session_root:
+        cluster = Cluster()
+        try:
+            cluster.add_node(**node, temp_dir=str(session_root))  # the head (with the dashboard: Train V2 queries the State API)
+            for _ in range(nodes - 1):
+                cluster.add_node(**node)
+            cluster.wait_for_nodes()
+            if not cluster.address.startswith(f"{LOOPBACK}:"):
+                raise RuntimeError(f"the local Ray cluster is at {cluster.address}, not on {LOOPBACK}: call apply_loopback_env() before importing ray")
+            if connect:
+                ray.init(address=cluster.address)
+            yield cluster
+        finally:
+            if connect:
+                ray.shutdown()
+            cluster.shutdown()
 
 
 @contextlib.contextmanager
@@ -136,23 +147,14 @@ def connected(address: str | None = None, object_store_memory: int | None = None
         return
     from ray.cluster_utils import Cluster
 
-    temp_dir = tempfile.mkdtemp(prefix="amad-ray-", dir="/tmp")  # short: socket paths must stay < 107 bytes
-    previous = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = temp_dir
-    session_root = Path(temp_dir) / "ray"
-    session_root.mkdir()
-    cluster = Cluster()
-    try:
-        options = {"object_store_memory": object_store_memory} if object_store_memory else {}
-        cluster.add_node(num_cpus=os.cpu_count() or 1, temp_dir=str(session_root), **options)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address)
-        yield
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        if previous is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = previous
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with private_ray_tmpdir() as session_root:
+        cluster = Cluster()
+        try:
+            options = {"object_store_memory": object_store_memory} if object_store_memory else {}
+            cluster.add_node(num_cpus=os.cpu_count() or 1, temp_dir=str(session_root), **options)
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address)
+            yield
+        finally:
+            ray.shutdown()
+            cluster.shutdown()

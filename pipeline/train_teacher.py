@@ -244,3 +244,17 @@ def main(cfg: TeacherJobConfig, workdir: str | Path, output_dir: str | Path | No
     )
     _log(f"saved to {output} ({teacher_seconds / 60:.1f} min training)")
     return metrics
+
+
+def save_untrained(cfg: TeacherJobConfig, directory: str | Path, seed: int = 0) -> Path:
+    """A randomly initialised teacher of ``cfg``'s shape, saved as :func:`main` saves a trained one
+    (weights, config, tokenizer, ``benchmark.json``): for smoke runs that need a teacher directory."""
+    directory = Path(directory)
+    spec = cfg.data.benchmark_spec()
+    tokenizer = benchmark_tokenizer()
+    model = build_model(cfg, make_split(spec, "val", tokenizer).answers, tokenizer.get_vocab_size(), seed=seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    save_tokenizer(tokenizer, directory)
+    (directory / BENCHMARK_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
+    return directory
