@@ -147,6 +147,7 @@ def connected(address: str | None = None, object_store_memory: int | None = None
         return
     from ray.cluster_utils import Cluster
 
+    global _OWN_CLUSTER
     with private_ray_tmpdir() as session_root:
         cluster = Cluster()
         try:
@@ -154,7 +155,34 @@ def connected(address: str | None = None, object_store_memory: int | None = None
             cluster.add_node(num_cpus=os.cpu_count() or 1, temp_dir=str(session_root), **options)
             cluster.wait_for_nodes()
             ray.init(address=cluster.address)
+            _OWN_CLUSTER = True
             yield
         finally:
+            _OWN_CLUSTER = False
             ray.shutdown()
             cluster.shutdown()
+
+
+_OWN_CLUSTER = False  # True while connected() holds a cluster it started itself
+
+
+def release_placement_groups() -> int:
+    """Remove every placement group still held in a cluster :func:`connected` started; returns how many.
+
+    Called between stages when no job should hold any. Ray Train V2 relies on its placement-group
+    cleaner actor to free the group of a controller that was killed (ASHA stopping a trial kills
+    it); that cleaner finds its cluster through the State API, which fails when the head runs no
+    dashboard or another Ray cluster runs on the machine, and the groups then hold their CPUs
+    forever. Never touches a cluster this process only joined.
+    """
+    if not _OWN_CLUSTER:
+        return 0
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    removed = 0
+    for pg_id, info in placement_group_table().items():
+        if info.get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
+            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+            removed += 1
+    return removed

@@ -27,7 +27,7 @@ from pathlib import Path
 from pipeline import names
 from pipeline.config import ConfigError, TeacherJobConfig, load_config, parse_config
 from pipeline.export_config import ExportJobConfig
-from pipeline.local_cluster import connected
+from pipeline.local_cluster import connected, release_placement_groups
 from pipeline.run_config import RunJobConfig
 from pipeline.sweep_config import SweepConfig
 from pipeline.tracking import RunTracker, open_run, resolve_tracking_uri
@@ -196,6 +196,9 @@ def _sweep(settings: Settings, workdir: Path, uri: str, results: dict, tracker: 
     if resume:
         _log(f"[run {settings.cfg.name}] sweep {cfg.name} exists: resuming it")
     summary = sweep.main(cfg, workdir, tracking_uri=uri, resume=resume)
+    leaked = release_placement_groups()  # every trial has ended: nothing may still hold CPUs
+    if leaked:
+        _log(f"[run {settings.cfg.name}] released {leaked} placement group(s) left by stopped trials")
     if summary.get("interrupted"):
         raise KeyboardInterrupt(f"sweep {cfg.name} interrupted")
     best = summary.get("best")
