@@ -174,8 +174,8 @@ def test_a_worse_student_is_registered_as_challenger_and_champion_stays(student_
     first = export.main(export_config(student_checkpoint, tiny_teacher), workdir)
     untrained = train_tiny_student(tiny_teacher, tmp_path / "untrained" / "epoch_0001", steps=0, seed=1)
     report = export.main(export_config(untrained, tiny_teacher), workdir)
-    if report["val_accuracy"] >= first["val_accuracy"]:
-        pytest.skip("the untrained student happened to score as well as the trained one")  # pragma: no cover
+    # The premise, checked rather than assumed: 40 training steps beat none on this split (34 % vs ~21 % here).
+    assert report["val_accuracy"] < first["val_accuracy"], (report["val_accuracy"], first["val_accuracy"])
     assert (report["registry"]["version"], report["registry"]["alias"]) == ("2", CHALLENGER)
     assert registry_state(report["registry"]["tracking_uri"])["champion"] == "1"
 
