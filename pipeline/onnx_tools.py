@@ -72,37 +72,22 @@ def export_onnx(model: nn.Module, path: str | Path, example: dict[str, torch.Ten
     max_text = int(model.config.max_position_embeddings)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation chatter; the checker and the gate judge the result
+        common = dict(input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME])
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1)
             text = torch.export.Dim("text", min=1, max=max_text)
-            torch.onnx.export(
-                wrapper,
-                args,
-                str(partial),
-                input_names=list(INPUT_NAMES),
-                output_names=[OUTPUT_NAME],
+            common.update(
                 dynamic_shapes={"input_ids": {0: batch, 1: text}, "attention_mask": {0: batch, 1: text}, "pixel_values": {0: batch}},
-                opset_version=opset,
-                dynamo=True,
-                external_data=False,
-                verbose=False,
+                opset_version=opset, dynamo=True, external_data=False, verbose=False,
             )
         else:
-            torch.onnx.export(
-                wrapper,
-                args,
-                str(partial),
-                input_names=list(INPUT_NAMES),
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={
-                    "input_ids": {0: "batch", 1: "text"},
-                    "attention_mask": {0: "batch", 1: "text"},
-                    "pixel_values": {0: "batch"},
-                    OUTPUT_NAME: {0: "batch"},
-                },
+            common.update(
+                dynamic_axes={"input_ids": {0: "batch", 1: "text"}, "attention_mask": {0: "batch", 1: "text"},
+                              "pixel_values": {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                 opset_version=min(opset, 17),  # the TorchScript exporter's newest opset
                 dynamo=False,
             )
+        torch.onnx.export(wrapper, args, str(partial), **common)
     onnx.checker.check_model(str(partial), full_check=True)
     os.replace(partial, path)
     return path
