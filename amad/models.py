@@ -163,6 +163,49 @@ class ViltAdapter:
         return model
 
     @staticmethod
+    def check_teacher_init(teacher: ViltConfig, student: ViltConfig) -> None:
+        """ValueError unless every student weight has a same-shaped teacher weight to start from."""
+        for what, t, s in (("hidden size", teacher.hidden_size, student.hidden_size),
+                           ("FFN width (intermediate_size)", teacher.intermediate_size, student.intermediate_size)):
+            if t != s:
+                raise ValueError(
+                    f"starting the student from the teacher's weights needs the teacher's {what} ({t}); "
+                    f"the student has {s} (give student.hidden_size={teacher.hidden_size} and no intermediate_ratio)"
+                )
+        if student.num_hidden_layers > teacher.num_hidden_layers:
+            raise ValueError(
+                f"starting the student from the teacher's weights needs at most the teacher's {teacher.num_hidden_layers} "
+                f"layers; the student has {student.num_hidden_layers}"
+            )
+
+    @staticmethod
+    def init_from_teacher(student: nn.Module, teacher: nn.Module) -> list[tuple[int, int]]:
+        """Copy the teacher's weights into a student of the same width (DistilBERT-style initialisation).
+
+        Embeddings, the final LayerNorm, pooler and classifier are copied as they are; student layer
+        ``i`` starts as teacher layer ``round((i+1) * Lt / Ls) - 1`` (the ``uniform`` layer map, so
+        the last layers line up). The attention projections keep their ``(hidden, hidden)`` shape, so
+        fewer heads only regroup the same dimensions (``head_dim = hidden / heads``); the student
+        starts close to the teacher and distillation adapts it to its head count. Returns the
+        ``(student_layer, teacher_layer)`` pairs used.
+        """
+        from amad.objective import resolve_layer_map
+
+        ViltAdapter.check_teacher_init(teacher.config, student.config)
+        pairs = resolve_layer_map("uniform", teacher.config.num_hidden_layers, student.config.num_hidden_layers)
+        source = teacher.state_dict()
+        prefix = "vilt.encoder.layer."
+        renamed = {}
+        for name in student.state_dict():
+            if name.startswith(prefix):
+                index, rest = name[len(prefix):].split(".", 1)
+                renamed[name] = f"{prefix}{dict(pairs)[int(index)]}.{rest}"
+            else:
+                renamed[name] = name
+        student.load_state_dict({name: source[origin].clone() for name, origin in renamed.items()})
+        return pairs
+
+    @staticmethod
     def load(path: str | Path) -> AmadViltForQuestionAnswering:
         """Load from a local directory (``config.json`` + ``model.safetensors``) or a hub name."""
         if Path(path).exists() and not (Path(path) / "config.json").is_file():

@@ -133,6 +133,9 @@ class StudentConfig(Strict):
     head_dim: int | None = Field(None, ge=1)
     hidden_size: int | None = Field(None, ge=1, description="alternative to head_dim; heads must divide it")
     intermediate_ratio: float | None = Field(None, gt=0, description="FFN width / hidden; default: the teacher's")
+    init: Literal["random", "teacher"] = Field(
+        "random", description="'teacher': start from the teacher's weights (needs its hidden size; layers taken uniformly)"
+    )
 
     @model_validator(mode="after")
     def _one_width(self) -> "StudentConfig":

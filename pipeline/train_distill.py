@@ -96,6 +96,11 @@ def check_job(cfg: DistillJobConfig) -> Teacher:
         student_config = adapter.student_config(teacher_config, spec)
     except ValueError as err:
         raise ConfigError(f"student: {err}") from None
+    if cfg.student.init == "teacher":
+        try:
+            adapter.check_teacher_init(teacher_config, student_config)
+        except ValueError as err:
+            raise ConfigError(f"student.init: {err}") from None
     teacher_layers, student_layers = teacher_config.num_hidden_layers, student_config.num_hidden_layers
     objective = cfg.objective
     if not isinstance(objective.layer_map, str):
@@ -395,6 +400,8 @@ def train_loop(loop_config: dict) -> dict:
     teacher = adapter.load(teacher_path).eval().requires_grad_(False).to(device)
     student_spec = StudentSpec(cfg.student.heads, cfg.student.layers, cfg.student.resolved_head_dim(), cfg.student.intermediate_ratio)
     student = adapter.build(adapter.student_config(teacher.config, student_spec), seed=cfg.seed)
+    if cfg.student.init == "teacher":  # a resumed run overwrites this with its checkpoint below
+        adapter.init_from_teacher(student, teacher)
     objective = DistillationObjective(**cfg.objective.kwargs())
     need_maps = cfg.objective.method not in ("none", "relation")
 

@@ -162,6 +162,8 @@ def _refused(tmp_path: Path, values: dict, message: str) -> None:
         ({"scaling": {"num_wokers": 2}}, "scaling.num_wokers: unknown key"),
         ({"teacher": "no/such/teacher"}, "is not a teacher directory saved by `amad teacher`"),
         ({"data": {"train_scenes": 1}}, "leave fewer than one batch per worker"),
+        ({"student": {"heads": 2, "layers": 1, "init": "teacher"}}, r"student.init: .* teacher's hidden size \(\d+\); the student has"),
+        ({"student": {"heads": 2, "layers": 1, "init": "pretrained"}}, "student.init: Input should be 'random' or 'teacher'"),
     ],
 )
 def test_bad_configs_name_the_field_and_write_nothing(tmp_path, tiny_teacher, change, message):

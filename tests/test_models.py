@@ -96,6 +96,33 @@ def test_impossible_specs_are_clear_errors(teacher_config):
         get_adapter("blip2")
 
 
+def test_a_student_started_from_the_teacher_holds_its_uniformly_chosen_layers(teacher_config, batch):
+    teacher = ViltAdapter.build(teacher_config, seed=0).eval()
+    student = ViltAdapter.build(ViltAdapter.student_config(teacher_config, StudentSpec(heads=2, layers=2, head_dim=24)), seed=1).eval()
+    assert ViltAdapter.init_from_teacher(student, teacher) == [(0, 1), (1, 2)]  # 3 teacher layers -> 2
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    for name, value in s_state.items():
+        origin = name
+        if name.startswith("vilt.encoder.layer."):
+            index = int(name.split(".")[3])
+            origin = name.replace(f"layer.{index}.", f"layer.{(1, 2)[index]}.", 1)
+        assert torch.equal(value, t_state[origin]), name
+    # Same weights, fewer heads: a different function, but every head's map is still a distribution.
+    maps = ViltAdapter.forward(student, batch).attentions["self"]
+    assert [tuple(m.shape[:2]) for m in maps] == [(5, 2), (5, 2)]
+    assert not torch.equal(ViltAdapter.forward(student, batch).logits, ViltAdapter.forward(teacher, batch).logits)
+
+
+def test_starting_from_the_teacher_needs_its_width(teacher_config):
+    teacher = ViltAdapter.build(teacher_config, seed=0)
+    narrow = ViltAdapter.build(ViltAdapter.student_config(teacher_config, StudentSpec(heads=2, layers=2)), seed=1)
+    with pytest.raises(ValueError, match=r"teacher's hidden size \(48\); the student has 16"):
+        ViltAdapter.init_from_teacher(narrow, teacher)
+    deep = ViltAdapter.student_config(teacher_config, StudentSpec(heads=2, layers=4, head_dim=24))
+    with pytest.raises(ValueError, match="at most the teacher's 3 layers; the student has 4"):
+        ViltAdapter.check_teacher_init(teacher_config, deep)
+
+
 def test_wrong_image_size_is_a_clear_error(teacher_config, batch):
     model = ViltAdapter.build(teacher_config, seed=0)
     wrong = dict(batch, pixel_values=torch.zeros(5, 3, 64, 64))
