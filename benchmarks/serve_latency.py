@@ -12,11 +12,14 @@ what matters here, not accuracy.
 
 **Measurements, all in one run on one machine.** ``ort_p50_ms``: in-process
 :meth:`serving.model.Predictor.predict` at batch 1 (PNG decode, tokenisation, ONNX Runtime -- the
-same work a replica does per request). Then one local Ray cluster (loopback), Serve on 127.0.0.1,
-one replica of ``--replica-cpus`` CPUs, and per app (deployed in turn): HTTP p50/p99 at concurrency
-1 (sequential requests) for the student, and throughput at concurrency 32 (``--seconds`` each) for
-a no-op FastAPI deployment (the proxy's ceiling), the student and the teacher with batching on and
-off. The client is :mod:`serving.loadtest` in this process (aiohttp), on the same cores.
+same work a replica does per request). Then one local Ray cluster (loopback) with Serve's direct
+ingress on (:mod:`serving.ingress`; ``--proxy-only`` leaves it off), Serve on 127.0.0.1, one replica
+of ``--replica-cpus`` CPUs, and per app (deployed in turn), through each path -- ``direct`` (the
+replica's own HTTP server, the headline figures) and ``proxy`` (Serve's proxy, keys suffixed
+``_proxy``): HTTP p50/p99 at concurrency 1 (sequential requests) for the student, and throughput at
+concurrency 32 (``--seconds`` each) for a no-op FastAPI deployment (the HTTP path's ceiling), the
+student and the teacher with batching on and off. The client is :mod:`serving.loadtest` in this
+process (aiohttp), on the same cores.
 
 Writes ``benchmarks/results/serve_latency.json`` (``ort_p50_ms``, ``http_p50_ms``, ``http_p99_ms``,
 ``rps_noop_c32``, ``rps_batched_c32``, ``rps_unbatched_c32``, ``teacher_rps_batched_c32``,
@@ -119,6 +122,7 @@ def main(argv=None) -> int:
     parser.add_argument("--replica-cpus", type=float, default=1.0)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=2.0)
+    parser.add_argument("--proxy-only", action="store_true", help="measure only through Serve's proxy (no direct ingress)")
     parser.add_argument("--throughput-optimized", action="store_true", help="set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 before Ray starts")
     args = parser.parse_args(argv)
     if args.throughput_optimized:
@@ -141,25 +145,36 @@ def main(argv=None) -> int:
 
         from pipeline.local_cluster import local_cluster
         from serving.app import build
+        from serving.ingress import enable_direct_ingress, replica_urls
         from serving.model import resolve_version
 
         results: dict = {}
+        paths = ["proxy"]
+        if not args.proxy_only:
+            enable_direct_ingress()
+            paths.insert(0, "direct")
         with local_cluster(nodes=1, num_cpus=2, prefix="amad-serve-bench-"):
             port = free_port()
-            url = f"http://127.0.0.1:{port}/v1/answer"
+            proxy_url = f"http://127.0.0.1:{port}/v1/answer"
             serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
 
             def measure(app, label: str, c1: bool = False) -> None:
                 serve.run(app, name="bench", route_prefix="/", blocking=False)
-                loadtest.run(url, 8, 100, bodies=bodies)  # warm-up
-                if c1:
-                    results[f"{label}_c1"] = loadtest.run(url, 1, args.c1_requests, bodies=bodies)
-                results[f"{label}_c32"] = loadtest.run(url, 32, 100_000, duration_s=args.seconds, bodies=bodies)
+                direct = replica_urls("bench", port)
+                if "direct" in paths and not direct:
+                    raise RuntimeError("direct ingress is on but Serve lists no replica port")
+                for path in paths:
+                    url = direct[0] + "/v1/answer" if path == "direct" else proxy_url
+                    key = label if path == paths[0] else f"{label}_{path}"
+                    loadtest.run(url, 8, 100, bodies=bodies)  # warm-up
+                    if c1:
+                        results[f"{key}_c1"] = loadtest.run(url, 1, args.c1_requests, bodies=bodies)
+                    results[f"{key}_c32"] = loadtest.run(url, 32, 100_000, duration_s=args.seconds, bodies=bodies)
+                    line = f"{label} ({path}): c32 {results[f'{key}_c32']['throughput_rps']:.1f} req/s"
+                    if c1:
+                        line += f", c1 p50 {results[f'{key}_c1']['p50_ms']:.2f} ms p99 {results[f'{key}_c1']['p99_ms']:.2f} ms"
+                    print(line + f", mean batch {results[f'{key}_c32']['mean_batch_size']}", flush=True)
                 serve.delete("bench")
-                line = f"{label}: c32 {results[f'{label}_c32']['throughput_rps']:.1f} req/s"
-                if c1:
-                    line += f", c1 p50 {results[f'{label}_c1']['p50_ms']:.2f} ms p99 {results[f'{label}_c1']['p99_ms']:.2f} ms"
-                print(line + f", mean batch {results[f'{label}_c32']['mean_batch_size']}", flush=True)
 
             def app(model: str, batching: bool):
                 cfg = ServeConfig(model=model, tracking_uri=uri, replica_cpus=args.replica_cpus, batching=batching,
@@ -187,9 +202,18 @@ def main(argv=None) -> int:
         "ort_teacher_p50_ms": ort_teacher["p50"],
         "http_p50_ms_unbatched": results["student_unbatched_c1"]["p50_ms"],
         "http_p50_ms_noop": results["noop_c1"]["p50_ms"],
+        "path": paths[0],
+        "proxy": {key: results[f"{label}_proxy_{kind}"][field] for key, label, kind, field in (
+            ("http_p50_ms", "student_batched", "c1", "p50_ms"), ("http_p99_ms", "student_batched", "c1", "p99_ms"),
+            ("http_p50_ms_noop", "noop", "c1", "p50_ms"), ("rps_noop_c32", "noop", "c32", "throughput_rps"),
+            ("rps_batched_c32", "student_batched", "c32", "throughput_rps"),
+            ("rps_unbatched_c32", "student_unbatched", "c32", "throughput_rps"),
+            ("teacher_rps_batched_c32", "teacher_batched", "c32", "throughput_rps"),
+            ("teacher_rps_unbatched_c32", "teacher_unbatched", "c32", "throughput_rps"))} if len(paths) > 1 else None,
         "details": results,
         "settings": {"replica_cpus": args.replica_cpus, "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
-                     "seconds": args.seconds, "throughput_optimized": args.throughput_optimized, "replicas": 1},
+                     "seconds": args.seconds, "throughput_optimized": args.throughput_optimized, "replicas": 1,
+                     "paths": paths},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
     }
     out["targets"] = {
@@ -198,10 +222,11 @@ def main(argv=None) -> int:
         "teacher_batching_gain_ge_1.5x": out["teacher_rps_batched_c32"] >= 1.5 * out["teacher_rps_unbatched_c32"],
         "student_batching_never_loses": out["rps_batched_c32"] >= out["rps_unbatched_c32"],
     }
-    print("\n| figure | value |\n| --- | --- |")
-    for key in ("ort_p50_ms", "http_p50_ms", "http_p99_ms", "rps_noop_c32", "rps_batched_c32", "rps_unbatched_c32",
-                "teacher_rps_batched_c32", "teacher_rps_unbatched_c32"):
-        print(f"| {key} | {out[key]:.2f} |")
+    print(f"\n| figure | {paths[0]} |" + (" proxy |" if out["proxy"] else "") + "\n| --- | --- |" + (" --- |" if out["proxy"] else ""))
+    for key in ("ort_p50_ms", "http_p50_ms", "http_p99_ms", "http_p50_ms_noop", "rps_noop_c32", "rps_batched_c32",
+                "rps_unbatched_c32", "teacher_rps_batched_c32", "teacher_rps_unbatched_c32"):
+        proxy = out["proxy"] and out["proxy"].get(key)
+        print(f"| {key} | {out[key]:.2f} |" + (f" {proxy:.2f} |" if proxy else (" |" if out["proxy"] else "")))
     print("targets:", json.dumps(out["targets"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))

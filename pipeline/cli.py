@@ -102,7 +102,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         values = {"model": args.model, "tracking_uri": resolve_tracking_uri(args.workdir, args.tracking_uri), "host": args.host,
                   "port": args.port, "replicas": args.replicas, "replica_cpus": args.replica_cpus,
-                  "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms}
+                  "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
+                  "direct_ingress": not args.no_direct_ingress}
         if args.autoscale:
             values["autoscale"] = parse_autoscale(args.autoscale)
         cfg = ServeConfig.model_validate(values)
@@ -230,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica; ONNX Runtime threads = whole CPUs (default: %(default)s)")
     serve_cmd.add_argument("--max-batch-size", type=int, default=16, help="dynamic batching: largest batch (default: %(default)s)")
     serve_cmd.add_argument("--batch-wait-ms", type=float, default=5.0, help="dynamic batching: longest wait for a batch to fill (default: %(default)s)")
+    serve_cmd.add_argument("--no-direct-ingress", action="store_true",
+                           help="only Serve's proxy answers (by default replicas of a local cluster also answer HTTP directly: lower latency)")
     serve_cmd.add_argument("--blocking", action="store_true", help="serve until Ctrl-C, following the alias (always so without --address)")
     serve_cmd.add_argument("--poll-s", type=float, default=30.0, help="how often --blocking re-reads the alias (default: %(default)s)")
     serve_cmd.add_argument("--address", default=None, help="deploy onto this Ray cluster (default: $RAY_ADDRESS, else a local one)")

@@ -9,8 +9,9 @@ Routes (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
 * ``GET /healthz``; ``GET /v1/model`` (name, version, alias, heads, layers, labels, parity figures).
 
 Every request is parsed and validated on its own (a bad one gets a 4xx JSON ``{"error", "status"}``
-and never reaches a batch); only prepared inputs are batched (``@serve.batch``). The ONNX Runtime
-call runs on one worker thread per replica, so the replica's event loop keeps parsing requests (and
+and never reaches a batch); only prepared inputs are batched (``@serve.batch``), and only under load:
+a request that finds no other one of its replica waiting runs at once rather than waiting
+``batch_wait_ms`` for a batch to form. The ONNX Runtime call runs on one worker thread per replica, so the replica's event loop keeps parsing requests (and
 the next batch keeps filling) while the model runs.
 
 Champion changes: the model version is part of the Serve *user config*. :func:`deploy` resolves the
@@ -90,6 +91,7 @@ class AnswerService:
         # constructor argument: a changed argument would make Serve restart replicas instead of reconfiguring.
         self.predictor = self._open(None)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
+        self._waiting = 0  # prepared requests of this replica waiting for an answer
 
     def _open(self, version: str | None):
         bundle = self._load_bundle(self.settings.model_uri, self.settings.tracking_uri, version)
@@ -150,11 +152,16 @@ class AnswerService:
             prepared = self.predictor.prepare(query.image, query.question, query.top_k)
         except BadInput as err:
             return error(err)
+        # Batch only under load: a request that finds nothing else waiting runs at once instead of
+        # waiting batch_wait_ms for company that is not coming (the concurrency-1 latency).
+        run = self._batched if self.settings.batching and self._waiting else self._single
+        self._waiting += 1
         try:
-            run = self._batched if self.settings.batching else self._single
             result, batch_size, predictor = await run(prepared)
         except Exception as err:  # noqa: BLE001 -- a model failure is a JSON 500; the replica keeps serving
             return JSONResponse({"error": f"inference failed: {type(err).__name__}: {err}", "status": 500}, status_code=500)
+        finally:
+            self._waiting -= 1
         body = {
             "answer": result.answer,
             "score": result.score,

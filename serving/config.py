@@ -69,6 +69,9 @@ class ServeConfig(Strict):
     batching: bool = True
     limits: Limits = Limits()
     app_name: str = "amad"
+    # Replicas answer HTTP themselves too (one hop instead of proxy + actor call; see serving.ingress).
+    # Takes effect on a Ray cluster this command starts; a joined cluster keeps its own setting.
+    direct_ingress: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":

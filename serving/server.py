@@ -15,6 +15,7 @@ import sys
 import time
 
 from serving.config import TOKEN_ENV, ServeConfig
+from serving.ingress import enable_direct_ingress, replica_urls
 
 
 def _log(message: str) -> None:
@@ -32,6 +33,8 @@ def start(cfg: ServeConfig, address: str | None = None) -> str:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
+            if cfg.direct_ingress:
+                enable_direct_ingress()
             for attempt in (1, 2):
                 try:
                     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
@@ -44,6 +47,12 @@ def start(cfg: ServeConfig, address: str | None = None) -> str:
                     _log(f"Ray did not start ({str(err)[:120]}); trying once more")
     serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})
     return deploy(cfg, os.environ.get(TOKEN_ENV) or None)
+
+
+def urls(cfg: ServeConfig) -> tuple[str, list[str]]:
+    """``(proxy URL, direct replica URLs)`` of the answer route; the list is empty without direct ingress."""
+    route = "/v1/answer"
+    return f"http://{cfg.host}:{cfg.port}{route}", [base + route for base in replica_urls(cfg.app_name, cfg.port)]
 
 
 def stop() -> None:
@@ -67,7 +76,10 @@ def main(cfg: ServeConfig, *, address: str | None = None, blocking: bool = False
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         version = start(cfg, address)
-        _log(f"serving {cfg.model} (v{version}) at http://{cfg.host}:{cfg.port}/v1/answer (docs: /docs)")
+        proxy, direct = urls(cfg)
+        _log(f"serving {cfg.model} (v{version}) at {proxy} (Serve's proxy, load-balanced; docs: /docs)")
+        for url in direct:
+            _log(f"  direct to a replica (lowest latency): {url}")
         if not blocking:
             return 0
         while True:

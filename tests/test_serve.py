@@ -326,7 +326,7 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.integration
-def test_cli_serves_answers_loadtests_and_shuts_down_cleanly(registered, tmp_path):
+def test_cli_serves_answers_loadtests_and_shuts_down_cleanly(registered, examples, tmp_path):
     import requests
 
     port = free_port()
@@ -336,24 +336,35 @@ def test_cli_serves_answers_loadtests_and_shuts_down_cleanly(registered, tmp_pat
     command = [sys.executable, "-m", "pipeline.cli", "serve", "--model", MODEL, "--tracking-uri", registered["uri"],
                "--port", str(port), "--replica-cpus", "0.5", "--blocking", "--poll-s", "2"]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+
+    def read_output() -> None:  # line by line, so the test can wait for one while the command runs
+        for line in process.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read_output, daemon=True)
+    reader.start()
     started_here: set[int] = set()
     try:
         http = requests.Session()
         http.trust_env = False
         deadline = time.time() + 180
-        while True:
-            assert process.poll() is None, process.stdout.read()[-3000:]
-            assert time.time() < deadline, "amad serve did not answer /healthz in 180 s"
+        while not any("direct to a replica" in line for line in lines):
+            assert process.poll() is None, "".join(lines)[-3000:]
+            assert time.time() < deadline, "amad serve printed no direct replica URL in 180 s:\n" + "".join(lines)[-3000:]
             started_here |= descendants(process.pid)
-            try:
-                if http.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200:
-                    break
-            except requests.RequestException:  # not listening yet, or the proxy has no route yet
-                pass
             time.sleep(1)
         started_here |= descendants(process.pid)
+        direct = next(line for line in lines if "direct to a replica" in line).split()[-1]
+        assert direct.startswith("http://127.0.0.1:") and direct.endswith("/v1/answer") and f":{port}/" not in direct, direct
+        # The proxy and the replica's own server answer the same question the same way.
+        ask = {"image": b64(examples[0].image_png), "question": examples[0].question}
+        via_proxy = http.post(f"http://127.0.0.1:{port}/v1/answer", json=ask, timeout=60)
+        via_replica = http.post(direct, json=ask, timeout=60)
+        assert via_proxy.status_code == via_replica.status_code == 200, (via_proxy.text, via_replica.text)
+        assert via_proxy.json()["answer"] == via_replica.json()["answer"]
         out = tmp_path / "load.json"
-        load = subprocess.run([sys.executable, "-m", "pipeline.cli", "loadtest", "--url", f"http://127.0.0.1:{port}/v1/answer",
+        load = subprocess.run([sys.executable, "-m", "pipeline.cli", "loadtest", "--url", direct,
                                "--concurrency", "4", "--requests", "40", "--out", str(out)],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert load.returncode == 0, load.stdout + load.stderr
@@ -364,10 +375,12 @@ def test_cli_serves_answers_loadtests_and_shuts_down_cleanly(registered, tmp_pat
         started_here |= descendants(process.pid)
         process.send_signal(signal.SIGINT)
         try:
-            output, _ = process.communicate(timeout=120)
+            process.wait(timeout=120)
         except subprocess.TimeoutExpired:  # pragma: no cover -- leave nothing behind even on failure
             process.kill()
-            output, _ = process.communicate()
+            process.wait()
+        reader.join(timeout=10)
+        output = "".join(lines)
     assert process.returncode == 0, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     assert started_here, "amad serve started no processes?"
