@@ -16,7 +16,7 @@ from pipeline.sweep_config import SweepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "tune_configs").rglob("*.yaml"))
-JOB_MODELS = {"teacher.yaml": TeacherJobConfig, "distill.yaml": DistillJobConfig, "sweep.yaml": SweepConfig, "export.yaml": ExportJobConfig,
+JOB_MODELS = {"teacher.yaml": TeacherJobConfig, "distill.yaml": DistillJobConfig, "distill-from-teacher.yaml": DistillJobConfig, "sweep.yaml": SweepConfig, "export.yaml": ExportJobConfig,
               "default.yaml": RunJobConfig, "run.yaml": RunJobConfig}
 FULL_NAME_OF_TINY = {"run.yaml": "default.yaml"}  # `amad run`'s full preset is the README's tune_configs/default.yaml
 
