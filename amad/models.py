@@ -193,16 +193,16 @@ class ViltAdapter:
 
         ViltAdapter.check_teacher_init(teacher.config, student.config)
         pairs = resolve_layer_map("uniform", teacher.config.num_hidden_layers, student.config.num_hidden_layers)
-        source = teacher.state_dict()
+        source, teacher_layer = teacher.state_dict(), dict(pairs)
         prefix = "vilt.encoder.layer."
-        renamed = {}
-        for name in student.state_dict():
-            if name.startswith(prefix):
-                index, rest = name[len(prefix):].split(".", 1)
-                renamed[name] = f"{prefix}{dict(pairs)[int(index)]}.{rest}"
-            else:
-                renamed[name] = name
-        student.load_state_dict({name: source[origin].clone() for name, origin in renamed.items()})
+
+        def origin(name: str) -> str:
+            if not name.startswith(prefix):
+                return name
+            index, rest = name[len(prefix):].split(".", 1)
+            return f"{prefix}{teacher_layer[int(index)]}.{rest}"
+
+        student.load_state_dict({name: source[origin(name)].clone() for name in student.state_dict()})
         return pairs
 
     @staticmethod
