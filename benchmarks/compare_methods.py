@@ -9,8 +9,11 @@ Run from the repository root:
 distilled into students of 2, 4 and 6 heads (2 layers, head_dim 16: hidden 32/64/96), 3 seeds each,
 with every method below. Every run has the same budget: ``--steps`` AdamW steps of batch
 ``--batch-size`` on the teacher's training split (same seeds, same data order per seed), lr with
-warm-up and cosine decay, gradient clipping 1.0, one process (no Ray: the comparison is about the
-objective, and in-process training keeps every run identical apart from it). Methods
+warm-up and cosine decay, gradient clipping 1.0, plain PyTorch processes (no Ray: the comparison is
+about the objective, and in-process training keeps every run identical apart from it). The students
+of one (heads, seed) -- one per method -- train in lockstep: the same initial weights and batches,
+and one teacher forward per step shared by all of them (the teacher's forward is most of a step's
+cost; nothing else is shared, and with dropout 0 each student gets exactly what a run of its own would). Methods
 (:class:`amad.objective.DistillationObjective`; task weight 1 everywhere):
 
 * ``task``: cross-entropy only.            * ``logit_kd``: + logit KD (weight 1, T = 1).
@@ -27,18 +30,26 @@ point). For the AMAD students the script also records how uniform the alignment 
 validation data (mean over teacher heads of the largest ``a_ij``; 1/Hs is uniform, 1 is one-hot).
 
 Writes ``benchmarks/results/compare_methods.json`` (``accuracy[method][heads] = [per-seed]``) and the
-generated ``docs/results.md`` (never edit it by hand). ``--quick``: a random tiny teacher, 2 heads,
+generated ``docs/results.md`` (never edit it by hand). Every finished run is also appended, one JSON
+line each, to ``<out stem>.runs.jsonl`` next to ``--out``, keyed by a hash of the settings its result
+depends on (teacher weights, student shape, budget, test size): running the command again reuses the
+runs logged under the same key and trains only the rest, so a long comparison survives an interrupt
+(``--fresh`` ignores the log). ``--jobs N`` trains N runs at once in separate processes of
+``--threads`` threads each (on 2 cores, ``--jobs 2 --threads 1`` keeps both busy). ``--quick``: a random tiny teacher, 2 heads,
 1 seed, 20 steps: a smoke run for CI, its accuracies mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import multiprocessing
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -84,29 +95,44 @@ def relation_heads_for(*hidden_sizes: int, wanted: int = 4) -> int:
     return max(a for a in range(1, min(wanted, common) + 1) if common % a == 0)
 
 
-def train_student(teacher, spec: StudentSpec, objective: DistillationObjective, train, args, seed: int) -> nn.Module:
-    student = ViltAdapter.build(ViltAdapter.student_config(teacher.config, spec), seed=seed).train()
-    optimizer = make_optimizer(student, args.lr, 0.01)
+def _needs_maps(objective: DistillationObjective) -> bool:
+    return objective.method not in ("none", "relation")
+
+
+def train_students(teacher, spec: StudentSpec, objectives: dict[str, DistillationObjective], train, args, seed: int) -> dict[str, nn.Module]:
+    """One student per objective, trained in lockstep: same initial weights (``seed``), same batches in
+    the same order, one teacher forward per step shared by all of them.
+
+    Sharing the teacher's forward (the dominant cost: ~100 ms of a ~190 ms AMAD step at batch 64) is
+    what makes 63 runs affordable on 2 cores. Each student still sees exactly what a run of its own
+    would: no dropout anywhere (the presets' rates are 0), so no random stream is shared between them.
+    """
+    students = {m: ViltAdapter.build(ViltAdapter.student_config(teacher.config, spec), seed=seed).train() for m in objectives}
+    optimizers = {m: make_optimizer(student, args.lr, 0.01) for m, student in students.items()}
+    teacher_maps = any(o.needs_teacher and _needs_maps(o) for o in objectives.values())
+    teacher_qkv = any(o.needs_teacher and o.method == "relation" for o in objectives.values())
+    needs_teacher = any(o.needs_teacher for o in objectives.values())
     generator = torch.Generator().manual_seed(seed)
     step = 0
     while step < args.steps:
         for batch in train.batches(args.batch_size, shuffle=True, generator=generator, drop_last=True):
             if step >= args.steps:
                 break
-            for group in optimizer.param_groups:
-                group["lr"] = args.lr * warmup_cosine(step, args.warmup, args.steps, 0.1)
+            lr = args.lr * warmup_cosine(step, args.warmup, args.steps, 0.1)
             with torch.no_grad():
-                t_out = ViltAdapter.forward(teacher, batch, need_attentions=objective.needs_teacher and objective.method not in ("none", "relation"),
-                                            need_qkv=objective.method == "relation") if objective.needs_teacher else None
-            s_out = ViltAdapter.forward(student, batch, need_attentions=objective.method not in ("none", "relation"),
-                                        need_qkv=objective.method == "relation")
-            loss = objective(t_out, s_out, batch["labels"])["loss"]
-            loss.backward()
-            nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                t_out = ViltAdapter.forward(teacher, batch, need_attentions=teacher_maps, need_qkv=teacher_qkv) if needs_teacher else None
+            for method, student in students.items():
+                objective, optimizer = objectives[method], optimizers[method]
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                s_out = ViltAdapter.forward(student, batch, need_attentions=_needs_maps(objective), need_qkv=objective.method == "relation")
+                loss = objective(t_out if objective.needs_teacher else None, s_out, batch["labels"])["loss"]
+                loss.backward()
+                nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             step += 1
-    return student.eval()
+    return {m: student.eval() for m, student in students.items()}
 
 
 def alignment_peak(teacher, student, split, temperature: float, examples: int = 256) -> float:
@@ -132,8 +158,8 @@ def quick_teacher(directory: Path) -> Path:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default=str(DEFAULT_TEACHER))
-    parser.add_argument("--heads", type=int, nargs="+", default=[2, 4, 6])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--heads", type=int, nargs="+", default=None, help="student head counts (default 2 4 6; --quick: 2)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=16)
@@ -145,12 +171,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sweep-best", default=None, help="a sweep's best.json: its objective.amad_temperature is amad_tsweep's")
     parser.add_argument("--sweep-temperature", type=float, default=0.3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at once, one process each (--threads per process)")
+    parser.add_argument("--fresh", action="store_true", help="ignore finished runs logged next to --out (default: reuse them)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--results-md", default=str(DEFAULT_MD))
     args = parser.parse_args(argv)
     if args.quick:
-        args.heads, args.seeds, args.steps, args.batch_size, args.warmup, args.test_scenes = [2], [0], 20, 16, 2, 20
+        args.steps, args.batch_size, args.warmup, args.test_scenes = 20, 16, 2, 20
+    args.heads = args.heads or ([2] if args.quick else [2, 4, 6])
+    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     if args.sweep_best:
         best = json.loads(Path(args.sweep_best).read_text())["best"]
         args.sweep_temperature = float(best["config"]["objective"]["amad_temperature"])
@@ -189,53 +219,137 @@ def write_markdown(path: Path, results: dict, command: str) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def run_key(args, teacher_dir: Path) -> str:
+    """What a finished run's accuracy depends on: a logged run with another key is not reused."""
+    weights = teacher_dir / "model.safetensors"
+    teacher = "random tiny (quick)" if args.quick else hashlib.sha256(weights.read_bytes()).hexdigest()
+    settings = {"teacher": teacher, "layers": args.layers, "head_dim": args.head_dim, "steps": args.steps,
+                "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "test_scenes": args.test_scenes,
+                "sweep_temperature": args.sweep_temperature}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_run_log(path: Path, key: str) -> dict[tuple[str, int, int], dict]:
+    """Finished runs recorded under ``key``; a line cut short by a kill is skipped, other keys are kept in the file."""
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("key") == key:
+                done[(record["method"], record["heads"], record["seed"])] = record
+    return done
+
+
+def train_seconds(records) -> float:
+    """The lockstep groups' wall times, each group counted once: the work done, whatever ``--jobs`` was."""
+    return sum(seconds for _, _, seconds in {(r["heads"], r["seed"], r["group_seconds"]) for r in records})
+
+
+_WORKER: dict = {}
+
+
+def _load_world(teacher_dir: Path, args) -> dict:
+    teacher = ViltAdapter.load(teacher_dir).eval()
+    spec = BenchmarkSpec.from_dict(json.loads((teacher_dir / names.BENCHMARK_FILE).read_text()))
+    tokenizer = load_tokenizer(teacher_dir)
+    return {
+        "args": args, "teacher": teacher,
+        "train": make_split(spec, "train", tokenizer),
+        "val": make_split(replace(spec, val_scenes=min(spec.val_scenes, 100)), "val", tokenizer),
+        "test": make_split(replace(spec, test_scenes=args.test_scenes), "test", tokenizer),
+    }
+
+
+def _init_worker(teacher_dir: str, args) -> None:
+    torch.set_num_threads(max(1, args.threads or 1))
+    _WORKER.update(_load_world(Path(teacher_dir), args))
+
+
+def run_group(task: tuple[int, int, tuple[str, ...]], world: dict | None = None) -> list[dict]:
+    """Train and test the students of ``methods`` for one (heads, seed) in lockstep; one record per method.
+    In a ``--jobs`` worker the world (teacher, splits) is the worker's own."""
+    world = world or _WORKER
+    args, teacher = world["args"], world["teacher"]
+    heads, seed, methods = task
+    clock = time.perf_counter()
+    relation_heads = relation_heads_for(teacher.config.hidden_size, heads * args.head_dim)
+    objectives = {m: objective_for(m, relation_heads, args.sweep_temperature) for m in methods}
+    students = train_students(teacher, StudentSpec(heads, args.layers, args.head_dim), objectives, world["train"], args, seed)
+    records = []
+    for method, student in students.items():
+        record = {"method": method, "heads": heads, "seed": seed,
+                  "accuracy": accuracy_report(predict(student, ViltAdapter, world["test"])[0], world["test"])["accuracy"]}
+        if method.startswith("amad"):
+            record["alignment_peak"] = alignment_peak(teacher, student, world["val"], objectives[method].amad_temperature)
+        records.append(record)
+    seconds = round(time.perf_counter() - clock, 1)
+    for record in records:
+        record.update(group_seconds=seconds, group_methods=len(methods))
+    return records
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    import tempfile
-
+    out = Path(args.out)
+    log_path = out.with_name(out.stem + ".runs.jsonl")
     with tempfile.TemporaryDirectory() as scratch:
         teacher_dir = quick_teacher(Path(scratch)) if args.quick else Path(args.teacher)
-        teacher = ViltAdapter.load(teacher_dir).eval()
-        spec = BenchmarkSpec.from_dict(json.loads((teacher_dir / names.BENCHMARK_FILE).read_text()))
-        tokenizer = load_tokenizer(teacher_dir)
-        train = make_split(spec, "train", tokenizer)
-        val = make_split(replace(spec, val_scenes=min(spec.val_scenes, 100)), "val", tokenizer)
-        test = make_split(replace(spec, test_scenes=args.test_scenes), "test", tokenizer)
-    teacher_accuracy = accuracy_report(predict(teacher, ViltAdapter, test)[0], test)["accuracy"]
-    accuracy: dict[str, dict[str, list[float]]] = {m: {str(h): [] for h in args.heads} for m in args.methods}
-    peaks: dict[str, dict[str, list[float]]] = {}
-    for heads in args.heads:
-        student_spec = StudentSpec(heads, args.layers, args.head_dim)
-        relation_heads = relation_heads_for(teacher.config.hidden_size, heads * args.head_dim)
-        for method in args.methods:
-            objective = objective_for(method, relation_heads, args.sweep_temperature)
-            for seed in args.seeds:
-                clock = time.perf_counter()
-                student = train_student(teacher, student_spec, objective, train, args, seed)
-                acc = accuracy_report(predict(student, ViltAdapter, test)[0], test)["accuracy"]
-                accuracy[method][str(heads)].append(acc)
-                if method.startswith("amad"):
-                    peak = alignment_peak(teacher, student, val, objective.amad_temperature)
-                    peaks.setdefault(method, {}).setdefault(str(heads), []).append(peak)
-                print(f"{method:12} heads {heads} seed {seed}: test accuracy {acc:.2%} ({time.perf_counter() - clock:.0f} s)", flush=True)
+        key = run_key(args, teacher_dir)
+        done = {} if args.fresh else read_run_log(log_path, key)
+        world = _load_world(teacher_dir, args)
+        test = world["test"]
+        teacher_accuracy = accuracy_report(predict(world["teacher"], ViltAdapter, test)[0], test)["accuracy"]
+        tasks = [(m, h, s) for s in args.seeds for h in args.heads for m in args.methods]
+        # One group per (heads, seed), trained in lockstep; seed-major, so an interrupt leaves whole seeds of the table.
+        groups = [(h, s, tuple(m for m in args.methods if (m, h, s) not in done)) for s in args.seeds for h in args.heads]
+        groups = [group for group in groups if group[2]]
+        todo = sum(len(group[2]) for group in groups)
+        print(f"{len(tasks)} runs: {len(tasks) - todo} reused from {log_path}, {todo} to train in {len(groups)} lockstep group(s) "
+              f"on {args.jobs} process(es)", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+
+        def finished(record: dict) -> None:
+            record["key"] = key
+            done[(record["method"], record["heads"], record["seed"])] = record
+            with log_path.open("a") as log:  # one line per run, flushed: a kill loses at most the run in flight
+                log.write(json.dumps(record) + "\n")
+            print(f"{record['method']:12} heads {record['heads']} seed {record['seed']}: test accuracy {record['accuracy']:.2%} "
+                  f"(group of {record['group_methods']}: {record['group_seconds']:.0f} s) [{len(done)}/{len(tasks)}]", flush=True)
+
+        if args.jobs == 1 or len(groups) <= 1:
+            for group in groups:
+                for record in run_group(group, world):
+                    finished(record)
+        else:
+            context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state
+            with context.Pool(min(args.jobs, len(groups)), initializer=_init_worker, initargs=(str(teacher_dir), args)) as pool:
+                for records in pool.imap_unordered(run_group, groups):
+                    for record in records:
+                        finished(record)
+    accuracy = {m: {str(h): [done[(m, h, s)]["accuracy"] for s in args.seeds] for h in args.heads} for m in args.methods}
+    peaks = {m: {str(h): [done[(m, h, s)]["alignment_peak"] for s in args.seeds] for h in args.heads}
+             for m in args.methods if m.startswith("amad")}
     results = {
         "accuracy": accuracy,
         "alignment_peak": peaks,
-        "teacher": {"accuracy": teacher_accuracy, "heads": teacher.config.num_attention_heads, "layers": teacher.config.num_hidden_layers},
+        "teacher": {"accuracy": teacher_accuracy, "heads": world["teacher"].config.num_attention_heads,
+                    "layers": world["teacher"].config.num_hidden_layers},
         "seconds": time.perf_counter() - started,
+        "train_seconds": train_seconds(done[task] for task in tasks),
         "config": {
             "teacher": "random tiny (quick)" if args.quick else str(args.teacher),
             "heads": args.heads, "seeds": args.seeds, "methods": args.methods, "layers": args.layers, "head_dim": args.head_dim,
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "sweep_temperature": args.sweep_temperature,
-            "test_questions": len(test), "quick": args.quick, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "machine": platform.machine(),
+            "test_questions": len(test), "quick": args.quick, "threads": torch.get_num_threads(), "jobs": args.jobs,
+            "run_key": key, "torch": torch.__version__, "machine": platform.machine(),
         },
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     command = "python benchmarks/compare_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_markdown(Path(args.results_md), results, command.strip())
