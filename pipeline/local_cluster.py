@@ -19,6 +19,12 @@ subprocess that inherits the environment -- bind to 127.0.0.1 and keeps all thei
   usage-stats.ray.io. Both use ``requests``, which honours the proxy variables: every non-loopback
   HTTP(S) request goes to a closed loopback port and fails at once; loopback requests (the State API
   on the dashboard) go direct. (Ray's gRPC ignores them: ``grpc.enable_http_proxy=0``.)
+
+Every cluster started here gets its dashboard on a free port (:func:`free_port`), not Ray's fixed
+8265: when 8265 is taken (another Ray cluster on the machine, a test's session cluster) Ray starts the
+new head without a dashboard and only logs an error; Ray Train's placement-group cleaner then cannot
+reach the State API, the placement groups of trials that ASHA stopped are never released, and the
+remaining trials wait for CPUs until the sweep's time budget ends it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator, MutableMapping
@@ -60,6 +67,13 @@ def apply_loopback_env(environ: MutableMapping[str, str] | None = None) -> None:
     target.update(loopback_variables())
     if target is os.environ and "ray._private.ray_constants" in sys.modules:
         sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
+
+
+def free_port() -> int:
+    """A TCP port nothing on this machine listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -106,7 +120,8 @@ def local_cluster(
     with private_ray_tmpdir(prefix) as session_root:
         cluster = Cluster()
         try:
-            cluster.add_node(**node, temp_dir=str(session_root))  # the head (with the dashboard: Train V2 queries the State API)
+            # the head, with its dashboard (Train V2 queries the State API) on a port of its own
+            cluster.add_node(**node, temp_dir=str(session_root), dashboard_port=free_port())
             for _ in range(nodes - 1):
                 cluster.add_node(**node)
             cluster.wait_for_nodes()
@@ -152,7 +167,7 @@ def connected(address: str | None = None, object_store_memory: int | None = None
         cluster = Cluster()
         try:
             options = {"object_store_memory": object_store_memory} if object_store_memory else {}
-            cluster.add_node(num_cpus=os.cpu_count() or 1, temp_dir=str(session_root), **options)
+            cluster.add_node(num_cpus=os.cpu_count() or 1, temp_dir=str(session_root), dashboard_port=free_port(), **options)
             cluster.wait_for_nodes()
             ray.init(address=cluster.address)
             _OWN_CLUSTER = True
