@@ -31,6 +31,7 @@ import copy
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -131,6 +132,7 @@ def main(argv=None) -> dict:
                     "best_trial": summary["best"]["params"],
                     "counts": summary["counts"],
                     "epochs_trained": sum(r["epochs"] for r in rows),
+                    "trial_timing": trial_timing(scratch / scheduler / "sweeps" / cfg.name),
                     "trials": sorted(
                         [{**r["config"], "status": r["status"], "epochs": r["epochs"], names.VAL_ACCURACY: r.get(names.VAL_ACCURACY)} for r in rows],
                         key=lambda r: sorted(r.items()).__repr__(),
@@ -179,11 +181,37 @@ def main(argv=None) -> dict:
     return results
 
 
+def trial_timing(sweep_dir: Path) -> dict:
+    """Where a trial's time goes, from Tune's saved results: ``time_total_s`` (seconds since the trial
+    function started) at each epoch report. ``first_report_s``: start-up (worker group, data, teacher)
+    plus the first epoch; ``epoch_s``: the interval between later reports (one epoch's training,
+    validation and checkpoint). Medians over trials; under ASHA a stopped trial's teardown is not seen."""
+    from ray.tune import ExperimentAnalysis
+
+    from pipeline import names
+    from pipeline.sweep import TUNE_DIR
+
+    analysis = ExperimentAnalysis(str(sweep_dir / TUNE_DIR))
+    first, intervals, totals = [], [], []
+    for frame in analysis.trial_dataframes.values():
+        if frame is None or frame.empty or "time_total_s" not in frame:
+            continue
+        times = [float(t) for t in frame.sort_values(names.EPOCH)["time_total_s"]]
+        first.append(times[0])
+        intervals += [b - a for a, b in zip(times, times[1:])]
+        totals.append(times[-1])
+    median = lambda values: round(statistics.median(values), 2) if values else None  # noqa: E731
+    return {"first_report_s": median(first), "epoch_s": median(intervals), "trial_s_sum": round(sum(totals), 1)}
+
+
 def print_table(results: dict) -> None:
-    print(f"\n{'sweep':>6} | {'wall s':>7} | {'epochs trained':>14} | {'stopped early':>13} | {'best val acc':>12}")
+    print(f"\n{'sweep':>6} | {'wall s':>7} | {'epochs trained':>14} | {'stopped early':>13} | {'best val acc':>12} | "
+          f"{'trial start + 1st epoch s':>25} | {'later epochs s':>14}")
     for label, key in (("ASHA", "asha"), ("full", "fifo")):
         run = results["runs"][key]
-        print(f"{label:>6} | {run['wall_s']:7.1f} | {run['epochs_trained']:14d} | {run['counts']['stopped_early']:13d} | {run['best_acc']:12.4f}")
+        timing = run.get("trial_timing") or {}
+        print(f"{label:>6} | {run['wall_s']:7.1f} | {run['epochs_trained']:14d} | {run['counts']['stopped_early']:13d} | {run['best_acc']:12.4f} | "
+              f"{timing.get('first_report_s')!s:>25} | {timing.get('epoch_s')!s:>14}")
     print(f"ASHA / full wall time: {results['wall_ratio']:.2f}; accuracy gap {results['acc_gap_points']:.1f} points "
           f"(target {results['target']}: {'met' if results['meets_target'] else 'NOT met'}); load average before "
           f"{results['config']['load_average_before']}, after {results['config']['load_average_after']}")
