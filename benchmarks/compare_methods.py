@@ -46,6 +46,7 @@ import hashlib
 import json
 import math
 import multiprocessing
+import os
 import platform
 import statistics
 import sys
@@ -187,6 +188,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+CLAIM_BASELINES = ("one_to_one", "logit_kd")
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and standard error of ``a - b`` over seeds, in points. Paired: the students of one seed
+    start from the same weights and see the same batches, so seed-to-seed variation cancels."""
+    diffs = [100 * (x - y) for x, y in zip(a, b)]
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return statistics.mean(diffs), se
+
+
+def claim_lines(results: dict) -> list[str]:
+    """The paper's claim -- AMAD beats one-to-one and logit KD when the student has fewer heads --
+    checked per head count: paired difference ± its standard error; a verdict only beyond 2 of them."""
+    accuracy, heads = results["accuracy"], results["config"]["heads"]
+    pairs = [(a, b) for a in accuracy if a.startswith("amad") for b in CLAIM_BASELINES if b in accuracy]
+    if not pairs:
+        return []
+    lines = ["", "The paper's claim, per head count: AMAD minus the baseline, test accuracy points, mean ± standard error "
+                 "of the per-seed (paired) difference; a verdict only where the difference exceeds 2 standard errors:", "",
+             "| comparison | " + " | ".join(f"{h} heads" for h in heads) + " |", "| --- | " + " | ".join("---" for _ in heads) + " |"]
+    for a, b in pairs:
+        cells = []
+        for h in heads:
+            mean, se = paired_difference(accuracy[a][str(h)], accuracy[b][str(h)])
+            if math.isnan(se):
+                cells.append(f"{mean:+.2f} (1 seed: no error bar)")
+                continue
+            verdict = "better" if mean > 2 * se else "worse" if mean < -2 * se else "no clear difference"
+            cells.append(f"{mean:+.2f} ± {se:.2f} ({verdict})")
+        lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_markdown(path: Path, results: dict, command: str) -> None:
     heads = results["config"]["heads"]
     lines = [
@@ -214,7 +249,12 @@ def write_markdown(path: Path, results: dict, command: str) -> None:
         lines += ["", "AMAD alignment peak (mean over teacher heads of max_j a_ij on validation data; uniform = 1/heads):", ""]
         for method, per_heads in results["alignment_peak"].items():
             lines.append(f"- {method}: " + ", ".join(f"{h} heads {statistics.mean(v):.3f} (uniform {1 / int(h):.3f})" for h, v in per_heads.items()))
-    lines += ["", f"Wall time: {results['seconds'] / 60:.1f} min on {results['config']['threads']} threads ({results['config']['machine']})."]
+    lines += claim_lines(results)
+    config = results["config"]
+    groups = len(heads) * len(config["seeds"])
+    lines += ["", f"Time: the {groups} lockstep groups (7 students each) trained for {results['train_seconds'] / 60:.1f} min in all "
+                  f"({config['threads']} thread(s) per group, {config['jobs']} group(s) at a time, {config['cpu_count']} CPUs, {config['machine']}); "
+                  f"the command that wrote this page ran {results['seconds'] / 60:.1f} min and reused {results['reused_runs']} finished runs from its run log."]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
@@ -341,12 +381,13 @@ def main(argv=None) -> dict:
         "teacher": {"accuracy": teacher_accuracy, "heads": world["teacher"].config.num_attention_heads,
                     "layers": world["teacher"].config.num_hidden_layers},
         "seconds": time.perf_counter() - started,
+        "reused_runs": len(tasks) - todo,
         "train_seconds": train_seconds(done[task] for task in tasks),
         "config": {
-            "teacher": "random tiny (quick)" if args.quick else str(args.teacher),
+            "teacher": "random tiny (quick)" if args.quick else _shown(Path(args.teacher)),
             "heads": args.heads, "seeds": args.seeds, "methods": args.methods, "layers": args.layers, "head_dim": args.head_dim,
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "sweep_temperature": args.sweep_temperature,
-            "test_questions": len(test), "quick": args.quick, "threads": torch.get_num_threads(), "jobs": args.jobs,
+            "test_questions": len(test), "quick": args.quick, "threads": torch.get_num_threads(), "jobs": args.jobs, "cpu_count": os.cpu_count(),
             "run_key": key, "torch": torch.__version__, "machine": platform.machine(),
         },
     }
@@ -355,6 +396,12 @@ def main(argv=None) -> dict:
     write_markdown(Path(args.results_md), results, command.strip())
     print(f"wrote {out} and {args.results_md}")
     return results
+
+
+def _shown(path: Path) -> str:
+    """A path as the docs show it: relative to the repository when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 if __name__ == "__main__":
