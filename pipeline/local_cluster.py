@@ -76,6 +76,19 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def require_dashboard(cluster) -> None:
+    """Raise if the head of ``cluster`` (a ``ray.cluster_utils.Cluster``) came up without its dashboard.
+
+    Ray only logs an error when the dashboard cannot start; without it a sweep would stall later
+    (see the module docstring), so the cluster is refused at once instead.
+    """
+    if not cluster.head_node.address_info.get("webui_url"):
+        raise RuntimeError(
+            "the local Ray cluster started without its dashboard (its port was taken?); Ray Train needs the "
+            "dashboard's State API to release the CPUs of stopped trials. See Ray's error above for the cause."
+        )
+
+
 @contextlib.contextmanager
 def private_ray_tmpdir(prefix: str = "amad-ray-") -> Iterator[Path]:
     """A fresh ``RAY_TMPDIR`` for the duration (restored and removed after); yields Ray's session root in it.
@@ -122,6 +135,7 @@ def local_cluster(
         try:
             # the head, with its dashboard (Train V2 queries the State API) on a port of its own
             cluster.add_node(**node, temp_dir=str(session_root), dashboard_port=free_port())
+            require_dashboard(cluster)
             for _ in range(nodes - 1):
                 cluster.add_node(**node)
             cluster.wait_for_nodes()
@@ -168,6 +182,7 @@ def connected(address: str | None = None, object_store_memory: int | None = None
         try:
             options = {"object_store_memory": object_store_memory} if object_store_memory else {}
             cluster.add_node(num_cpus=os.cpu_count() or 1, temp_dir=str(session_root), dashboard_port=free_port(), **options)
+            require_dashboard(cluster)
             cluster.wait_for_nodes()
             ray.init(address=cluster.address)
             _OWN_CLUSTER = True

@@ -27,6 +27,22 @@ TINY = ROOT / "tune_configs" / "tiny" / "distill.yaml"
 
 
 @pytest.mark.integration
+def test_a_local_cluster_whose_dashboard_cannot_start_is_refused(monkeypatch):
+    """Without its dashboard Ray Train cannot release stopped trials' CPUs: refuse at start, not stall later."""
+    import socket
+
+    from pipeline import local_cluster
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setattr(local_cluster, "free_port", lambda: taken.getsockname()[1])
+        with pytest.raises(RuntimeError, match="without its dashboard"):
+            with local_cluster.local_cluster(nodes=1, num_cpus=1, connect=False):
+                pass
+
+
+@pytest.mark.integration
 def test_the_test_cluster_is_on_loopback_only(ray_cluster):
     """Every node, the GCS address and the DDP rendezvous address Ray Train gives workers are 127.0.0.1.
 
