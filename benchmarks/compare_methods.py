@@ -71,6 +71,7 @@ from amad.models import StudentSpec, ViltAdapter
 from amad.objective import DistillationObjective, resolve_layer_map
 from amad.training import accuracy_report, make_optimizer, predict, warmup_cosine
 from pipeline import names
+from pipeline.registry import file_sha256
 
 METHODS = ("task", "logit_kd", "one_to_one", "head_mean", "relation", "amad_t1", "amad_tsweep")
 DEFAULT_TEACHER = ROOT / "weights" / "teacher-default"
@@ -252,7 +253,7 @@ def write_markdown(path: Path, results: dict, command: str) -> None:
     lines += claim_lines(results)
     config = results["config"]
     groups = len(heads) * len(config["seeds"])
-    lines += ["", f"Time: the {groups} lockstep groups (7 students each) trained for {results['train_seconds'] / 60:.1f} min in all "
+    lines += ["", f"Time: the {groups} lockstep groups ({len(config['methods'])} students each) trained for {results['train_seconds'] / 60:.1f} min in all "
                   f"({config['threads']} thread(s) per group, {config['jobs']} group(s) at a time, {config['cpu_count']} CPUs, {config['machine']}); "
                   f"the command that wrote this page ran {results['seconds'] / 60:.1f} min and reused {results['reused_runs']} finished runs from its run log."]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -261,8 +262,7 @@ def write_markdown(path: Path, results: dict, command: str) -> None:
 
 def run_key(args, teacher_dir: Path) -> str:
     """What a finished run's accuracy depends on: a logged run with another key is not reused."""
-    weights = teacher_dir / "model.safetensors"
-    teacher = "random tiny (quick)" if args.quick else hashlib.sha256(weights.read_bytes()).hexdigest()
+    teacher = "random tiny (quick)" if args.quick else file_sha256(teacher_dir / "model.safetensors")
     settings = {"teacher": teacher, "layers": args.layers, "head_dim": args.head_dim, "steps": args.steps,
                 "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "test_scenes": args.test_scenes,
                 "sweep_temperature": args.sweep_temperature}

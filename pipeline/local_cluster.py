@@ -76,12 +76,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def require_dashboard(cluster) -> None:
-    """Raise if the head of ``cluster`` (a ``ray.cluster_utils.Cluster``) came up without its dashboard.
-
-    Ray only logs an error when the dashboard cannot start; without it a sweep would stall later
-    (see the module docstring), so the cluster is refused at once instead.
-    """
+def add_head(cluster, **node_args) -> None:
+    """Start the head of ``cluster`` (a ``ray.cluster_utils.Cluster``) with its dashboard on a free port,
+    or raise: Ray only logs an error when the dashboard cannot start, and without it a sweep would
+    stall later (see the module docstring), so the cluster is refused at once instead."""
+    cluster.add_node(**node_args, dashboard_port=free_port())
     if not cluster.head_node.address_info.get("webui_url"):
         raise RuntimeError(
             "the local Ray cluster started without its dashboard (its port was taken?); Ray Train needs the "
@@ -133,9 +132,7 @@ def local_cluster(
     with private_ray_tmpdir(prefix) as session_root:
         cluster = Cluster()
         try:
-            # the head, with its dashboard (Train V2 queries the State API) on a port of its own
-            cluster.add_node(**node, temp_dir=str(session_root), dashboard_port=free_port())
-            require_dashboard(cluster)
+            add_head(cluster, **node, temp_dir=str(session_root))  # with the dashboard: Train V2 queries the State API
             for _ in range(nodes - 1):
                 cluster.add_node(**node)
             cluster.wait_for_nodes()
@@ -181,8 +178,7 @@ def connected(address: str | None = None, object_store_memory: int | None = None
         cluster = Cluster()
         try:
             options = {"object_store_memory": object_store_memory} if object_store_memory else {}
-            cluster.add_node(num_cpus=os.cpu_count() or 1, temp_dir=str(session_root), dashboard_port=free_port(), **options)
-            require_dashboard(cluster)
+            add_head(cluster, num_cpus=os.cpu_count() or 1, temp_dir=str(session_root), **options)
             cluster.wait_for_nodes()
             ray.init(address=cluster.address)
             _OWN_CLUSTER = True
