@@ -17,6 +17,7 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import amad.kernels
 from amad.losses import (
     align_weights,
     amad_loss,
@@ -31,6 +32,17 @@ from amad.outputs import QKV
 torch.set_num_threads(1)
 EPS = 1e-8
 SETTINGS = settings(max_examples=30, deadline=None)
+
+
+@pytest.fixture(autouse=True, scope="module", params=["native", "pytorch"])
+def implementation(request):
+    """Every test runs twice: float32/half AMAD-KL takes the native kernel where it is available
+    (amad.kernels), and the PyTorch implementation with the kernel turned off."""
+    if request.param == "native":
+        yield request.param
+    else:
+        with amad.kernels.disabled():
+            yield request.param
 
 # ------------------------------------------------------------------------------------------
 # Data helpers

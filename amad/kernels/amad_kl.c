@@ -1,0 +1,467 @@
+/*
+ * Fused CPU kernels for the AMAD KL loss ("No Head Left Behind", AAAI 2024: Eq. 2 and Eq. 9).
+ *
+ * Built on first use by amad/kernels/__init__.py with the system C compiler and called through
+ * ctypes; amad/losses.py falls back to its PyTorch implementation when they are unavailable.
+ *
+ * Shapes (float32, C-contiguous):
+ *   T (B, Ht, Q, K) teacher maps, S (B, Hs, Q, K) student maps, valid (B, Q) 0/1 bytes or NULL
+ *   (every row valid). Rows with valid == 0 are never read, so they may hold anything.
+ * Per batch element b, over its n_b valid rows (row weight rw = 1/n_b, 0 when n_b == 0):
+ *   w_ij = <t_i, s_j> / (max(|t_i|, eps) max(|s_j|, eps))        cosines of flattened maps
+ *   a_ij = softmax_j(w_ij / tau)                                  alignment weights (Eq. 2)
+ *   M_i  = sum_j a_ij S_j                                          the mixture of student maps
+ *   loss_i = rw * sum_q sum_k T_i log((T_i + eps) / (M_i + eps))   mean KL over valid rows (Eq. 9)
+ * (rows of a sum to 1, so M_i + eps = sum_j a_ij S_j + eps.)
+ *
+ * Why it is fast: each batch element is one unit of work, so its maps (~140 KB for 12 heads at
+ * 53 tokens) stay in the core's L2 cache between the Gram pass and the KL pass; the mixture is
+ * formed block by block in a 1 KB buffer and never stored; the logarithm is a polynomial the
+ * compiler vectorises (Cephes logf, < 1 ulp on normal inputs) instead of a libm call. The
+ * backward pass recomputes the mixture instead of saving it. Batch elements are spread over
+ * OpenMP threads (the same libgomp that PyTorch loaded, so the two share one thread pool).
+ *
+ * Values: the Gram pass flags, per batch element, NaN or negative entries in valid rows
+ * (status 1) and entries above `limit`, +inf included (status 2). The caller raises on 1 and
+ * recomputes with PyTorch on 2; with entries in [0, limit] and eps >= 1e-30 every argument of
+ * the logarithm is a finite normal float, which the polynomial needs.
+ *
+ * No -ffast-math: the NaN checks and IEEE semantics must survive compilation.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 256 /* elements of a row block: the mixture buffer stays in L1 */
+
+int amad_kernels_abi(void) { return 3; }
+
+int amad_kernels_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Natural log of a finite normal float > 0 (Cephes logf), branch-free so loops vectorise. */
+static inline float log_normal(float x) {
+    union { float f; int32_t i; } u;
+    u.f = x;
+    int32_t e = ((u.i >> 23) & 0xff) - 126; /* x = m 2^e, m in [0.5, 1) */
+    u.i = (u.i & 0x007fffff) | 0x3f000000;
+    float m = u.f;
+    int32_t small = m < 0.70710678118654752440f;
+    e -= small;
+    m = small ? (m + m) - 1.0f : m - 1.0f; /* now log(x) = log1p(m) + e log 2, |m| < 0.42 */
+    float z = m * m;
+    float y = ((((((((7.0376836292E-2f * m - 1.1514610310E-1f) * m + 1.1676998740E-1f) * m
+                   - 1.2420140846E-1f) * m + 1.4249322787E-1f) * m - 1.6668057665E-1f) * m
+                 + 2.0000714765E-1f) * m - 2.4999993993E-1f) * m + 3.3333331174E-1f) * m * z;
+    float fe = (float)e;
+    y += -2.12194440e-4f * fe; /* log 2 split in two parts for accuracy */
+    y += -0.5f * z;
+    return (m + y) + 0.693359375f * fe;
+}
+
+void amad_log_array(const float *x, float *y, int64_t n) { /* for the tests of log_normal */
+#pragma omp simd
+    for (int64_t k = 0; k < n; k++) y[k] = log_normal(x[k]);
+}
+
+/* The next run of consecutive valid rows at or after `from`: returns its first row (Q if none)
+ * and sets *len. */
+static int64_t next_run(const uint8_t *valid, int64_t Q, int64_t from, int64_t *len) {
+    if (!valid) {
+        *len = from < Q ? Q - from : 0;
+        return from < Q ? from : Q;
+    }
+    while (from < Q && !valid[from]) from++;
+    int64_t end = from;
+    while (end < Q && valid[end]) end++;
+    *len = end - from;
+    return from;
+}
+
+#define FOR_EACH_RUN(vb, Q, q0, n) \
+    for (int64_t n, q0 = next_run(vb, Q, 0, &n); q0 < Q; q0 = next_run(vb, Q, q0 + n, &n))
+
+static int64_t count_valid(const uint8_t *vb, int64_t Q) {
+    if (!vb) return Q;
+    int64_t c = 0;
+    for (int64_t q = 0; q < Q; q++) c += vb[q] != 0;
+    return c;
+}
+
+/* 16 floats: one AVX-512 register, two AVX2 ones; GCC and Clang lower it to what the CPU has. */
+typedef float f16v __attribute__((vector_size(64)));
+
+static inline f16v load16(const float *p) {
+    f16v v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store16(float *p, f16v v) { memcpy(p, &v, sizeof v); }
+
+static inline float hsum16(f16v v) {
+    float s = 0.0f;
+    for (int u = 0; u < 16; u++) s += v[u];
+    return s;
+}
+
+/* Four independent accumulators so the adds of a long dot product do not wait on each other. */
+static float dot(const float *x, const float *y, int64_t n) {
+    f16v a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    int64_t k = 0;
+    for (; k + 64 <= n; k += 64) {
+        a0 += load16(x + k) * load16(y + k);
+        a1 += load16(x + k + 16) * load16(y + k + 16);
+        a2 += load16(x + k + 32) * load16(y + k + 32);
+        a3 += load16(x + k + 48) * load16(y + k + 48);
+    }
+    for (; k + 16 <= n; k += 16) a0 += load16(x + k) * load16(y + k);
+    float s = hsum16((a0 + a1) + (a2 + a3));
+    for (; k < n; k++) s += x[k] * y[k];
+    return s;
+}
+
+typedef int32_t i16v __attribute__((vector_size(64)));
+
+static inline f16v vmin(f16v a, f16v b) {
+    i16v lt = a < b; /* all-ones lanes where a < b */
+    return (f16v)((lt & (i16v)a) | (~lt & (i16v)b));
+}
+
+/* Sum of squares of x[0:n] in one pass that also lowers *lo to its minimum and raises *hi to its
+ * maximum. A NaN entry makes the sum NaN (min/max may skip it) and +inf makes *hi inf: the
+ * caller checks all three. */
+static float square_sum_range(const float *x, int64_t n, float *lo, float *hi) {
+    f16v a0 = {0}, a1 = {0}, mn = {0}, mx = {0};
+    int64_t k = 0;
+    for (; k + 32 <= n; k += 32) {
+        f16v v0 = load16(x + k), v1 = load16(x + k + 16);
+        a0 += v0 * v0;
+        a1 += v1 * v1;
+        mn = vmin(mn, vmin(v0, v1));
+        mx = -vmin(-mx, vmin(-v0, -v1));
+    }
+    float s = hsum16(a0 + a1), l = *lo, h = *hi;
+    for (int u = 0; u < 16; u++) {
+        l = mn[u] < l ? mn[u] : l;
+        h = mx[u] > h ? mx[u] : h;
+    }
+    for (; k < n; k++) {
+        s += x[k] * x[k];
+        l = x[k] < l ? x[k] : l;
+        h = x[k] > h ? x[k] : h;
+    }
+    *lo = l;
+    *hi = h;
+    return s;
+}
+
+/* m[0:L] = eps + sum_j a[j] S_j[k0 : k0 + L], with S_j = S + j QK. */
+static inline void mixture_block(float *m, const float *a, const float *S, int64_t Hs, int64_t QK,
+                                 int64_t k0, int64_t L, float eps) {
+#pragma omp simd
+    for (int64_t k = 0; k < L; k++) m[k] = eps;
+    for (int64_t j = 0; j < Hs; j++) {
+        const float aj = a[j], *sj = S + j * QK + k0;
+#pragma omp simd
+        for (int64_t k = 0; k < L; k++) m[k] += aj * sj[k];
+    }
+}
+
+/* Per-thread scratch memory, carved into the buffers below (sizes in scratch_bytes). */
+typedef struct {
+    f16v *acc;        /* Ht: per-head KL sums */
+    f16v *dots;       /* Ht * Hs: <D_i, S_j> */
+    float *D;         /* Ht * BLOCK: D_i = T_i / (M_i + eps) for one block */
+    float *e;         /* BLOCK: the KL terms of one block */
+    float *tail;      /* Ht: scalar tails of acc */
+    float *dots_tail; /* Ht * Hs: scalar tails of dots */
+    float *coef;      /* Hs * Ht: [j][i] = dL/dM_i scale for student head j */
+    float *d_gts;     /* Hs * Ht: gradient of <t_i, s_j> */
+    float *small;     /* 3 * Hs: ns, d_sq, ga */
+} scratch_t;
+
+static size_t scratch_bytes(int64_t Ht, int64_t Hs) {
+    const size_t vectors = (size_t)(Ht + Ht * Hs), floats = (size_t)(Ht * BLOCK + BLOCK + Ht + 3 * Ht * Hs + 3 * Hs);
+    return (sizeof(f16v) * vectors + sizeof(float) * floats + 63) & ~(size_t)63;
+}
+
+static scratch_t scratch_carve(void *mem, int64_t Ht, int64_t Hs) {
+    scratch_t sc;
+    sc.acc = (f16v *)mem;
+    sc.dots = sc.acc + Ht;
+    sc.D = (float *)(sc.dots + Ht * Hs);
+    sc.e = sc.D + Ht * BLOCK;
+    sc.tail = sc.e + BLOCK;
+    sc.dots_tail = sc.tail + Ht;
+    sc.coef = sc.dots_tail + Ht * Hs;
+    sc.d_gts = sc.coef + Ht * Hs;
+    sc.small = sc.d_gts + Ht * Hs;
+    return sc;
+}
+
+/* Gradient w.r.t. the student maps, in three steps: grad_begin, grad_block for every block of
+ * valid elements (with sc->D filled for that block), grad_finish. g (Ht) is the upstream
+ * gradient of the per-head losses; NULL means all ones.
+ *
+ * Through the mixture: dL/dM_i = -g_i rw D_i with D_i = T_i / (M_i + eps), so
+ * dL/dS_j = sum_i a_ij dL/dM_i and dL/da_ij = sum <dL/dM_i, S_j>; then back through Eq. 2
+ * (softmax, cosines, eps-floored norms) to the Gram products, whose gradient needs T again. */
+static void grad_begin(scratch_t *sc, int64_t Ht, int64_t Hs, const float *a, const float *g, float rw) {
+    for (int64_t x = 0; x < Ht * Hs; x++) {
+        sc->dots[x] = (f16v){0};
+        sc->dots_tail[x] = 0.0f;
+    }
+    for (int64_t i = 0; i < Ht; i++)
+        for (int64_t j = 0; j < Hs; j++) sc->coef[j * Ht + i] = -(g ? g[i] : 1.0f) * rw * a[i * Hs + j];
+}
+
+static void grad_block(scratch_t *sc, const float *S, int64_t Ht, int64_t Hs, int64_t QK, int64_t k0,
+                       int64_t L, float *grad_s) {
+    const int64_t L16 = L & ~(int64_t)15;
+    for (int64_t j = 0; j < Hs; j++) {
+        const float *sj = S + j * QK + k0, *cj = sc->coef + j * Ht;
+        float *gj = grad_s + j * QK + k0;
+        for (int64_t i = 0; i < Ht; i++) { /* one register accumulator per (i, j) pair */
+            const float *di = sc->D + i * BLOCK;
+            f16v v = sc->dots[i * Hs + j];
+            for (int64_t k = 0; k < L16; k += 16) v += load16(di + k) * load16(sj + k);
+            sc->dots[i * Hs + j] = v;
+            for (int64_t k = L16; k < L; k++) sc->dots_tail[i * Hs + j] += di[k] * sj[k];
+        }
+        for (int64_t k = 0; k < L16; k += 16) { /* the gradient, summed over i in a register */
+            f16v v = load16(gj + k);
+            for (int64_t i = 0; i < Ht; i++) v += cj[i] * load16(sc->D + i * BLOCK + k);
+            store16(gj + k, v);
+        }
+        for (int64_t k = L16; k < L; k++)
+            for (int64_t i = 0; i < Ht; i++) gj[k] += cj[i] * sc->D[i * BLOCK + k];
+    }
+}
+
+static void grad_finish(scratch_t *sc, const float *T, const float *S, const uint8_t *vb, int64_t Ht,
+                        int64_t Hs, int64_t Q, int64_t K, float tau, float eps, const float *a,
+                        const float *w, const float *nt, const float *sq_s, const float *g, float rw,
+                        float *grad_s) {
+    const int64_t QK = Q * K;
+    const float floor2 = eps * eps;
+    float *ns = sc->small, *d_sq = ns + Hs, *ga = d_sq + Hs;
+    for (int64_t j = 0; j < Hs; j++) {
+        ns[j] = sqrtf(sq_s[j] > floor2 ? sq_s[j] : floor2);
+        d_sq[j] = 0.0f;
+    }
+    for (int64_t i = 0; i < Ht; i++) {
+        const float *ai = a + i * Hs, gi = g ? g[i] : 1.0f;
+        float inner = 0.0f;
+        for (int64_t j = 0; j < Hs; j++) {
+            ga[j] = (hsum16(sc->dots[i * Hs + j]) + sc->dots_tail[i * Hs + j]) * (-gi * rw);
+            inner += ai[j] * ga[j];
+        }
+        for (int64_t j = 0; j < Hs; j++) {
+            const float gw = ai[j] * (ga[j] - inner) / tau; /* softmax, then the 1/tau */
+            sc->d_gts[j * Ht + i] = gw / (nt[i] * ns[j]);
+            d_sq[j] -= gw * w[i * Hs + j] / ns[j];
+        }
+    }
+    /* d|s_j|^2 = d ns_j / (2 ns_j) where the floor is not active; the Gram gradient is twice that. */
+    for (int64_t j = 0; j < Hs; j++) d_sq[j] = sq_s[j] >= floor2 ? d_sq[j] / ns[j] : 0.0f;
+    FOR_EACH_RUN(vb, Q, q0, n) {
+        const int64_t end = (q0 + n) * K;
+        for (int64_t j = 0; j < Hs; j++) {
+            const float *sj = S + j * QK, *cj = sc->d_gts + j * Ht, cs = d_sq[j];
+            float *gj = grad_s + j * QK;
+            int64_t k = q0 * K;
+            for (; k + 16 <= end; k += 16) {
+                f16v v = load16(gj + k) + cs * load16(sj + k);
+                for (int64_t i = 0; i < Ht; i++) v += cj[i] * load16(T + i * QK + k);
+                store16(gj + k, v);
+            }
+            for (; k < end; k++) {
+                float v = gj[k] + cs * sj[k];
+                for (int64_t i = 0; i < Ht; i++) v += cj[i] * T[i * QK + k];
+                gj[k] = v;
+            }
+        }
+    }
+}
+
+/* One batch element forward. Writes loss (Ht), a and w (Ht, Hs), nt (Ht), sq_s (Hs); returns
+ * the status (0 ok, 1 NaN or negative, 2 above limit). With grad_s (Hs, Q, K) non-NULL it also
+ * writes the gradient of sum_i loss_i (without the path through the weights if detach_weights)
+ * while this element's maps are still in cache: the backward pass then only scales it, as the
+ * gradient is linear in the upstream gradient. */
+static int8_t forward_one(const float *T, const float *S, const uint8_t *vb, int64_t Ht,
+                          int64_t Hs, int64_t Q, int64_t K, float tau, float eps, float limit,
+                          float *loss, float *a, float *w, float *nt, float *sq_s, float *grad_s,
+                          int detach_weights, scratch_t *sc) {
+    const int64_t QK = Q * K;
+    const float floor2 = eps * eps;
+    float lo = 0.0f, hi = 0.0f;
+    /* Gram pass over valid rows: w holds <t_i, s_j> and nt |t_i|^2 until normalised below. */
+    memset(w, 0, sizeof(float) * Ht * Hs);
+    memset(nt, 0, sizeof(float) * Ht);
+    memset(sq_s, 0, sizeof(float) * Hs);
+    FOR_EACH_RUN(vb, Q, q0, n) {
+        const int64_t off = q0 * K, L = n * K;
+        for (int64_t j = 0; j < Hs; j++) sq_s[j] += square_sum_range(S + j * QK + off, L, &lo, &hi);
+        for (int64_t i = 0; i < Ht; i++) {
+            const float *ti = T + i * QK + off;
+            nt[i] += square_sum_range(ti, L, &lo, &hi);
+            for (int64_t j = 0; j < Hs; j++) w[i * Hs + j] += dot(ti, S + j * QK + off, L);
+        }
+    }
+    float sums = 0.0f; /* NaN if any valid entry was NaN */
+    for (int64_t i = 0; i < Ht; i++) sums += nt[i];
+    for (int64_t j = 0; j < Hs; j++) sums += sq_s[j];
+    if (sums != sums || lo < 0.0f) return 1;
+    if (!(hi <= limit)) return 2;
+    /* Eq. 2: cosines (norms floored at eps) and the softmax over student heads. */
+    for (int64_t i = 0; i < Ht; i++) {
+        nt[i] = sqrtf(nt[i] > floor2 ? nt[i] : floor2);
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < Hs; j++) {
+            float ns = sqrtf(sq_s[j] > floor2 ? sq_s[j] : floor2);
+            w[i * Hs + j] /= nt[i] * ns;
+            float z = w[i * Hs + j] / tau;
+            a[i * Hs + j] = z;
+            mx = z > mx ? z : mx;
+        }
+        float total = 0.0f;
+        for (int64_t j = 0; j < Hs; j++) {
+            a[i * Hs + j] = expf(a[i * Hs + j] - mx);
+            total += a[i * Hs + j];
+        }
+        for (int64_t j = 0; j < Hs; j++) a[i * Hs + j] /= total;
+    }
+    /* Eq. 9, block by block: a block of the student maps stays in L1 across the teacher heads.
+     * Per-head sums are kept as vectors across blocks (one horizontal sum per head at the end). */
+    const int64_t valid_rows = count_valid(vb, Q);
+    const float rw = valid_rows ? 1.0f / (float)valid_rows : 0.0f;
+    if (grad_s) {
+        memset(grad_s, 0, sizeof(float) * Hs * QK);
+        grad_begin(sc, Ht, Hs, a, NULL, rw);
+    }
+    for (int64_t i = 0; i < Ht; i++) {
+        sc->acc[i] = (f16v){0};
+        sc->tail[i] = 0.0f;
+    }
+    FOR_EACH_RUN(vb, Q, q0, n) {
+        const int64_t end = (q0 + n) * K;
+        for (int64_t k0 = q0 * K; k0 < end; k0 += BLOCK) {
+            const int64_t L = end - k0 < BLOCK ? end - k0 : BLOCK, L16 = L & ~(int64_t)15;
+            for (int64_t i = 0; i < Ht; i++) {
+                const float *ti = T + i * QK + k0;
+                float *m = sc->D + i * BLOCK, *e = sc->e;
+                mixture_block(m, a + i * Hs, S, Hs, QK, k0, L, eps);
+                if (grad_s) {
+#pragma omp simd
+                    for (int64_t k = 0; k < L; k++) {
+                        const float t = ti[k], r = 1.0f / m[k]; /* one division for both; the branch below rounds alike */
+                        e[k] = t * log_normal((t + eps) * r);
+                        m[k] = t * r; /* D_i, for grad_block */
+                    }
+                } else {
+#pragma omp simd
+                    for (int64_t k = 0; k < L; k++) e[k] = ti[k] * log_normal((ti[k] + eps) * (1.0f / m[k]));
+                }
+                f16v v = sc->acc[i];
+                for (int64_t k = 0; k < L16; k += 16) v += load16(e + k);
+                sc->acc[i] = v;
+                for (int64_t k = L16; k < L; k++) sc->tail[i] += e[k];
+            }
+            if (grad_s) grad_block(sc, S, Ht, Hs, QK, k0, L, grad_s);
+        }
+    }
+    for (int64_t i = 0; i < Ht; i++) loss[i] = (float)(((double)hsum16(sc->acc[i]) + sc->tail[i]) * (double)rw);
+    if (grad_s && valid_rows && !detach_weights)
+        grad_finish(sc, T, S, vb, Ht, Hs, Q, K, tau, eps, a, w, nt, sq_s, NULL, rw, grad_s);
+    return 0;
+}
+
+/* One batch element backward from its saved forward results: grad_s (Hs, Q, K) for the
+ * upstream gradient g (Ht) of the per-head losses. */
+static void backward_one(const float *T, const float *S, const uint8_t *vb, int64_t Ht, int64_t Hs,
+                         int64_t Q, int64_t K, float tau, float eps, const float *a,
+                         const float *w, const float *nt, const float *sq_s, const float *g,
+                         int detach_weights, float *grad_s, scratch_t *sc) {
+    const int64_t QK = Q * K;
+    memset(grad_s, 0, sizeof(float) * Hs * QK);
+    const int64_t valid_rows = count_valid(vb, Q);
+    if (!valid_rows) return;
+    const float rw = 1.0f / (float)valid_rows;
+    grad_begin(sc, Ht, Hs, a, g, rw);
+    FOR_EACH_RUN(vb, Q, q0, n) {
+        const int64_t end = (q0 + n) * K;
+        for (int64_t k0 = q0 * K; k0 < end; k0 += BLOCK) {
+            const int64_t L = end - k0 < BLOCK ? end - k0 : BLOCK;
+            for (int64_t i = 0; i < Ht; i++) {
+                const float *ti = T + i * QK + k0;
+                float *di = sc->D + i * BLOCK;
+                mixture_block(di, a + i * Hs, S, Hs, QK, k0, L, eps);
+#pragma omp simd
+                for (int64_t k = 0; k < L; k++) di[k] = ti[k] / di[k];
+            }
+            grad_block(sc, S, Ht, Hs, QK, k0, L, grad_s);
+        }
+    }
+    if (!detach_weights) grad_finish(sc, T, S, vb, Ht, Hs, Q, K, tau, eps, a, w, nt, sq_s, g, rw, grad_s);
+}
+
+/* Forward over the batch; per-element outputs as in forward_one (grad_s (B, Hs, Q, K) may be
+ * NULL), status (B): 3 where scratch memory could not be allocated. */
+void amad_kl_forward(const float *T, const float *S, const uint8_t *valid, int64_t B, int64_t Ht,
+                     int64_t Hs, int64_t Q, int64_t K, float tau, float eps, float limit,
+                     float *loss, float *a, float *w, float *nt, float *sq_s, float *grad_s,
+                     int detach_weights, int8_t *status, int nthreads) {
+    const int64_t QK = Q * K;
+#pragma omp parallel num_threads(nthreads)
+    {
+        void *mem = aligned_alloc(64, scratch_bytes(Ht, Hs));
+        scratch_t sc;
+        if (mem) sc = scratch_carve(mem, Ht, Hs);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) {
+            if (!mem) {
+                status[b] = 3;
+                continue;
+            }
+            const uint8_t *vb = valid ? valid + b * Q : NULL;
+            float *gb = grad_s ? grad_s + b * Hs * QK : NULL;
+            status[b] = forward_one(T + b * Ht * QK, S + b * Hs * QK, vb, Ht, Hs, Q, K, tau, eps, limit,
+                                    loss + b * Ht, a + b * Ht * Hs, w + b * Ht * Hs, nt + b * Ht,
+                                    sq_s + b * Hs, gb, detach_weights, &sc);
+        }
+        free(mem);
+    }
+}
+
+/* Backward over the batch: writes every element of grad_s (B, Hs, Q, K); g is (B, Ht). Returns
+ * non-zero when scratch memory could not be allocated. */
+int amad_kl_backward(const float *T, const float *S, const uint8_t *valid, int64_t B, int64_t Ht,
+                     int64_t Hs, int64_t Q, int64_t K, float tau, float eps, const float *a,
+                     const float *w, const float *nt, const float *sq_s, const float *g,
+                     int detach_weights, float *grad_s, int nthreads) {
+    const int64_t QK = Q * K;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        void *mem = aligned_alloc(64, scratch_bytes(Ht, Hs));
+        scratch_t sc;
+        if (mem) sc = scratch_carve(mem, Ht, Hs);
+        failed = !mem;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++)
+            if (mem)
+                backward_one(T + b * Ht * QK, S + b * Hs * QK, valid ? valid + b * Q : NULL, Ht, Hs, Q, K,
+                             tau, eps, a + b * Ht * Hs, w + b * Ht * Hs, nt + b * Ht, sq_s + b * Hs,
+                             g + b * Ht, detach_weights, grad_s + b * Hs * QK, &sc);
+        free(mem);
+    }
+    return failed;
+}
