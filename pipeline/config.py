@@ -205,6 +205,12 @@ class ScalingSettings(Strict):
         "auto", description="'auto': one GPU per worker when the cluster has enough, else CPU"
     )
     threads_per_worker: int = Field(1, ge=1, description="torch.set_num_threads in each worker")
+    retain_freed_memory: bool = Field(
+        True,
+        description="workers keep freed host memory for reuse instead of returning it to the OS "
+        "(glibc mallopt; avoids a page fault per 4 KiB of every large tensor, every step; see "
+        "pipeline/cpu_allocator.py)",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="autocast dtype on GPU; CPU workers always train in fp32"
     )

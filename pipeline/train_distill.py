@@ -41,6 +41,7 @@ from amad.training import make_optimizer, warmup_cosine
 from pipeline import names
 from pipeline.local_cluster import connected
 from pipeline.config import ConfigError, DistillJobConfig
+from pipeline.cpu_allocator import retain_freed_memory
 from pipeline.tracking import RunTracker, flatten, open_run, resolve_tracking_uri
 
 TEACHER_FILES = ("config.json", "model.safetensors", TOKENIZER_FILE, names.BENCHMARK_FILE)
@@ -382,6 +383,8 @@ def train_loop(loop_config: dict) -> dict:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(cfg.scaling.threads_per_worker)
+    if cfg.scaling.retain_freed_memory:
+        retain_freed_memory()
     device = ray.train.torch.get_device()
     use_amp = loop_config["use_gpu"] and cfg.scaling.precision != "fp32"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.scaling.precision)
