@@ -1,4 +1,4 @@
-"""How far the shipped ``amad_loss`` is from what a fused kernel could do, against the 1.10x budget.
+"""What ``amad_loss`` costs per mapped layer, three ways, against the 1.10x budget.
 
 Run from the repository root (about a minute on 2 cores, most of it torch.compile; ``--quick`` is a
 seconds-long smoke run without compilation):
@@ -11,7 +11,10 @@ mapped layer at the same shapes (default teacher: 12 heads, ``T = 53`` tokens of
 text positions are padding for every example, batch 64; student 4 heads) and times forward +
 backward (gradient to the student maps) three ways, medians of interleaved repeats:
 
-* ``shipped``: :func:`amad.losses.amad_loss` (hand-written chunked forward/backward).
+* ``shipped``: :func:`amad.losses.amad_loss` as it runs: the fused native kernel
+  (:mod:`amad.kernels`) where it is available.
+* ``pytorch``: the same call with the kernel turned off (:func:`amad.kernels.disabled`): the
+  PyTorch implementation (hand-written chunked forward/backward).
 * ``compiled``: the same loss written as plain tensor code (masked maps, Gram-matrix cosines, the
   mixture, the KL) and compiled by ``torch.compile`` (Inductor fuses the element-wise chains into
   single C++ loops and derives the backward). Its value and gradient are checked against
@@ -42,6 +45,7 @@ except ImportError:  # run as a script from a checkout that is not pip-installed
 
 import torch
 
+import amad.kernels
 from amad.losses import amad_loss
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "amad_loss_floor.json"
@@ -126,6 +130,13 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     t, s, mask = make_inputs(args.batch_size, args.teacher_heads, args.student_heads, args.tokens, args.padding)
     candidates = {"shipped": fwd_bwd(amad_loss, t, s, mask)}
+    pytorch = fwd_bwd(amad_loss, t, s, mask)
+
+    def pytorch_path():
+        with amad.kernels.disabled():
+            pytorch()
+
+    candidates["pytorch"] = pytorch_path
     check = {}
     if not args.no_compile:
         compiled = torch.compile(plain_amad_loss, dynamic=False)
@@ -157,6 +168,7 @@ def main(argv=None) -> dict:
         "config": {
             **{k: v for k, v in vars(args).items() if k not in ("out", "step_json")},
             "threads": torch.get_num_threads(),
+            "native_kernels": str(amad.kernels.library().path) if amad.kernels.library() else amad.kernels.unavailable_reason(),
             "torch": torch.__version__,
             "machine": platform.machine(),
         },

@@ -14,6 +14,8 @@ for each method:
 * ``amad``: task + logit KD + AMAD (KL, temperature 1, ``layer_map="uniform"``).
 * ``one_to_one``, ``head_mean``: task + logit KD + that attention baseline, same layer map.
 * ``relation``: task + logit KD + MiniLMv2 relations (both forwards with ``need_qkv=True``).
+* ``amad_pytorch``: ``amad`` with the native kernel turned off (:func:`amad.kernels.disabled`): the
+  PyTorch implementation of the same loss, to show what the kernel buys.
 
 Each method trains its own copy of the student (same seed) with its own optimizer. The machine may
 be shared and noisy, so methods are interleaved round-robin within every step (the order rotates
@@ -21,6 +23,12 @@ each round) on the same pre-built batch, and the table reports the median and p1
 per-step wall time. ``ratio_amad_vs_logit_kd`` is median(amad) / median(logit_kd) from the same run;
 the median of the per-round paired ratios is reported beside it as a noise check. Nothing here
 asserts on time: the target (AMAD step <= 1.10 x logit-KD step) is reported, not enforced.
+
+**Allocator.** The training workers call :func:`pipeline.cpu_allocator.retain_freed_memory` (glibc
+keeps freed memory for reuse instead of taking page faults on fresh pages every step), so the main
+table is measured that way too. With ``--allocator both`` (the default) the same steps are first
+timed with glibc's default settings and reported under ``default_allocator`` in the JSON; the
+settings cannot be undone in a process, hence that order.
 
 **Memory of ``amad_loss`` alone**, on teacher ``(B, Ht, T, T)`` and student ``(B, Hs, T, T)`` maps
 with the run's batch size, head counts and token count: the peak bytes allocated beyond the inputs
@@ -34,6 +42,7 @@ but it also gives the bytes still held by the autograd graph after the forward).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -58,6 +67,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import amad.kernels
 from amad.data.benchmark import BenchmarkSpec, benchmark_tokenizer, make_split
 from amad.data.scenes import ANSWERS
 from amad.losses import amad_loss
@@ -65,9 +75,10 @@ from amad.models import StudentSpec, ViltAdapter
 from amad.objective import DistillationObjective
 from amad.training import make_optimizer
 from pipeline.config import TeacherJobConfig, load_config
+from pipeline.cpu_allocator import retain_freed_memory
 from pipeline.train_teacher import BENCHMARK_FILE
 
-METHODS = ("task", "logit_kd", "amad", "one_to_one", "head_mean", "relation")
+METHODS = ("task", "logit_kd", "amad", "amad_pytorch", "one_to_one", "head_mean", "relation")
 TARGET_RATIO = 1.10
 TARGET = f"amad step <= {TARGET_RATIO:.2f} x logit_kd step"
 DEFAULT_CONFIG = ROOT / "tune_configs" / "teacher.yaml"
@@ -97,6 +108,7 @@ class Method:
     needs_teacher: bool
     attentions: bool
     qkv: bool
+    native_kernels: bool = True  # False: amad.kernels.disabled() around the objective
 
 
 def build_methods(relation_heads: int) -> dict[str, Method]:
@@ -109,6 +121,9 @@ def build_methods(relation_heads: int) -> dict[str, Method]:
         "task": Method("task", task_only, False, False, False),
         "logit_kd": Method("logit_kd", kd(method="none", attention_weight=0.0), True, False, False),
         "amad": Method("amad", kd(method="amad", amad_temperature=1.0, layer_map="uniform"), True, True, False),
+        "amad_pytorch": Method(
+            "amad_pytorch", kd(method="amad", amad_temperature=1.0, layer_map="uniform"), True, True, False, False
+        ),
         "one_to_one": Method("one_to_one", kd(method="one_to_one", layer_map="uniform"), True, True, False),
         "head_mean": Method("head_mean", kd(method="head_mean", layer_map="uniform"), True, True, False),
         "relation": Method("relation", kd(method="relation", relation_heads=relation_heads), True, False, True),
@@ -185,7 +200,8 @@ class StudentRun:
         t2 = clock()
         # `task` has no teacher: the objective still evaluates logit KD (weight 0, under no_grad) for
         # its report, so it is handed the student's own outputs in the teacher's place.
-        loss = m.objective(t_out if m.needs_teacher else s_out, s_out, batch["labels"])["loss"]
+        with contextlib.nullcontext() if m.native_kernels else amad.kernels.disabled():
+            loss = m.objective(t_out if m.needs_teacher else s_out, s_out, batch["labels"])["loss"]
         t3 = clock()
         loss.backward()
         t4 = clock()
@@ -361,12 +377,12 @@ def measure_amad_memory(batch: int, teacher_heads: int, student_heads: int, text
 
 
 def format_table(summary: dict, methods: dict[str, Method]) -> str:
-    lines = [f"{'method':<11} {'median ms':>10} {'p10':>8} {'p90':>8} {'vs logit_kd':>12}  teacher forward"]
+    lines = [f"{'method':<13} {'median ms':>10} {'p10':>8} {'p90':>8} {'vs logit_kd':>12}  teacher forward"]
     for name, method in methods.items():
         teacher = "maps" if method.attentions else "q/k/v" if method.qkv else "logits"
         teacher = teacher if method.needs_teacher else "none (skipped)"
         lines.append(
-            f"{name:<11} {summary['step_ms'][name]:>10.1f} {summary['step_ms_p10'][name]:>8.1f} "
+            f"{name:<13} {summary['step_ms'][name]:>10.1f} {summary['step_ms_p10'][name]:>8.1f} "
             f"{summary['step_ms_p90'][name]:>8.1f} {summary['ratio_vs_logit_kd'][name]:>11.3f}x  {teacher}"
         )
     return "\n".join(lines)
@@ -397,6 +413,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--teacher-config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--teacher-weights", default=str(DEFAULT_WEIGHTS), help="used if it holds config.json")
     parser.add_argument("--quick", action="store_true", help="tiny models, batch 8, 3 steps: a smoke run")
+    parser.add_argument(
+        "--allocator",
+        choices=("both", "training", "default"),
+        default="both",
+        help="training: glibc keeps freed memory, as the training workers run (the main table); "
+        "default: glibc's settings; both: default first (reported under default_allocator), then training",
+    )
+    parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (logit_kd and amad always run)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON results path")
     args = parser.parse_args(argv)
     for name, (normal, quick) in DEFAULTS.items():
@@ -409,6 +433,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
+    chosen = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
+    unknown = sorted(set(chosen) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    args.methods = [m for m in METHODS if m in chosen or m in ("logit_kd", "amad")]
     return args
 
 
@@ -422,10 +451,19 @@ def main(argv=None) -> dict:
     relation_heads = pick_relation_heads(args.relation_heads, teacher.config.hidden_size, student_config.hidden_size)
     if relation_heads != args.relation_heads:
         print(f"relation heads: {relation_heads} (asked {args.relation_heads}; must divide both hidden sizes)")
-    methods = build_methods(relation_heads)
+    methods = {name: m for name, m in build_methods(relation_heads).items() if name in args.methods}
     runs = {name: StudentRun(method, student_config) for name, method in methods.items()}
     batches = make_batches(spec, args.batch_size, DISTINCT_BATCHES)
+    kernels = amad.kernels.library()
 
+    default_allocator = None
+    if args.allocator == "both":
+        default_allocator = summarize(time_steps(teacher, runs, batches, steps=args.steps, warmup=args.warmup))
+    allocator = "glibc defaults"
+    if args.allocator != "default":
+        applied, allocator = retain_freed_memory()
+        if not applied:
+            print(f"allocator: left as it is ({allocator})")
     summary = summarize(time_steps(teacher, runs, batches, steps=args.steps, warmup=args.warmup))
     text = batches[0]["input_ids"].shape[1]
     tokens = text + teacher.vilt.embeddings.position_embeddings.shape[1]  # L + 1 + P
@@ -436,6 +474,7 @@ def main(argv=None) -> dict:
         "target": TARGET,
         "meets_target": bool(summary["ratio_amad_vs_logit_kd"] <= TARGET_RATIO),
         "memory": memory,
+        "default_allocator": default_allocator,
         "config": {
             "teacher": {
                 "source": teacher_source,
@@ -456,12 +495,23 @@ def main(argv=None) -> dict:
             "relation_heads": relation_heads,
             "quick": args.quick,
             "order": "round-robin per step, rotated each round, same batch within a round",
+            "allocator": allocator,
+            "native_kernels": {
+                "library": str(kernels.path) if kernels else None,
+                "threaded": bool(kernels and kernels.threaded),
+                "unavailable_reason": amad.kernels.unavailable_reason(),
+            },
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },
     }
     print(f"teacher {results['config']['teacher']}, student {results['config']['student']}, "
           f"batch {args.batch_size}, {args.steps} steps after {args.warmup} warm-up, {torch.get_num_threads()} threads")
+    if default_allocator is not None:
+        print("with glibc's default allocator settings:")
+        print(format_table(default_allocator, methods))
+        print(f"amad / logit_kd = {default_allocator['ratio_amad_vs_logit_kd']:.3f}\n")
+        print(f"allocator as in the training workers ({allocator}):")
     print(format_table(summary, methods))
     print(f"amad / logit_kd = {summary['ratio_amad_vs_logit_kd']:.3f} (paired per-round median "
           f"{summary['ratio_amad_vs_logit_kd_paired_median']:.3f}); target {TARGET}: "

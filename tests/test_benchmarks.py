@@ -48,11 +48,13 @@ def test_loss_overhead_quick_run_writes_complete_results(tmp_path):
         assert key in results, key
 
     methods = set(loss_overhead.METHODS)
-    assert methods == {"task", "logit_kd", "amad", "one_to_one", "head_mean", "relation"}
-    for key in ("step_ms", "step_ms_p10", "step_ms_p90"):
-        assert set(results[key]) == methods, key
-        for method, value in results[key].items():
-            assert positive_finite(value), (key, method, value)
+    assert methods == {"task", "logit_kd", "amad", "amad_pytorch", "one_to_one", "head_mean", "relation"}
+    for summary in (results, results["default_allocator"]):  # --allocator both: two timed passes
+        for key in ("step_ms", "step_ms_p10", "step_ms_p90"):
+            assert set(summary[key]) == methods, key
+            for method, value in summary[key].items():
+                assert positive_finite(value), (key, method, value)
+    assert positive_finite(results["default_allocator"]["ratio_amad_vs_logit_kd"])
     for method in methods:  # order statistics of the same samples
         assert results["step_ms_p10"][method] <= results["step_ms"][method] <= results["step_ms_p90"][method]
 
@@ -73,6 +75,26 @@ def test_loss_overhead_quick_run_writes_complete_results(tmp_path):
                                            config["teacher"]["tokens"], config["teacher"]["tokens"]]
     assert config["threads"] == 1 and config["quick"] is True
     assert config["torch"] == torch.__version__
+    assert config["allocator"]  # what retain_freed_memory did (or why not)
+    native = config["native_kernels"]
+    if native["library"] is None:  # then it says why, unless it was turned off on purpose
+        assert native["unavailable_reason"] or os.environ.get("AMAD_NATIVE_KERNELS") == "0"
+
+
+def test_loss_overhead_methods_subset_and_default_allocator(tmp_path):
+    loss_overhead = load_script("loss_overhead")
+    out = tmp_path / "x.json"
+    threads = torch.get_num_threads()
+    try:
+        results = loss_overhead.main(
+            ["--quick", "--out", str(out), "--threads", "1", "--methods", "amad_pytorch", "--allocator", "default"]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert set(results["step_ms"]) == {"logit_kd", "amad", "amad_pytorch"}
+    assert results["default_allocator"] is None and results["config"]["allocator"] == "glibc defaults"
+    with pytest.raises(SystemExit):
+        loss_overhead.parse_args(["--methods", "amad,nope"])
 
 
 @pytest.mark.integration
@@ -122,7 +144,7 @@ def test_amad_loss_floor_quick_run_writes_complete_results(tmp_path):
         torch.set_num_threads(threads)
 
     assert json.loads((tmp_path / "floor.json").read_text()) == json.loads(json.dumps(returned))
-    assert set(returned["ms_per_layer_fwd_bwd"]) == {"shipped", "one_pass"}  # --quick skips compile
+    assert set(returned["ms_per_layer_fwd_bwd"]) == {"shipped", "pytorch", "one_pass"}  # --quick skips compile
     assert all(positive_finite(v) for v in returned["ms_per_layer_fwd_bwd"].values())
     assert returned["passes_per_layer"]["one_pass"] == 1.0
     assert returned["budget_ms_per_layer"] == pytest.approx(0.10 * 100.0 / 2)
