@@ -16,14 +16,16 @@
  *
  * Why it is fast: each batch element is one unit of work, so its maps (~140 KB for 12 heads at
  * 53 tokens) stay in the core's L2 cache between the Gram pass and the KL pass; the mixture is
- * formed block by block in a 1 KB buffer and never stored; the logarithm is a polynomial the
- * compiler vectorises (Cephes logf, < 1 ulp on normal inputs) instead of a libm call. The
- * backward pass recomputes the mixture instead of saving it. Batch elements are spread over
- * OpenMP threads (the same libgomp that PyTorch loaded, so the two share one thread pool).
+ * formed block by block in a small buffer and never stored whole; the logarithm is a polynomial the
+ * compiler vectorises (Cephes logf, < 1 ulp on normal inputs) instead of a libm call; the Gram
+ * pass prefetches the next batch element's maps, which come from DRAM (the teacher wrote them long
+ * before); the gradient is computed in the same pass as the loss (see forward_one). Batch
+ * elements are spread over OpenMP threads (the same libgomp that PyTorch loaded, so the two share
+ * one thread pool).
  *
  * Values: the Gram pass flags, per batch element, NaN or negative entries in valid rows
- * (status 1) and entries above `limit`, +inf included (status 2). The caller raises on 1 and
- * recomputes with PyTorch on 2; with entries in [0, limit] and eps >= 1e-30 every argument of
+ * (status 1) and entries above `limit`, +inf included (status 2). The caller hands both to the
+ * PyTorch implementation, which raises on the first and computes the second exactly; with entries in [0, limit] and eps >= 1e-30 every argument of
  * the logarithm is a finite normal float, which the polynomial needs.
  *
  * No -ffast-math: the NaN checks and IEEE semantics must survive compilation.
@@ -137,10 +139,14 @@ static inline f16v vmin(f16v a, f16v b) {
 /* Sum of squares of x[0:n] in one pass that also lowers *lo to its minimum and raises *hi to its
  * maximum. A NaN entry makes the sum NaN (min/max may skip it) and +inf makes *hi inf: the
  * caller checks all three. */
-static float square_sum_range(const float *x, int64_t n, float *lo, float *hi) {
+static float square_sum_range(const float *x, int64_t n, float *lo, float *hi, int64_t ahead) {
     f16v a0 = {0}, a1 = {0}, mn = {0}, mx = {0};
     int64_t k = 0;
     for (; k + 32 <= n; k += 32) {
+        if (ahead) { /* the same 128 bytes of the next batch element, for its own Gram pass */
+            __builtin_prefetch(x + k + ahead);
+            __builtin_prefetch(x + k + ahead + 16);
+        }
         f16v v0 = load16(x + k), v1 = load16(x + k + 16);
         a0 += v0 * v0;
         a1 += v1 * v1;
@@ -299,7 +305,7 @@ static void grad_finish(scratch_t *sc, const float *T, const float *S, const uin
 static int8_t forward_one(const float *T, const float *S, const uint8_t *vb, int64_t Ht,
                           int64_t Hs, int64_t Q, int64_t K, float tau, float eps, float limit,
                           float *loss, float *a, float *w, float *nt, float *sq_s, float *grad_s,
-                          int detach_weights, scratch_t *sc) {
+                          int detach_weights, int ahead, scratch_t *sc) {
     const int64_t QK = Q * K;
     const float floor2 = eps * eps;
     float lo = 0.0f, hi = 0.0f;
@@ -309,10 +315,10 @@ static int8_t forward_one(const float *T, const float *S, const uint8_t *vb, int
     memset(sq_s, 0, sizeof(float) * Hs);
     FOR_EACH_RUN(vb, Q, q0, n) {
         const int64_t off = q0 * K, L = n * K;
-        for (int64_t j = 0; j < Hs; j++) sq_s[j] += square_sum_range(S + j * QK + off, L, &lo, &hi);
+        for (int64_t j = 0; j < Hs; j++) sq_s[j] += square_sum_range(S + j * QK + off, L, &lo, &hi, ahead ? Hs * QK : 0);
         for (int64_t i = 0; i < Ht; i++) {
             const float *ti = T + i * QK + off;
-            nt[i] += square_sum_range(ti, L, &lo, &hi);
+            nt[i] += square_sum_range(ti, L, &lo, &hi, ahead ? Ht * QK : 0);
             for (int64_t j = 0; j < Hs; j++) w[i * Hs + j] += dot(ti, S + j * QK + off, L);
         }
     }
@@ -435,7 +441,7 @@ void amad_kl_forward(const float *T, const float *S, const uint8_t *valid, int64
             float *gb = grad_s ? grad_s + b * Hs * QK : NULL;
             status[b] = forward_one(T + b * Ht * QK, S + b * Hs * QK, vb, Ht, Hs, Q, K, tau, eps, limit,
                                     loss + b * Ht, a + b * Ht * Hs, w + b * Ht * Hs, nt + b * Ht,
-                                    sq_s + b * Hs, gb, detach_weights, &sc);
+                                    sq_s + b * Hs, gb, detach_weights, b + 1 < B, &sc);
         }
         free(mem);
     }
