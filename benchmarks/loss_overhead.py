@@ -93,8 +93,8 @@ DEFAULTS = {
     "student_heads": (4, 4),
     "student_layers": (2, 1),
     "batch_size": (64, 8),
-    "steps": (30, 3),
-    "warmup": (5, 1),
+    "steps": (100, 3),
+    "warmup": (10, 1),
 }
 QUICK_TEACHER = {"hidden_size": 48, "layers": 2}
 
@@ -404,8 +404,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--student-heads", type=int, help="default 4")
     parser.add_argument("--student-layers", type=int, help="default 2 (quick: 1)")
     parser.add_argument("--batch-size", type=int, help="default 64 (quick: 8)")
-    parser.add_argument("--steps", type=int, help="timed steps per method, default 30 (quick: 3)")
-    parser.add_argument("--warmup", type=int, help="untimed rounds first, default 5 (quick: 1)")
+    parser.add_argument("--steps", type=int, help="timed steps per method, default 100 (quick: 3)")
+    parser.add_argument("--warmup", type=int, help="untimed rounds first, default 10 (quick: 1)")
     parser.add_argument("--threads", type=int, help="torch threads; default: all cores")
     parser.add_argument(
         "--relation-heads", type=int, default=8, help="MiniLMv2 relation heads (lowered to divide both hiddens)"

@@ -67,10 +67,7 @@ static inline float log_normal(float x) {
     return (m + y) + 0.693359375f * fe;
 }
 
-void amad_log_array(const float *x, float *y, int64_t n) { /* for the tests of log_normal */
-#pragma omp simd
-    for (int64_t k = 0; k < n; k++) y[k] = log_normal(x[k]);
-}
+
 
 /* The next run of consecutive valid rows at or after `from`: returns its first row (Q if none)
  * and sets *len. */
@@ -96,65 +93,97 @@ static int64_t count_valid(const uint8_t *vb, int64_t Q) {
     return c;
 }
 
-/* 16 floats: one AVX-512 register, two AVX2 ones; GCC and Clang lower it to what the CPU has. */
-typedef float f16v __attribute__((vector_size(64)));
+/* One hardware vector of floats: GCC/Clang vector extensions, as wide as the target's registers
+ * (a wider type would be split into pieces and, across calls, passed through memory). */
+#if defined(__AVX512F__)
+#define VL 16
+#elif defined(__AVX__)
+#define VL 8
+#else
+#define VL 4 /* SSE2, NEON */
+#endif
+typedef float vecf __attribute__((vector_size(VL * 4)));
+typedef int32_t veci __attribute__((vector_size(VL * 4)));
 
-static inline f16v load16(const float *p) {
-    f16v v;
+static inline vecf loadv(const float *p) {
+    vecf v;
     memcpy(&v, p, sizeof v);
     return v;
 }
 
-static inline void store16(float *p, f16v v) { memcpy(p, &v, sizeof v); }
+static inline void storev(float *p, vecf v) { memcpy(p, &v, sizeof v); }
 
-static inline float hsum16(f16v v) {
+static inline float hsumv(vecf v) {
     float s = 0.0f;
-    for (int u = 0; u < 16; u++) s += v[u];
+    for (int u = 0; u < VL; u++) s += v[u];
     return s;
 }
 
 /* Four independent accumulators so the adds of a long dot product do not wait on each other. */
 static float dot(const float *x, const float *y, int64_t n) {
-    f16v a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    vecf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
     int64_t k = 0;
-    for (; k + 64 <= n; k += 64) {
-        a0 += load16(x + k) * load16(y + k);
-        a1 += load16(x + k + 16) * load16(y + k + 16);
-        a2 += load16(x + k + 32) * load16(y + k + 32);
-        a3 += load16(x + k + 48) * load16(y + k + 48);
+    for (; k + 4 * VL <= n; k += 4 * VL) {
+        a0 += loadv(x + k) * loadv(y + k);
+        a1 += loadv(x + k + VL) * loadv(y + k + VL);
+        a2 += loadv(x + k + 2 * VL) * loadv(y + k + 2 * VL);
+        a3 += loadv(x + k + 3 * VL) * loadv(y + k + 3 * VL);
     }
-    for (; k + 16 <= n; k += 16) a0 += load16(x + k) * load16(y + k);
-    float s = hsum16((a0 + a1) + (a2 + a3));
+    for (; k + VL <= n; k += VL) a0 += loadv(x + k) * loadv(y + k);
+    float s = hsumv((a0 + a1) + (a2 + a3));
     for (; k < n; k++) s += x[k] * y[k];
     return s;
 }
 
-typedef int32_t i16v __attribute__((vector_size(64)));
+static inline vecf vmin(vecf a, vecf b) {
+    veci lt = a < b; /* all-ones lanes where a < b */
+    return (vecf)((lt & (veci)a) | (~lt & (veci)b));
+}
 
-static inline f16v vmin(f16v a, f16v b) {
-    i16v lt = a < b; /* all-ones lanes where a < b */
-    return (f16v)((lt & (i16v)a) | (~lt & (i16v)b));
+/* log_normal on VL lanes at once, written with vector operations so that it vectorises on every
+ * target (GCC does not vectorise the scalar form without AVX-512's masked conversions). */
+static inline vecf log_normalv(vecf x) {
+    veci u = (veci)x;
+    veci e = ((u >> 23) & 0xff) - 126;
+    vecf m = (vecf)((u & 0x007fffff) | 0x3f000000);
+    veci small = m < 0.70710678118654752440f; /* all ones where true */
+    e += small;                                /* e - 1 there */
+    m = (m - 1.0f) + (vecf)(small & (veci)m);  /* there (m + m) - 1 */
+    vecf z = m * m;
+    vecf y = ((((((((7.0376836292E-2f * m - 1.1514610310E-1f) * m + 1.1676998740E-1f) * m
+                   - 1.2420140846E-1f) * m + 1.4249322787E-1f) * m - 1.6668057665E-1f) * m
+                 + 2.0000714765E-1f) * m - 2.4999993993E-1f) * m + 3.3333331174E-1f) * m * z;
+    vecf fe = __builtin_convertvector(e, vecf);
+    y += -2.12194440e-4f * fe;
+    y += -0.5f * z;
+    return (m + y) + 0.693359375f * fe;
+}
+
+void amad_log_array(const float *x, float *y, int64_t n) { /* for the tests of the logarithm */
+    int64_t k = 0;
+    for (; k + VL <= n; k += VL) storev(y + k, log_normalv(loadv(x + k)));
+    for (; k < n; k++) y[k] = log_normal(x[k]);
 }
 
 /* Sum of squares of x[0:n] in one pass that also lowers *lo to its minimum and raises *hi to its
  * maximum. A NaN entry makes the sum NaN (min/max may skip it) and +inf makes *hi inf: the
  * caller checks all three. */
 static float square_sum_range(const float *x, int64_t n, float *lo, float *hi, int64_t ahead) {
-    f16v a0 = {0}, a1 = {0}, mn = {0}, mx = {0};
+    vecf a0 = {0}, a1 = {0}, mn = {0}, mx = {0};
     int64_t k = 0;
-    for (; k + 32 <= n; k += 32) {
-        if (ahead) { /* the same 128 bytes of the next batch element, for its own Gram pass */
+    for (; k + 2 * VL <= n; k += 2 * VL) {
+        if (ahead && k % 32 == 0) { /* 128 bytes of the next batch element, for its own Gram pass */
             __builtin_prefetch(x + k + ahead);
             __builtin_prefetch(x + k + ahead + 16);
         }
-        f16v v0 = load16(x + k), v1 = load16(x + k + 16);
+        vecf v0 = loadv(x + k), v1 = loadv(x + k + VL);
         a0 += v0 * v0;
         a1 += v1 * v1;
         mn = vmin(mn, vmin(v0, v1));
         mx = -vmin(-mx, vmin(-v0, -v1));
     }
-    float s = hsum16(a0 + a1), l = *lo, h = *hi;
-    for (int u = 0; u < 16; u++) {
+    float s = hsumv(a0 + a1), l = *lo, h = *hi;
+    for (int u = 0; u < VL; u++) {
         l = mn[u] < l ? mn[u] : l;
         h = mx[u] > h ? mx[u] : h;
     }
@@ -182,10 +211,9 @@ static inline void mixture_block(float *m, const float *a, const float *S, int64
 
 /* Per-thread scratch memory, carved into the buffers below (sizes in scratch_bytes). */
 typedef struct {
-    f16v *acc;        /* Ht: per-head KL sums */
-    f16v *dots;       /* Ht * Hs: <D_i, S_j> */
+    vecf *acc;        /* Ht: per-head KL sums */
+    vecf *dots;       /* Ht * Hs: <D_i, S_j> */
     float *D;         /* Ht * BLOCK: D_i = T_i / (M_i + eps) for one block */
-    float *e;         /* BLOCK: the KL terms of one block */
     float *tail;      /* Ht: scalar tails of acc */
     float *dots_tail; /* Ht * Hs: scalar tails of dots */
     float *coef;      /* Hs * Ht: [j][i] = dL/dM_i scale for student head j */
@@ -194,17 +222,16 @@ typedef struct {
 } scratch_t;
 
 static size_t scratch_bytes(int64_t Ht, int64_t Hs) {
-    const size_t vectors = (size_t)(Ht + Ht * Hs), floats = (size_t)(Ht * BLOCK + BLOCK + Ht + 3 * Ht * Hs + 3 * Hs);
-    return (sizeof(f16v) * vectors + sizeof(float) * floats + 63) & ~(size_t)63;
+    const size_t vectors = (size_t)(Ht + Ht * Hs), floats = (size_t)(Ht * BLOCK + Ht + 3 * Ht * Hs + 3 * Hs);
+    return (sizeof(vecf) * vectors + sizeof(float) * floats + 63) & ~(size_t)63;
 }
 
 static scratch_t scratch_carve(void *mem, int64_t Ht, int64_t Hs) {
     scratch_t sc;
-    sc.acc = (f16v *)mem;
+    sc.acc = (vecf *)mem;
     sc.dots = sc.acc + Ht;
     sc.D = (float *)(sc.dots + Ht * Hs);
-    sc.e = sc.D + Ht * BLOCK;
-    sc.tail = sc.e + BLOCK;
+    sc.tail = sc.D + Ht * BLOCK;
     sc.dots_tail = sc.tail + Ht;
     sc.coef = sc.dots_tail + Ht * Hs;
     sc.d_gts = sc.coef + Ht * Hs;
@@ -221,7 +248,7 @@ static scratch_t scratch_carve(void *mem, int64_t Ht, int64_t Hs) {
  * (softmax, cosines, eps-floored norms) to the Gram products, whose gradient needs T again. */
 static void grad_begin(scratch_t *sc, int64_t Ht, int64_t Hs, const float *a, const float *g, float rw) {
     for (int64_t x = 0; x < Ht * Hs; x++) {
-        sc->dots[x] = (f16v){0};
+        sc->dots[x] = (vecf){0};
         sc->dots_tail[x] = 0.0f;
     }
     for (int64_t i = 0; i < Ht; i++)
@@ -230,23 +257,23 @@ static void grad_begin(scratch_t *sc, int64_t Ht, int64_t Hs, const float *a, co
 
 static void grad_block(scratch_t *sc, const float *S, int64_t Ht, int64_t Hs, int64_t QK, int64_t k0,
                        int64_t L, float *grad_s) {
-    const int64_t L16 = L & ~(int64_t)15;
+    const int64_t LV = L & ~(int64_t)(VL - 1);
     for (int64_t j = 0; j < Hs; j++) {
         const float *sj = S + j * QK + k0, *cj = sc->coef + j * Ht;
         float *gj = grad_s + j * QK + k0;
         for (int64_t i = 0; i < Ht; i++) { /* one register accumulator per (i, j) pair */
             const float *di = sc->D + i * BLOCK;
-            f16v v = sc->dots[i * Hs + j];
-            for (int64_t k = 0; k < L16; k += 16) v += load16(di + k) * load16(sj + k);
+            vecf v = sc->dots[i * Hs + j];
+            for (int64_t k = 0; k < LV; k += VL) v += loadv(di + k) * loadv(sj + k);
             sc->dots[i * Hs + j] = v;
-            for (int64_t k = L16; k < L; k++) sc->dots_tail[i * Hs + j] += di[k] * sj[k];
+            for (int64_t k = LV; k < L; k++) sc->dots_tail[i * Hs + j] += di[k] * sj[k];
         }
-        for (int64_t k = 0; k < L16; k += 16) { /* the gradient, summed over i in a register */
-            f16v v = load16(gj + k);
-            for (int64_t i = 0; i < Ht; i++) v += cj[i] * load16(sc->D + i * BLOCK + k);
-            store16(gj + k, v);
+        for (int64_t k = 0; k < LV; k += VL) { /* the gradient, summed over i in a register */
+            vecf v = loadv(gj + k);
+            for (int64_t i = 0; i < Ht; i++) v += cj[i] * loadv(sc->D + i * BLOCK + k);
+            storev(gj + k, v);
         }
-        for (int64_t k = L16; k < L; k++)
+        for (int64_t k = LV; k < L; k++)
             for (int64_t i = 0; i < Ht; i++) gj[k] += cj[i] * sc->D[i * BLOCK + k];
     }
 }
@@ -266,7 +293,7 @@ static void grad_finish(scratch_t *sc, const float *T, const float *S, const uin
         const float *ai = a + i * Hs, gi = g ? g[i] : 1.0f;
         float inner = 0.0f;
         for (int64_t j = 0; j < Hs; j++) {
-            ga[j] = (hsum16(sc->dots[i * Hs + j]) + sc->dots_tail[i * Hs + j]) * (-gi * rw);
+            ga[j] = (hsumv(sc->dots[i * Hs + j]) + sc->dots_tail[i * Hs + j]) * (-gi * rw);
             inner += ai[j] * ga[j];
         }
         for (int64_t j = 0; j < Hs; j++) {
@@ -283,10 +310,10 @@ static void grad_finish(scratch_t *sc, const float *T, const float *S, const uin
             const float *sj = S + j * QK, *cj = sc->d_gts + j * Ht, cs = d_sq[j];
             float *gj = grad_s + j * QK;
             int64_t k = q0 * K;
-            for (; k + 16 <= end; k += 16) {
-                f16v v = load16(gj + k) + cs * load16(sj + k);
-                for (int64_t i = 0; i < Ht; i++) v += cj[i] * load16(T + i * QK + k);
-                store16(gj + k, v);
+            for (; k + VL <= end; k += VL) {
+                vecf v = loadv(gj + k) + cs * loadv(sj + k);
+                for (int64_t i = 0; i < Ht; i++) v += cj[i] * loadv(T + i * QK + k);
+                storev(gj + k, v);
             }
             for (; k < end; k++) {
                 float v = gj[k] + cs * sj[k];
@@ -354,37 +381,34 @@ static int8_t forward_one(const float *T, const float *S, const uint8_t *vb, int
         grad_begin(sc, Ht, Hs, a, NULL, rw);
     }
     for (int64_t i = 0; i < Ht; i++) {
-        sc->acc[i] = (f16v){0};
+        sc->acc[i] = (vecf){0};
         sc->tail[i] = 0.0f;
     }
     FOR_EACH_RUN(vb, Q, q0, n) {
         const int64_t end = (q0 + n) * K;
         for (int64_t k0 = q0 * K; k0 < end; k0 += BLOCK) {
-            const int64_t L = end - k0 < BLOCK ? end - k0 : BLOCK, L16 = L & ~(int64_t)15;
+            const int64_t L = end - k0 < BLOCK ? end - k0 : BLOCK, LV = L & ~(int64_t)(VL - 1);
             for (int64_t i = 0; i < Ht; i++) {
                 const float *ti = T + i * QK + k0;
-                float *m = sc->D + i * BLOCK, *e = sc->e;
+                float *m = sc->D + i * BLOCK; /* the mixture, then D_i = T_i / (M_i + eps) */
                 mixture_block(m, a + i * Hs, S, Hs, QK, k0, L, eps);
-                if (grad_s) {
-#pragma omp simd
-                    for (int64_t k = 0; k < L; k++) {
-                        const float t = ti[k], r = 1.0f / m[k]; /* one division for both; the branch below rounds alike */
-                        e[k] = t * log_normal((t + eps) * r);
-                        m[k] = t * r; /* D_i, for grad_block */
-                    }
-                } else {
-#pragma omp simd
-                    for (int64_t k = 0; k < L; k++) e[k] = ti[k] * log_normal((ti[k] + eps) * (1.0f / m[k]));
+                vecf v = sc->acc[i];
+                for (int64_t k = 0; k < LV; k += VL) {
+                    const vecf t = loadv(ti + k), r = 1.0f / loadv(m + k); /* one division for both */
+                    v += t * log_normalv((t + eps) * r);
+                    if (grad_s) storev(m + k, t * r);
                 }
-                f16v v = sc->acc[i];
-                for (int64_t k = 0; k < L16; k += 16) v += load16(e + k);
                 sc->acc[i] = v;
-                for (int64_t k = L16; k < L; k++) sc->tail[i] += e[k];
+                for (int64_t k = LV; k < L; k++) {
+                    const float t = ti[k], r = 1.0f / m[k];
+                    sc->tail[i] += t * log_normal((t + eps) * r);
+                    m[k] = t * r;
+                }
             }
             if (grad_s) grad_block(sc, S, Ht, Hs, QK, k0, L, grad_s);
         }
     }
-    for (int64_t i = 0; i < Ht; i++) loss[i] = (float)(((double)hsum16(sc->acc[i]) + sc->tail[i]) * (double)rw);
+    for (int64_t i = 0; i < Ht; i++) loss[i] = (float)(((double)hsumv(sc->acc[i]) + sc->tail[i]) * (double)rw);
     if (grad_s && valid_rows && !detach_weights)
         grad_finish(sc, T, S, vb, Ht, Hs, Q, K, tau, eps, a, w, nt, sq_s, NULL, rw, grad_s);
     return 0;
