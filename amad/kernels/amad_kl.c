@@ -17,7 +17,7 @@
  * Why it is fast: each batch element is one unit of work, so its maps (~140 KB for 12 heads at
  * 53 tokens) stay in the core's L2 cache between the Gram pass and the KL pass; the mixture is
  * formed block by block in a small buffer and never stored whole; the logarithm is a polynomial the
- * compiler vectorises (Cephes logf, < 1 ulp on normal inputs) instead of a libm call; the Gram
+ * compiler vectorises (Cephes logf, < 1 ulp on normal inputs) instead of a libm call; the KL
  * pass prefetches the next batch element's maps, which come from DRAM (the teacher wrote them long
  * before); the gradient is computed in the same pass as the loss (see forward_one). Batch
  * elements are spread over OpenMP threads (the same libgomp that PyTorch loaded, so the two share
@@ -168,14 +168,10 @@ void amad_log_array(const float *x, float *y, int64_t n) { /* for the tests of t
 /* Sum of squares of x[0:n] in one pass that also lowers *lo to its minimum and raises *hi to its
  * maximum. A NaN entry makes the sum NaN (min/max may skip it) and +inf makes *hi inf: the
  * caller checks all three. */
-static float square_sum_range(const float *x, int64_t n, float *lo, float *hi, int64_t ahead) {
+static float square_sum_range(const float *x, int64_t n, float *lo, float *hi) {
     vecf a0 = {0}, a1 = {0}, mn = {0}, mx = {0};
     int64_t k = 0;
     for (; k + 2 * VL <= n; k += 2 * VL) {
-        if (ahead && k % 32 == 0) { /* 128 bytes of the next batch element, for its own Gram pass */
-            __builtin_prefetch(x + k + ahead);
-            __builtin_prefetch(x + k + ahead + 16);
-        }
         vecf v0 = loadv(x + k), v1 = loadv(x + k + VL);
         a0 += v0 * v0;
         a1 += v1 * v1;
@@ -342,10 +338,10 @@ static int8_t forward_one(const float *T, const float *S, const uint8_t *vb, int
     memset(sq_s, 0, sizeof(float) * Hs);
     FOR_EACH_RUN(vb, Q, q0, n) {
         const int64_t off = q0 * K, L = n * K;
-        for (int64_t j = 0; j < Hs; j++) sq_s[j] += square_sum_range(S + j * QK + off, L, &lo, &hi, ahead ? Hs * QK : 0);
+        for (int64_t j = 0; j < Hs; j++) sq_s[j] += square_sum_range(S + j * QK + off, L, &lo, &hi);
         for (int64_t i = 0; i < Ht; i++) {
             const float *ti = T + i * QK + off;
-            nt[i] += square_sum_range(ti, L, &lo, &hi, ahead ? Ht * QK : 0);
+            nt[i] += square_sum_range(ti, L, &lo, &hi);
             for (int64_t j = 0; j < Hs; j++) w[i * Hs + j] += dot(ti, S + j * QK + off, L);
         }
     }
@@ -393,6 +389,8 @@ static int8_t forward_one(const float *T, const float *S, const uint8_t *vb, int
                 float *m = sc->D + i * BLOCK; /* the mixture, then D_i = T_i / (M_i + eps) */
                 mixture_block(m, a + i * Hs, S, Hs, QK, k0, L, eps);
                 vecf v = sc->acc[i];
+                if (ahead) /* this block of the next batch element, for its Gram pass (one line per 16) */
+                    for (int64_t k = 0; k < L; k += 16) __builtin_prefetch(ti + k + Ht * QK);
                 for (int64_t k = 0; k < LV; k += VL) {
                     const vecf t = loadv(ti + k), r = 1.0f / loadv(m + k); /* one division for both */
                     v += t * log_normalv((t + eps) * r);
@@ -405,6 +403,9 @@ static int8_t forward_one(const float *T, const float *S, const uint8_t *vb, int
                     m[k] = t * r;
                 }
             }
+            if (ahead) /* likewise the student maps; spread over this pass, the longest, to overlap compute */
+                for (int64_t j = 0; j < Hs; j++)
+                    for (int64_t k = 0; k < L; k += 16) __builtin_prefetch(S + j * QK + k0 + k + Hs * QK);
             if (grad_s) grad_block(sc, S, Ht, Hs, QK, k0, L, grad_s);
         }
     }
