@@ -1,9 +1,10 @@
 """Native CPU kernels for AMAD, compiled on first use; the losses fall back to PyTorch without them.
 
 The KL form of AMAD touches every element of the teacher's ``(B, Ht, Q, K)`` maps several times
-and takes a logarithm of each; as a chain of PyTorch ops that cost ~1.4x a logit-KD training step
-on CPU. ``amad_kl.c`` fuses the whole loss (cosines, alignment softmax, mixture, KL) into one pass
-per batch element forward and two backward (see the notes at its top), about 3x faster.
+and takes a logarithm of each; as a chain of PyTorch ops it made a training step ~1.37x a logit-KD
+step on CPU. ``amad_kl.c`` fuses the whole loss (cosines, alignment softmax, mixture, KL) and its
+gradient into one sweep per batch element (see the notes at its top): 3-4x faster per mapped
+layer, ~1.08x a logit-KD step (``benchmarks/loss_overhead.py``).
 
 It is compiled once per machine with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``;
 about a second) into a cache directory, and loaded with :mod:`ctypes`, so no build step, headers

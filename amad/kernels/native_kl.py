@@ -19,7 +19,7 @@ from amad.kernels import NativeKernels, library
 # eps >= MIN_EPS every argument of its logarithm is a finite normal float32.
 LIMIT = 1e6
 MIN_EPS = 1e-30
-MAX_HEAD_PAIRS = 4096  # Ht * Hs: the kernel keeps per-pair scratch on the stack
+MAX_HEAD_PAIRS = 4096  # Ht * Hs: past this the per-thread scratch (pair accumulators, Ht blocks) outgrows L2
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
