@@ -4,7 +4,7 @@ The KL form of AMAD touches every element of the teacher's ``(B, Ht, Q, K)`` map
 and takes a logarithm of each; as a chain of PyTorch ops it made a training step ~1.37x a logit-KD
 step on CPU. ``amad_kl.c`` fuses the whole loss (cosines, alignment softmax, mixture, KL) and its
 gradient into one sweep per batch element (see the notes at its top): 3-4x faster per mapped
-layer, ~1.08x a logit-KD step (``benchmarks/loss_overhead.py``).
+layer, ~1.09x a logit-KD step (``benchmarks/loss_overhead.py``).
 
 It is compiled once per machine with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``;
 about a second) into a cache directory, and loaded with :mod:`ctypes`, so no build step, headers
