@@ -251,10 +251,11 @@ PROBE = textwrap.dedent(
 )
 
 
-def run_probe(tmp_path, **env):
+def run_probe(tmp_path, script=PROBE, **env):
+    """Run ``script`` in a fresh interpreter with its own kernel cache: (its last output line, parsed; stderr)."""
     full_env = {**os.environ, "AMAD_KERNEL_CACHE": str(tmp_path / "cache"), **env}
     done = subprocess.run(
-        [sys.executable, "-c", PROBE], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
@@ -305,12 +306,7 @@ PORTABLE_PROBE = textwrap.dedent(
 def test_a_portable_build_without_openmp_or_native_tuning_gives_the_same_values(tmp_path):
     # What a machine gets when its compiler lacks -march=native or OpenMP (e.g. Apple clang): the
     # generic vector code, single-threaded.
-    env = {**os.environ, "AMAD_KERNEL_CACHE": str(tmp_path / "cache"), "AMAD_KERNEL_CFLAGS": "-O2"}
-    done = subprocess.run(
-        [sys.executable, "-c", PORTABLE_PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result, _ = run_probe(tmp_path, PORTABLE_PROBE, AMAD_KERNEL_CFLAGS="-O2")
     assert Path(result["path"]).parent == tmp_path / "cache" and result["threaded"] is False
     assert result["value_err"] < 1e-5 and result["grad_err"] < 1e-5, result
 

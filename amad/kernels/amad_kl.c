@@ -47,28 +47,6 @@ int amad_kernels_openmp(void) {
 #endif
 }
 
-/* Natural log of a finite normal float > 0 (Cephes logf), branch-free so loops vectorise. */
-static inline float log_normal(float x) {
-    union { float f; int32_t i; } u;
-    u.f = x;
-    int32_t e = ((u.i >> 23) & 0xff) - 126; /* x = m 2^e, m in [0.5, 1) */
-    u.i = (u.i & 0x007fffff) | 0x3f000000;
-    float m = u.f;
-    int32_t small = m < 0.70710678118654752440f;
-    e -= small;
-    m = small ? (m + m) - 1.0f : m - 1.0f; /* now log(x) = log1p(m) + e log 2, |m| < 0.42 */
-    float z = m * m;
-    float y = ((((((((7.0376836292E-2f * m - 1.1514610310E-1f) * m + 1.1676998740E-1f) * m
-                   - 1.2420140846E-1f) * m + 1.4249322787E-1f) * m - 1.6668057665E-1f) * m
-                 + 2.0000714765E-1f) * m - 2.4999993993E-1f) * m + 3.3333331174E-1f) * m * z;
-    float fe = (float)e;
-    y += -2.12194440e-4f * fe; /* log 2 split in two parts for accuracy */
-    y += -0.5f * z;
-    return (m + y) + 0.693359375f * fe;
-}
-
-
-
 /* The next run of consecutive valid rows at or after `from`: returns its first row (Q if none)
  * and sets *len. */
 static int64_t next_run(const uint8_t *valid, int64_t Q, int64_t from, int64_t *len) {
@@ -140,21 +118,33 @@ static inline vecf vmin(vecf a, vecf b) {
     return (vecf)((lt & (veci)a) | (~lt & (veci)b));
 }
 
-/* log_normal on VL lanes at once, written with vector operations so that it vectorises on every
- * target (GCC does not vectorise the scalar form without AVX-512's masked conversions). */
+/* First n < VL elements of p in a vector, the other lanes `fill`; and the matching store. */
+static inline vecf loadv_part(const float *p, int64_t n, float fill) {
+    vecf v = (vecf){0} + fill;
+    for (int64_t u = 0; u < n; u++) v[u] = p[u];
+    return v;
+}
+
+static inline void storev_part(float *p, vecf v, int64_t n) {
+    for (int64_t u = 0; u < n; u++) p[u] = v[u];
+}
+
+/* Natural log of finite normal floats > 0 (Cephes logf, < 1 ulp), written with vector operations so
+ * that it vectorises on every target (GCC does not vectorise a scalar form of it without
+ * AVX-512's masked conversions). */
 static inline vecf log_normalv(vecf x) {
     veci u = (veci)x;
-    veci e = ((u >> 23) & 0xff) - 126;
+    veci e = ((u >> 23) & 0xff) - 126;              /* x = m 2^e, m in [0.5, 1) */
     vecf m = (vecf)((u & 0x007fffff) | 0x3f000000);
     veci small = m < 0.70710678118654752440f; /* all ones where true */
     e += small;                                /* e - 1 there */
-    m = (m - 1.0f) + (vecf)(small & (veci)m);  /* there (m + m) - 1 */
+    m = (m - 1.0f) + (vecf)(small & (veci)m);  /* there (m + m) - 1: log(x) = log1p(m) + e log 2 */
     vecf z = m * m;
     vecf y = ((((((((7.0376836292E-2f * m - 1.1514610310E-1f) * m + 1.1676998740E-1f) * m
                    - 1.2420140846E-1f) * m + 1.4249322787E-1f) * m - 1.6668057665E-1f) * m
                  + 2.0000714765E-1f) * m - 2.4999993993E-1f) * m + 3.3333331174E-1f) * m * z;
     vecf fe = __builtin_convertvector(e, vecf);
-    y += -2.12194440e-4f * fe;
+    y += -2.12194440e-4f * fe; /* log 2 split in two parts for accuracy */
     y += -0.5f * z;
     return (m + y) + 0.693359375f * fe;
 }
@@ -162,7 +152,7 @@ static inline vecf log_normalv(vecf x) {
 void amad_log_array(const float *x, float *y, int64_t n) { /* for the tests of the logarithm */
     int64_t k = 0;
     for (; k + VL <= n; k += VL) storev(y + k, log_normalv(loadv(x + k)));
-    for (; k < n; k++) y[k] = log_normal(x[k]);
+    if (k < n) storev_part(y + k, log_normalv(loadv_part(x + k, n - k, 1.0f)), n - k);
 }
 
 /* Sum of squares of x[0:n] in one pass that also lowers *lo to its minimum and raises *hi to its
@@ -210,7 +200,6 @@ typedef struct {
     vecf *acc;        /* Ht: per-head KL sums */
     vecf *dots;       /* Ht * Hs: <D_i, S_j> */
     float *D;         /* Ht * BLOCK: D_i = T_i / (M_i + eps) for one block */
-    float *tail;      /* Ht: scalar tails of acc */
     float *dots_tail; /* Ht * Hs: scalar tails of dots */
     float *coef;      /* Hs * Ht: [j][i] = dL/dM_i scale for student head j */
     float *d_gts;     /* Hs * Ht: gradient of <t_i, s_j> */
@@ -218,7 +207,7 @@ typedef struct {
 } scratch_t;
 
 static size_t scratch_bytes(int64_t Ht, int64_t Hs) {
-    const size_t vectors = (size_t)(Ht + Ht * Hs), floats = (size_t)(Ht * BLOCK + Ht + 3 * Ht * Hs + 3 * Hs);
+    const size_t vectors = (size_t)(Ht + Ht * Hs), floats = (size_t)(Ht * BLOCK + 3 * Ht * Hs + 3 * Hs);
     return (sizeof(vecf) * vectors + sizeof(float) * floats + 63) & ~(size_t)63;
 }
 
@@ -227,8 +216,7 @@ static scratch_t scratch_carve(void *mem, int64_t Ht, int64_t Hs) {
     sc.acc = (vecf *)mem;
     sc.dots = sc.acc + Ht;
     sc.D = (float *)(sc.dots + Ht * Hs);
-    sc.tail = sc.D + Ht * BLOCK;
-    sc.dots_tail = sc.tail + Ht;
+    sc.dots_tail = sc.D + Ht * BLOCK;
     sc.coef = sc.dots_tail + Ht * Hs;
     sc.d_gts = sc.coef + Ht * Hs;
     sc.small = sc.d_gts + Ht * Hs;
@@ -376,10 +364,7 @@ static int8_t forward_one(const float *T, const float *S, const uint8_t *vb, int
         memset(grad_s, 0, sizeof(float) * Hs * QK);
         grad_begin(sc, Ht, Hs, a, NULL, rw);
     }
-    for (int64_t i = 0; i < Ht; i++) {
-        sc->acc[i] = (vecf){0};
-        sc->tail[i] = 0.0f;
-    }
+    for (int64_t i = 0; i < Ht; i++) sc->acc[i] = (vecf){0};
     FOR_EACH_RUN(vb, Q, q0, n) {
         const int64_t end = (q0 + n) * K;
         for (int64_t k0 = q0 * K; k0 < end; k0 += BLOCK) {
@@ -396,12 +381,12 @@ static int8_t forward_one(const float *T, const float *S, const uint8_t *vb, int
                     v += t * log_normalv((t + eps) * r);
                     if (grad_s) storev(m + k, t * r);
                 }
-                sc->acc[i] = v;
-                for (int64_t k = LV; k < L; k++) {
-                    const float t = ti[k], r = 1.0f / m[k];
-                    sc->tail[i] += t * log_normal((t + eps) * r);
-                    m[k] = t * r;
+                if (LV < L) { /* the last partial vector: padding lanes have t = 0, m = 1, so add 0 */
+                    const vecf t = loadv_part(ti + LV, L - LV, 0.0f), r = 1.0f / loadv_part(m + LV, L - LV, 1.0f);
+                    v += t * log_normalv((t + eps) * r);
+                    if (grad_s) storev_part(m + LV, t * r, L - LV);
                 }
+                sc->acc[i] = v;
             }
             if (ahead) /* likewise the student maps; spread over this pass, the longest, to overlap compute */
                 for (int64_t j = 0; j < Hs; j++)
@@ -409,7 +394,7 @@ static int8_t forward_one(const float *T, const float *S, const uint8_t *vb, int
             if (grad_s) grad_block(sc, S, Ht, Hs, QK, k0, L, grad_s);
         }
     }
-    for (int64_t i = 0; i < Ht; i++) loss[i] = (float)(((double)hsumv(sc->acc[i]) + sc->tail[i]) * (double)rw);
+    for (int64_t i = 0; i < Ht; i++) loss[i] = (float)((double)hsumv(sc->acc[i]) * (double)rw);
     if (grad_s && valid_rows && !detach_weights)
         grad_finish(sc, T, S, vb, Ht, Hs, Q, K, tau, eps, a, w, nt, sq_s, NULL, rw, grad_s);
     return 0;
