@@ -27,6 +27,7 @@ from serving.inputs import BadInput
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+SPIN_ENTRY = "session.intra_op.allow_spinning"
 
 
 @dataclass
@@ -120,6 +121,10 @@ class Predictor:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        # ORT's pool threads busy-wait after each run by default. In a replica they then take the CPU
+        # the event loop needs to parse the next requests: measured on 2 cores with 2 intra-op
+        # threads, the student served 413 req/s at concurrency 32 spinning and 725 without.
+        options.add_session_config_entry(SPIN_ENTRY, "0")
         self.session = ort.InferenceSession(str(bundle.onnx_path), sess_options=options, providers=providers or default_providers())
 
     @property

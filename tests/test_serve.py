@@ -32,7 +32,7 @@ from pipeline import export
 from serving import loadtest
 from serving.config import Limits, ServeConfig
 from serving.inputs import BadInput, parse_json
-from serving.model import Predictor, load_bundle
+from serving.model import SPIN_ENTRY, Predictor, load_bundle
 from test_export import export_config, train_tiny_student
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,6 +94,14 @@ def test_predict_without_ray_matches_offline_ort(predictor, examples):
     for answer in got:
         assert len(answer.top_k) == 3 and answer.top_k[0] == (answer.answer, answer.score)
         assert 0 < answer.score <= 1 and answer.top_k[0][1] >= answer.top_k[1][1] >= answer.top_k[2][1]
+
+
+def test_predictor_threads_do_not_spin(registered, predictor):
+    """ORT's pool threads would otherwise busy-wait between runs on the cores the replica's event loop needs."""
+    two = Predictor(load_bundle(MODEL, registered["uri"], cache=registered["workdir"] / "cache"), threads=2, limits=LIMITS)
+    for session in (predictor.session, two.session):
+        assert session.get_session_options().get_session_config_entry(SPIN_ENTRY) == "0"
+    assert two.session.get_session_options().intra_op_num_threads == 2
 
 
 def test_predict_converts_greyscale_rgba_and_palette(predictor, examples):
