@@ -238,3 +238,25 @@ def test_compare_methods_quick_run_writes_json_and_the_generated_results_page(tm
     assert parallel["config"]["jobs"] == 2 and parallel["config"]["seeds"] == [0, 1]
     for method in ("logit_kd", "amad_t1"):
         assert parallel["accuracy"][method]["2"][0] == returned["accuracy"][method]["2"][0], method
+
+
+def test_sweep_efficiency_configs_validate_for_both_schedulers():
+    """The benchmark's two sweeps (built from the shipped presets plus its overrides) pass SweepConfig
+    validation, in both modes. In a subprocess: importing the script sets the loopback environment."""
+    probe = (
+        "import json, sys; sys.argv = ['x']; sys.path.insert(0, 'benchmarks'); import sweep_efficiency as se\n"
+        "out = {}\n"
+        "for quick in (False, True):\n"
+        "    args = se.parse_args(['--quick'] if quick else [])\n"
+        "    for scheduler in ('asha', 'fifo'):\n"
+        "        cfg = se.sweep_config(args, se.ROOT / 'weights' / 'teacher-default', scheduler)\n"
+        "        s = cfg.scheduler\n"
+        "        out[f'{quick}-{scheduler}'] = [s.type, s.grace_period, s.reduction_factor, s.max_epochs, cfg.max_concurrent_trials]\n"
+        "print(json.dumps(out))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=BENCHMARKS.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    # Full mode: rungs at 1, 3, 9 and 27 epochs; quick: 1, 2 and 4.
+    assert got == {"False-asha": ["asha", 1, 3, 27, 2], "False-fifo": ["fifo", 1, 3, 27, 2],
+                   "True-asha": ["asha", 1, 2, 4, 2], "True-fifo": ["fifo", 1, 2, 4, 2]}
