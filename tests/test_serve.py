@@ -96,9 +96,9 @@ def test_predict_without_ray_matches_offline_ort(predictor, examples):
         assert 0 < answer.score <= 1 and answer.top_k[0][1] >= answer.top_k[1][1] >= answer.top_k[2][1]
 
 
-def test_predictor_threads_do_not_spin(registered, predictor):
+def test_predictor_threads_do_not_spin(predictor):
     """ORT's pool threads would otherwise busy-wait between runs on the cores the replica's event loop needs."""
-    two = Predictor(load_bundle(MODEL, registered["uri"], cache=registered["workdir"] / "cache"), threads=2, limits=LIMITS)
+    two = Predictor(predictor.bundle, threads=2, limits=LIMITS)  # the same downloaded files, a second session
     for session in (predictor.session, two.session):
         assert session.get_session_options().get_session_config_entry(SPIN_ENTRY) == "0"
     assert two.session.get_session_options().intra_op_num_threads == 2
