@@ -136,6 +136,26 @@ def test_the_default_benchmark_shape_matches_the_pytorch_path_in_float64(lib):
         torch.testing.assert_close(got_g.double(), want_g, rtol=0, atol=1e-5 * want_g.abs().max().item())
 
 
+def test_a_retained_graph_gives_the_same_gradient_on_every_backward(lib):
+    # The first backward scales the forward's gradient in place and hands it on; the second must
+    # not see that buffer again (it is recomputed by the backward kernel).
+    gen = torch.Generator().manual_seed(5)
+    T, S = maps(gen, 3, 6, 7, 11).float(), maps(gen, 3, 4, 7, 11).float()
+    mask = rand_mask(gen, 3, 7)
+    S.requires_grad_()
+    loss = native(T, S, mask, temperature=0.5, detach_weights=False).sum(1).mean(0) * 0.3
+    first = torch.autograd.grad(loss, S, retain_graph=True)[0].clone()
+    second = torch.autograd.grad(loss, S, retain_graph=True)[0].clone()
+    loss.backward()
+    with kernels.disabled():
+        S64 = S.detach().double().requires_grad_()
+        want = amad_loss_per_head(T.double(), S64, mask, temperature=0.5).sum(1).mean(0) * 0.3
+        (want_g,) = torch.autograd.grad(want, S64)
+    atol = 1e-5 * want_g.abs().max().item()
+    for got in (first, second, S.grad):
+        torch.testing.assert_close(got.double(), want_g, rtol=0, atol=atol)
+
+
 def test_amad_loss_takes_the_native_path_for_float32_and_half(lib, monkeypatch):
     calls = []
     real = native_kl._NativeAmadKL.apply

@@ -79,8 +79,9 @@ class _NativeAmadKL(torch.autograd.Function):
     With ``want_grad`` the forward kernel also computes the gradient of ``loss.sum()`` while each
     batch element's maps are in cache. The gradient is linear in the upstream gradient, so when
     that is one constant ``c`` (``sum``/``mean`` reductions, a loss weight: the usual case) the
-    backward pass is ``c`` times the saved gradient; any other upstream gradient is recomputed
-    exactly by the backward kernel.
+    backward pass scales the saved gradient by ``c`` in place and returns it; any other upstream
+    gradient, or a second backward through a retained graph, is recomputed exactly by the
+    backward kernel.
     """
 
     @staticmethod
@@ -100,7 +101,11 @@ class _NativeAmadKL(torch.autograd.Function):
             _ptr(grad_unit), int(detach_weights), status.data_ptr(), kernels.threads(),
         )  # fmt: skip
         ctx.mark_non_differentiable(status)
-        ctx.save_for_backward(s, t, valid, a, w, nt, sq_s, grad_unit)
+        ctx.save_for_backward(s, t, valid, a, w, nt, sq_s)
+        # Held outside save_for_backward: the first backward scales it in place and hands it on
+        # (no second map-sized buffer, no write to fresh memory); a later backward of a retained
+        # graph finds None and recomputes with the backward kernel.
+        ctx.grad_unit = grad_unit
         ctx.settings = (tau, eps, detach_weights, kernels)
         return loss, status
 
@@ -110,12 +115,13 @@ class _NativeAmadKL(torch.autograd.Function):
         none = (None,) * 7
         if not ctx.needs_input_grad[0]:
             return (None, *none)
-        s, t, valid, a, w, nt, sq_s, grad_unit = ctx.saved_tensors
+        s, t, valid, a, w, nt, sq_s = ctx.saved_tensors
         g = g_loss.to(torch.float32)
+        grad_unit, ctx.grad_unit = ctx.grad_unit, None
         if grad_unit is not None:
             c = g.reshape(-1)[:1]
             if bool((g == c).all()):
-                return (grad_unit * c, *none)
+                return (grad_unit.mul_(c), *none)
         tau, eps, detach_weights, kernels = ctx.settings
         B, Ht, Q, K = t.shape
         Hs = s.shape[1]
