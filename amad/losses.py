@@ -460,8 +460,8 @@ def amad_loss_per_head(
 
     On CPU, ``"kl"`` with float32 (or half) maps runs as one fused native kernel
     (:mod:`amad.kernels`, ~4x faster at the default shapes) when it is available and the teacher
-    needs no gradient; otherwise, and for everything else, as PyTorch ops. Both give the same values to float32
-    rounding.
+    needs no gradient; otherwise, and for everything else, as PyTorch ops. Both give the same
+    values to float32 rounding.
 
     Args:
         teacher_attn: ``(B, Ht, Q, K)`` attention probabilities.
