@@ -73,7 +73,7 @@ def test_retained_memory_stops_the_page_faults_of_every_step():
     assert result["applied"] and result["again"], result
     assert "mmap threshold 32 MiB" in result["message"]
     default, retained = median(result["default"]), median(result["retained"])
-    # Measured here: a median of 12,600-21,000 faults per forward with glibc's defaults; once
+    # Measured here: a median of 6,300-21,000 faults per forward with glibc's defaults; once
     # memory is kept, most forwards take none. One CI run saw a median of 636 retained (2.5 MB;
     # not reproduced here, under load or not), so the bound is a 10x cut and at least one
     # fault-free forward rather than an exact zero.
