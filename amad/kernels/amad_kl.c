@@ -174,11 +174,13 @@ static float square_sum_range(const float *x, int64_t n, float *lo, float *hi) {
  * pair needs two loads per multiply-add, and loads are what bounds these loops). */
 #define CHUNK 4
 
-/* The next `nj` (1..CHUNK) rows s_j = s0 + j * stride, the unused ones pointing at s0 (never read). */
-#define CHUNK_ROWS(s0, stride, nj)                                        \
-    const float *r0 = (s0), *r1 = (nj) > 1 ? (s0) + (stride) : (s0),      \
-                *r2 = (nj) > 2 ? (s0) + 2 * (stride) : (s0),              \
-                *r3 = (nj) > 3 ? (s0) + 3 * (stride) : (s0)
+/* Pointers p0..p3 of type `type *` to the next `nj` (1..CHUNK) rows p_j = s0 + j * stride, the
+ * unused ones pointing at s0 (never read or written). CHUNK_ROWS: read-only rows r0..r3. */
+#define CHUNK_ROWS_AS(type, p, s0, stride, nj)                                 \
+    type *p##0 = (s0), *p##1 = (nj) > 1 ? (s0) + (stride) : (s0),              \
+         *p##2 = (nj) > 2 ? (s0) + 2 * (stride) : (s0),                        \
+         *p##3 = (nj) > 3 ? (s0) + 3 * (stride) : (s0)
+#define CHUNK_ROWS(s0, stride, nj) CHUNK_ROWS_AS(const float, r, s0, stride, nj)
 
 /* w[j] += <t, s_j> for the nj rows s_j = s0 + j * QK over t[0:L]; with `stats` also *sq += |t|^2
  * and *lo / *hi lowered / raised to t's minimum / maximum (as square_sum_range). Two vectors per
@@ -332,9 +334,8 @@ static inline void grad_dots_chunk(scratch_t *sc, const float *s0, int64_t QK, c
 /* g_j[k] += sum_i coef[j][i] D_i[k] over k < LV for the nj gradient rows of one chunk. */
 static inline void grad_sum_chunk(scratch_t *sc, float *g0, int64_t QK, const int nj, int64_t Ht, int64_t j0,
                                   int64_t LV) {
-    float *q0 = g0, *q1 = nj > 1 ? g0 + QK : g0, *q2 = nj > 2 ? g0 + 2 * QK : g0, *q3 = nj > 3 ? g0 + 3 * QK : g0;
-    const float *c0 = sc->coef + j0 * Ht, *c1 = c0 + (nj > 1 ? Ht : 0), *c2 = c0 + (nj > 2 ? 2 * Ht : 0),
-                *c3 = c0 + (nj > 3 ? 3 * Ht : 0);
+    CHUNK_ROWS_AS(float, q, g0, QK, nj);
+    CHUNK_ROWS_AS(const float, c, sc->coef + j0 * Ht, Ht, nj);
     for (int64_t k = 0; k < LV; k += VL) {
         vecf v0 = loadv(q0 + k), v1 = {0}, v2 = {0}, v3 = {0};
         if (nj > 1) v1 = loadv(q1 + k);
@@ -395,10 +396,8 @@ static void grad_block(scratch_t *sc, const float *S, int64_t Ht, int64_t Hs, in
 static inline void cosine_grad_chunk(scratch_t *sc, const float *T, const float *S, float *grad_s, const float *d_sq,
                                      int64_t QK, const int nj, int64_t Ht, int64_t j0, int64_t begin, int64_t LV) {
     CHUNK_ROWS(S + j0 * QK, QK, nj);
-    float *g0 = grad_s + j0 * QK, *g1 = nj > 1 ? g0 + QK : g0, *g2 = nj > 2 ? g0 + 2 * QK : g0,
-          *g3 = nj > 3 ? g0 + 3 * QK : g0;
-    const float *c0 = sc->d_gts + j0 * Ht, *c1 = c0 + (nj > 1 ? Ht : 0), *c2 = c0 + (nj > 2 ? 2 * Ht : 0),
-                *c3 = c0 + (nj > 3 ? 3 * Ht : 0);
+    CHUNK_ROWS_AS(float, g, grad_s + j0 * QK, QK, nj);
+    CHUNK_ROWS_AS(const float, c, sc->d_gts + j0 * Ht, Ht, nj);
     const float e0 = d_sq[j0], e1 = nj > 1 ? d_sq[j0 + 1] : 0.0f, e2 = nj > 2 ? d_sq[j0 + 2] : 0.0f,
                 e3 = nj > 3 ? d_sq[j0 + 3] : 0.0f;
     for (int64_t k = begin; k < LV; k += VL) {
