@@ -331,28 +331,45 @@ static inline void grad_dots_chunk(scratch_t *sc, const float *s0, int64_t QK, c
     }
 }
 
+/* g_j[k] += (self ? e[j] s_j[k] : 0) + sum_i c_j[i] x_i[k] over k in [begin, LV), for the nj rows
+ * g_j = grad + j * QK of one chunk, with coefficient rows c_j = coef + j * Ht, Ht sources
+ * x_i = X + i * X_stride and (with `self`) s_j = s0 + j * QK. The loop both gradient sums share. */
+static inline void mix_into_chunk(float *grad, const float *coef, const float *X, int64_t X_stride, int64_t QK, const int nj,
+                                  int64_t Ht, int64_t begin, int64_t LV, const int self, const float *s0, const float *e) {
+    CHUNK_ROWS(self ? s0 : grad, QK, nj);
+    CHUNK_ROWS_AS(float, g, grad, QK, nj);
+    CHUNK_ROWS_AS(const float, c, coef, Ht, nj);
+    const float e0 = self ? e[0] : 0.0f, e1 = self && nj > 1 ? e[1] : 0.0f, e2 = self && nj > 2 ? e[2] : 0.0f,
+                e3 = self && nj > 3 ? e[3] : 0.0f;
+    for (int64_t k = begin; k < LV; k += VL) {
+        vecf v0 = loadv(g0 + k), v1 = {0}, v2 = {0}, v3 = {0};
+        if (nj > 1) v1 = loadv(g1 + k);
+        if (nj > 2) v2 = loadv(g2 + k);
+        if (nj > 3) v3 = loadv(g3 + k);
+        if (self) {
+            v0 += e0 * loadv(r0 + k);
+            if (nj > 1) v1 += e1 * loadv(r1 + k);
+            if (nj > 2) v2 += e2 * loadv(r2 + k);
+            if (nj > 3) v3 += e3 * loadv(r3 + k);
+        }
+        for (int64_t i = 0; i < Ht; i++) {
+            const vecf x = loadv(X + i * X_stride + k);
+            v0 += c0[i] * x;
+            if (nj > 1) v1 += c1[i] * x;
+            if (nj > 2) v2 += c2[i] * x;
+            if (nj > 3) v3 += c3[i] * x;
+        }
+        storev(g0 + k, v0);
+        if (nj > 1) storev(g1 + k, v1);
+        if (nj > 2) storev(g2 + k, v2);
+        if (nj > 3) storev(g3 + k, v3);
+    }
+}
+
 /* g_j[k] += sum_i coef[j][i] D_i[k] over k < LV for the nj gradient rows of one chunk. */
 static inline void grad_sum_chunk(scratch_t *sc, float *g0, int64_t QK, const int nj, int64_t Ht, int64_t j0,
                                   int64_t LV) {
-    CHUNK_ROWS_AS(float, q, g0, QK, nj);
-    CHUNK_ROWS_AS(const float, c, sc->coef + j0 * Ht, Ht, nj);
-    for (int64_t k = 0; k < LV; k += VL) {
-        vecf v0 = loadv(q0 + k), v1 = {0}, v2 = {0}, v3 = {0};
-        if (nj > 1) v1 = loadv(q1 + k);
-        if (nj > 2) v2 = loadv(q2 + k);
-        if (nj > 3) v3 = loadv(q3 + k);
-        for (int64_t i = 0; i < Ht; i++) {
-            const vecf d = loadv(sc->D + i * BLOCK + k);
-            v0 += c0[i] * d;
-            if (nj > 1) v1 += c1[i] * d;
-            if (nj > 2) v2 += c2[i] * d;
-            if (nj > 3) v3 += c3[i] * d;
-        }
-        storev(q0 + k, v0);
-        if (nj > 1) storev(q1 + k, v1);
-        if (nj > 2) storev(q2 + k, v2);
-        if (nj > 3) storev(q3 + k, v3);
-    }
+    mix_into_chunk(g0, sc->coef + j0 * Ht, sc->D, BLOCK, QK, nj, Ht, 0, LV, 0, NULL, NULL);
 }
 
 static void grad_block(scratch_t *sc, const float *S, int64_t Ht, int64_t Hs, int64_t QK, int64_t k0,
@@ -395,28 +412,7 @@ static void grad_block(scratch_t *sc, const float *S, int64_t Ht, int64_t Hs, in
  * k in [begin, LV): g_j[k] += d_sq[j] s_j[k] + sum_i d_gts[j][i] T_i[k]. */
 static inline void cosine_grad_chunk(scratch_t *sc, const float *T, const float *S, float *grad_s, const float *d_sq,
                                      int64_t QK, const int nj, int64_t Ht, int64_t j0, int64_t begin, int64_t LV) {
-    CHUNK_ROWS(S + j0 * QK, QK, nj);
-    CHUNK_ROWS_AS(float, g, grad_s + j0 * QK, QK, nj);
-    CHUNK_ROWS_AS(const float, c, sc->d_gts + j0 * Ht, Ht, nj);
-    const float e0 = d_sq[j0], e1 = nj > 1 ? d_sq[j0 + 1] : 0.0f, e2 = nj > 2 ? d_sq[j0 + 2] : 0.0f,
-                e3 = nj > 3 ? d_sq[j0 + 3] : 0.0f;
-    for (int64_t k = begin; k < LV; k += VL) {
-        vecf v0 = loadv(g0 + k) + e0 * loadv(r0 + k), v1 = {0}, v2 = {0}, v3 = {0};
-        if (nj > 1) v1 = loadv(g1 + k) + e1 * loadv(r1 + k);
-        if (nj > 2) v2 = loadv(g2 + k) + e2 * loadv(r2 + k);
-        if (nj > 3) v3 = loadv(g3 + k) + e3 * loadv(r3 + k);
-        for (int64_t i = 0; i < Ht; i++) {
-            const vecf t = loadv(T + i * QK + k);
-            v0 += c0[i] * t;
-            if (nj > 1) v1 += c1[i] * t;
-            if (nj > 2) v2 += c2[i] * t;
-            if (nj > 3) v3 += c3[i] * t;
-        }
-        storev(g0 + k, v0);
-        if (nj > 1) storev(g1 + k, v1);
-        if (nj > 2) storev(g2 + k, v2);
-        if (nj > 3) storev(g3 + k, v3);
-    }
+    mix_into_chunk(grad_s + j0 * QK, sc->d_gts + j0 * Ht, T, QK, QK, nj, Ht, begin, LV, 1, S + j0 * QK, d_sq + j0);
 }
 
 static void grad_finish(scratch_t *sc, const float *T, const float *S, const uint8_t *vb, int64_t Ht,
