@@ -140,7 +140,8 @@ def local_cluster(
                 raise RuntimeError(f"the local Ray cluster is at {cluster.address}, not on {LOOPBACK}: call apply_loopback_env() before importing ray")
             if connect:
                 ray.init(address=cluster.address)
-            yield cluster
+            with _started_here(connect):
+                yield cluster
         finally:
             if connect:
                 ray.shutdown()
@@ -182,7 +183,8 @@ def connected(address: str | None = None, object_store_memory: int | None = None
             cluster.wait_for_nodes()
             ray.init(address=cluster.address)
             _OWN_CLUSTER = True
-            yield
+            with _started_here(True):
+                yield
         finally:
             _OWN_CLUSTER = False
             ray.shutdown()
@@ -190,6 +192,24 @@ def connected(address: str | None = None, object_store_memory: int | None = None
 
 
 _OWN_CLUSTER = False  # True while connected() holds a cluster it started itself
+_CONNECTED_LOCAL = 0  # how many local_cluster()/connected() clusters this process started and is connected to
+
+
+@contextlib.contextmanager
+def _started_here(connected_to_it: bool) -> Iterator[None]:
+    global _CONNECTED_LOCAL
+    _CONNECTED_LOCAL += connected_to_it
+    try:
+        yield
+    finally:
+        _CONNECTED_LOCAL -= connected_to_it
+
+
+def started_here() -> bool:
+    """True while this process is connected to a cluster that it started on this machine
+    (:func:`local_cluster` or :func:`connected`): every node is then a local process, none of which a
+    cloud provider can preempt."""
+    return _CONNECTED_LOCAL > 0
 
 
 def release_placement_groups() -> int:

@@ -35,7 +35,7 @@ from ray.tune import Callback  # Progress subclasses it; importers of this modul
 
 from pipeline import names, sweep_report
 from pipeline.config import ConfigError, DistillJobConfig, parse_config
-from pipeline.local_cluster import connected
+from pipeline.local_cluster import connected, started_here
 from pipeline.sweep_config import SweepConfig
 from pipeline.tracking import RunTracker, flatten, open_run, resolve_tracking_uri
 
@@ -156,7 +156,10 @@ def _describe(cfg: SweepConfig) -> str:
 def _tune(cfg: SweepConfig, sweep_dir: Path, workdir: Path, parent: RunTracker, use_gpu: bool, resume: bool) -> None:
     from ray import tune
 
-    context = {"sweep": cfg.model_dump(mode="json"), "sweep_dir": str(sweep_dir), "workdir": str(workdir), "parent": parent, "use_gpu": use_gpu}
+    context = {
+        "sweep": cfg.model_dump(mode="json"), "sweep_dir": str(sweep_dir), "workdir": str(workdir), "parent": parent, "use_gpu": use_gpu,
+        "local_cluster": started_here(),  # the trial actors cannot tell: they only joined it
+    }
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": 0, "memory": TRIAL_MEMORY_BYTES})
     tune_dir = sweep_dir / TUNE_DIR
     if resume:
@@ -296,7 +299,7 @@ def run_trial(params: dict[str, Any], context: dict) -> None:
     child.log_params({**flatten(job.model_dump(mode="json")), **{f"trial.{key}": str(value) for key, value in params.items()}})
     try:
         teacher = train_distill.check_job(job)
-        train_distill._fit(job, teacher, run_dir, child, context["use_gpu"], callbacks=[TuneReportCallback()])
+        train_distill._fit(job, teacher, run_dir, child, context["use_gpu"], callbacks=[TuneReportCallback()], local_cluster=context["local_cluster"])
     except Exception as err:
         child.set_tags({names.TAG_TRIAL_STATUS: sweep_report.FAILED, names.TAG_TRIAL_ERROR: _error_text(err)})
         child.finish("FAILED")

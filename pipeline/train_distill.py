@@ -39,7 +39,8 @@ from amad.models import StudentSpec, get_adapter
 from amad.objective import DistillationObjective
 from amad.training import make_optimizer, warmup_cosine
 from pipeline import names
-from pipeline.local_cluster import connected
+from pipeline.lean_trainer import lean_torch_trainer, preemption_watcher_env
+from pipeline.local_cluster import connected, started_here
 from pipeline.config import ConfigError, DistillJobConfig
 from pipeline.cpu_allocator import retain_freed_memory
 from pipeline.tracking import RunTracker, flatten, open_run, resolve_tracking_uri
@@ -239,12 +240,26 @@ def _open_tracking(cfg, teacher: Teacher, workdir: Path, run_dir: Path, uri: str
     return tracker
 
 
-def _fit(cfg: DistillJobConfig, teacher: Teacher, run_dir: Path, tracker: RunTracker, use_gpu: bool, callbacks: list | None = None):
-    """Build and fit the TorchTrainer; ``callbacks`` go to its RunConfig (a sweep trial passes Tune's reporter)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def _fit(
+    cfg: DistillJobConfig,
+    teacher: Teacher,
+    run_dir: Path,
+    tracker: RunTracker,
+    use_gpu: bool,
+    callbacks: list | None = None,
+    local_cluster: bool | None = None,
+):
+    """Build and fit the TorchTrainer; ``callbacks`` go to its RunConfig (a sweep trial passes Tune's reporter).
 
-    trainer = TorchTrainer(
+    ``local_cluster``: the cluster was started by this job on one machine (default: by this process,
+    :func:`pipeline.local_cluster.started_here`); Ray Train's preemption watcher is then left out.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    if local_cluster is None:
+        local_cluster = started_here()
+    trainer = lean_torch_trainer()(
         train_loop,
         train_loop_config={
             "job": cfg.model_dump(mode="json"),
@@ -270,7 +285,8 @@ def _fit(cfg: DistillJobConfig, teacher: Teacher, run_dir: Path, tracker: RunTra
             callbacks=callbacks,
         ),
     )
-    return trainer.fit()
+    with preemption_watcher_env(watch=not local_cluster):
+        return trainer.fit()
 
 
 def _summarise(cfg, teacher: Teacher, run_dir: Path, tracker: RunTracker, result, use_gpu: bool, seconds: float) -> dict:

@@ -102,6 +102,21 @@ def test_two_workers_on_two_nodes_write_checkpoints_and_report_every_epoch(tiny_
 
 
 @pytest.mark.integration
+def test_a_fit_on_a_cluster_started_here_starts_no_dataset_manager_and_no_preemption_watcher(tiny_run):
+    """pipeline.lean_trainer: each helper actor is a Python process; these two never do anything here."""
+    import ray
+    from ray.util.state import list_actors
+
+    from pipeline.local_cluster import started_here
+
+    assert started_here()  # the session's cluster was started by this process
+    job = ray.get_runtime_context().get_job_id()
+    started = {actor.class_name for actor in list_actors(filters=[("job_id", "=", job)], limit=10_000, raise_on_missing_output=False)}
+    assert {"TrainController", "RayTrainWorker", "PlacementGroupCleaner"} <= started, started  # the query sees this run's actors
+    assert not started & {"DatasetManager", "PreemptionWatcher"}, started
+
+
+@pytest.mark.integration
 def test_best_checkpoint_reproduces_its_reported_validation_accuracy(tiny_run):
     """The all-reduced validation over both workers' shards equals a single-process evaluation of the whole split."""
     cfg, _, summary = tiny_run
