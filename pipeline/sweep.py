@@ -10,6 +10,7 @@ Layout under ``<workdir>/sweeps/<name>/``::
     mlflow_run.json       the parent MLflow run (re-opened on --resume)
     tune/                 Ray Tune's experiment (Tuner.restore reads it)
     trials/<trial_id>/    each trial's Ray Train run: epoch_NNNN checkpoints, its child mlflow_run.json
+                          (kept by the driver), trial_error.txt when it crashed
     measurements.json     params and latency per checkpoint (measured once, reused on re-selection)
     trials.csv, plots/, best.json
 
@@ -40,6 +41,7 @@ from pipeline.sweep_config import SweepConfig
 from pipeline.tracking import RunTracker, flatten, open_run, resolve_tracking_uri
 
 TUNE_DIR, TRIALS_DIR, PLOTS_DIR = "tune", "trials", "plots"
+TRIAL_ERROR_FILE = "trial_error.txt"  # in trials/<trial_id>/: the exception that ended the trial
 TRIAL_MEMORY_BYTES = 64 * 2**20  # the trial function's own bundle (it only waits on its TorchTrainer)
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # a local cluster started here moves only small objects
 
@@ -185,7 +187,7 @@ def _tune(cfg: SweepConfig, sweep_dir: Path, workdir: Path, parent: RunTracker, 
                 name=TUNE_DIR,
                 storage_path=str(sweep_dir),
                 failure_config=tune.FailureConfig(max_failures=0),  # a crashed trial is recorded, not retried
-                callbacks=[Progress(cfg.name, cfg.max_epochs)],
+                callbacks=[Progress(cfg.name, cfg.max_epochs), TrialRuns(cfg, parent, sweep_dir, workdir)],
                 verbose=0,  # Progress prints one line per event instead of Tune's tables
             ),
         )
@@ -277,8 +279,9 @@ def _short(config: dict) -> str:
 def run_trial(params: dict[str, Any], context: dict) -> None:
     """Tune trainable: one distillation (TorchTrainer) with ``params`` applied to the sweep's job.
 
-    Logs to its own MLflow child run (re-opened if the trial is restarted). A crash is recorded on
-    the child run and re-raised so that Tune marks the trial ERROR and the sweep goes on.
+    No MLflow here: the driver keeps the trial's child run (:class:`TrialRuns`). A crash is written to
+    the trial's ``trial_error.txt`` for it and re-raised, so that Tune marks the trial ERROR and the
+    sweep goes on.
     """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -287,23 +290,65 @@ def run_trial(params: dict[str, Any], context: dict) -> None:
 
     cfg = SweepConfig.model_validate(context["sweep"])
     trial_id = tune.get_context().get_trial_id()
+    job = trial_job(cfg, params, trial_id)
+    run_dir = Path(context["sweep_dir"]) / TRIALS_DIR / trial_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / names.JOB_FILE).write_text(json.dumps(job.model_dump(mode="json"), indent=2))
+    (run_dir / TRIAL_ERROR_FILE).unlink(missing_ok=True)  # a restarted trial starts without its old error
+    try:
+        teacher = train_distill.check_job(job)
+        train_distill._fit(job, teacher, run_dir, None, context["use_gpu"], callbacks=[TuneReportCallback()], local_cluster=context["local_cluster"])
+    except Exception as err:
+        (run_dir / TRIAL_ERROR_FILE).write_text(_error_text(err))
+        raise
+
+
+def trial_job(cfg: SweepConfig, params: dict[str, Any], trial_id: str) -> DistillJobConfig:
+    """The distill job that trial ``trial_id`` runs: the sweep's job with the trial's ``params`` applied."""
     values = cfg.trial_job(params)
     values["run_name"] = f"{cfg.name}-{trial_id}"
     if cfg.fail_when and all(params.get(key) == value for key, value in cfg.fail_when.items()):
         values.update(fail_at_step=1, max_failures=0)  # TEST-ONLY: rank 0 exits at the first step
-    job = DistillJobConfig.model_validate(values)
-    run_dir = Path(context["sweep_dir"]) / TRIALS_DIR / trial_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / names.JOB_FILE).write_text(json.dumps(job.model_dump(mode="json"), indent=2))
-    child = open_child(context["parent"], cfg.name, trial_id, run_dir, Path(context["workdir"]))
-    child.log_params({**flatten(job.model_dump(mode="json")), **{f"trial.{key}": str(value) for key, value in params.items()}})
-    try:
-        teacher = train_distill.check_job(job)
-        train_distill._fit(job, teacher, run_dir, child, context["use_gpu"], callbacks=[TuneReportCallback()], local_cluster=context["local_cluster"])
-    except Exception as err:
-        child.set_tags({names.TAG_TRIAL_STATUS: sweep_report.FAILED, names.TAG_TRIAL_ERROR: _error_text(err)})
+    return DistillJobConfig.model_validate(values)
+
+
+class TrialRuns(Callback):
+    """Each trial's MLflow child run, kept by the driver: opened with the trial's params when it starts,
+    one metrics step per epoch that Tune receives, FAILED with the trial's error when it crashes.
+
+    The driver does it rather than the trial: MLflow's import and its SQL store cost a trial actor and
+    its rank-0 Train worker a few CPU-seconds each, on the critical path of every trial's start-up.
+    :func:`collect` closes every run with its outcome after Tune (and logs any epoch missed here).
+    """
+
+    def __init__(self, cfg: SweepConfig, parent: RunTracker, sweep_dir: Path, workdir: Path):
+        self.cfg, self.parent, self.sweep_dir, self.workdir = cfg, parent, sweep_dir, workdir
+        self._runs: dict[str, tuple[RunTracker, set[int]]] = {}  # trial id -> (child run, epochs logged)
+
+    def _child(self, trial) -> tuple[RunTracker, set[int]]:
+        if trial.trial_id not in self._runs:  # re-opens the trial's own run after a --resume
+            child = open_child(self.parent, self.cfg.name, trial.trial_id, self.sweep_dir / TRIALS_DIR / trial.trial_id, self.workdir)
+            self._runs[trial.trial_id] = (child, child.logged_steps(names.VAL_ACCURACY))
+        return self._runs[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        child, _ = self._child(trial)
+        job = trial_job(self.cfg, trial.config, trial.trial_id)
+        child.log_params({**flatten(job.model_dump(mode="json")), **{f"trial.{key}": str(value) for key, value in trial.config.items()}})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get(names.EPOCH) is None:
+            return
+        child, logged = self._child(trial)
+        epoch = int(result[names.EPOCH])
+        if epoch not in logged:  # a restarted trial may report an epoch again
+            child.log_metrics(_epoch_metrics(result), step=epoch)
+            logged.add(epoch)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        child, _ = self._child(trial)
+        child.set_tags({names.TAG_TRIAL_STATUS: sweep_report.FAILED, names.TAG_TRIAL_ERROR: _error_text(_trial_error(trial, self.sweep_dir))})
         child.finish("FAILED")
-        raise
 
 
 def open_child(parent: RunTracker, sweep: str, trial_id: str, run_dir: Path, workdir: Path) -> RunTracker:
@@ -342,7 +387,7 @@ def collect(cfg: SweepConfig, sweep_dir: Path, workdir: Path, parent: RunTracker
         run_dir = sweep_dir / TRIALS_DIR / trial.trial_id
         child = open_child(parent, cfg.name, trial.trial_id, run_dir, workdir)  # re-opens the trial's own run
         row["run_id"] = child.run_id
-        row["error"] = _trial_error(trial, child) if trial.status == "ERROR" else None
+        row["error"] = _trial_error(trial, sweep_dir) if trial.status == "ERROR" else None
         _backfill(child, history)
         tags = {names.TAG_TRIAL_STATUS: row["status"]}
         if row["error"]:
@@ -381,7 +426,11 @@ def _backfill(child: RunTracker, history: list[dict]) -> None:
     for metrics in history:
         epoch = int(metrics[names.EPOCH])
         if epoch not in logged:
-            child.log_metrics({key: float(metrics[key]) for key in EPOCH_METRICS if metrics.get(key) is not None}, step=epoch)
+            child.log_metrics(_epoch_metrics(metrics), step=epoch)
+
+
+def _epoch_metrics(result: dict) -> dict[str, float]:
+    return {key: float(result[key]) for key in EPOCH_METRICS if result.get(key) is not None}
 
 
 def _outcome(status: str, history: list[dict], max_epochs: int) -> str:
@@ -409,15 +458,13 @@ def _best_epoch(history: list[dict]) -> dict:
     }
 
 
-def _trial_error(trial, child: RunTracker) -> str:
-    """The trial's error: what the trial recorded on its child run, else Tune's error file (under the
+def _trial_error(trial, sweep_dir: Path) -> str:
+    """The trial's error: what the trial wrote (``trial_error.txt``), else Tune's error file (under the
     trial's storage path: ``trial.error_file`` points at the driver's local staging copy, which is gone
     once the driver that ran the trial has exited)."""
-    from mlflow.tracking import MlflowClient
-
-    recorded = MlflowClient(child.tracking_uri).get_run(child.run_id).data.tags.get(names.TAG_TRIAL_ERROR)
-    if recorded:  # "<ExceptionType>: <message>", written by the trial itself
-        return recorded
+    recorded = sweep_dir / TRIALS_DIR / trial.trial_id / TRIAL_ERROR_FILE
+    if recorded.is_file():  # "<ExceptionType>: <message>", written by the trial itself
+        return recorded.read_text()
     name = getattr(trial.run_metadata, "error_filename", None)
     for base in (trial.path, trial.local_path):
         if base and name and Path(base, name).is_file():

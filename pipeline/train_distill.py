@@ -244,12 +244,15 @@ def _fit(
     cfg: DistillJobConfig,
     teacher: Teacher,
     run_dir: Path,
-    tracker: RunTracker,
+    tracker: RunTracker | None,
     use_gpu: bool,
     callbacks: list | None = None,
     local_cluster: bool | None = None,
 ):
     """Build and fit the TorchTrainer; ``callbacks`` go to its RunConfig (a sweep trial passes Tune's reporter).
+
+    ``tracker``: rank 0 logs each epoch's metrics to this MLflow run (None: nobody does, as in a sweep
+    trial, whose epochs the sweep's driver logs).
 
     ``local_cluster``: the cluster was started by this job on one machine (default: by this process,
     :func:`pipeline.local_cluster.started_here`); Ray Train's preemption watcher is then left out.
@@ -395,7 +398,7 @@ def train_loop(loop_config: dict) -> dict:
     transformers_logging.disable_progress_bar()  # one bar per from_pretrained/save_pretrained: noise in Ray logs
     cfg = DistillJobConfig.model_validate(loop_config["job"])
     teacher_path, run_dir = Path(loop_config["teacher"]), Path(loop_config["run_dir"])
-    tracker: RunTracker = loop_config["tracker"]
+    tracker: RunTracker | None = loop_config["tracker"]  # None in a sweep trial: the sweep's driver logs its epochs
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(cfg.scaling.threads_per_worker)
@@ -445,7 +448,8 @@ def train_loop(loop_config: dict) -> dict:
         start_epoch, step, history = state["epoch"], state["step"], state["history"]
         if rank == 0:
             _worker_log.info(f"[{cfg.run_name}] resumed after epoch {start_epoch} (step {step})")
-            _backfill(tracker, history)
+            if tracker is not None:
+                _backfill(tracker, history)
 
     for epoch in range(start_epoch, cfg.train.epochs):
         torch.manual_seed(_epoch_seed(cfg.seed, epoch, rank))  # dropout etc.: same per (epoch, rank) on resume
@@ -499,7 +503,7 @@ def train_loop(loop_config: dict) -> dict:
                 _write_checkpoint(Path(directory), student, teacher_path, spec, state)
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
-        if rank == 0:
+        if rank == 0 and tracker is not None:
             tracker.log_metrics(metrics, step=epoch + 1)
             _worker_log.info(
                 f"[{cfg.run_name}] epoch {epoch + 1}/{cfg.train.epochs}  step {step}  train_loss {metrics[names.TRAIN_LOSS]:.4f}  "
