@@ -296,7 +296,7 @@ def run_trial(params: dict[str, Any], context: dict) -> None:
     (run_dir / names.JOB_FILE).write_text(json.dumps(job.model_dump(mode="json"), indent=2))
     (run_dir / TRIAL_ERROR_FILE).unlink(missing_ok=True)  # a restarted trial starts without its old error
     try:
-        teacher = train_distill.check_job(job)
+        teacher = train_distill.read_teacher(job)  # the driver's check_sweep checked the job against the teacher
         train_distill._fit(job, teacher, run_dir, None, context["use_gpu"], callbacks=[TuneReportCallback()], local_cluster=context["local_cluster"])
     except Exception as err:
         (run_dir / TRIAL_ERROR_FILE).write_text(_error_text(err))

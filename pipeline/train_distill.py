@@ -6,50 +6,36 @@ epoch, resumable) -> cleanup (best checkpoint to MLflow, ``summary.json``).
 Runs are resumable by name. Ray Train V2 (2.60) keeps a checkpoint-manager snapshot in
 ``<workdir>/ray/<run_name>/``; a new ``fit`` with the same ``storage_path`` and ``name`` loads it and
 ``ray.train.get_checkpoint()`` returns the latest checkpoint, both after a worker failure (within
-``max_failures``) and when the same command is run again. The worker loop resumes at the next epoch
-with the optimizer, scheduler and step count it saved. Every epoch is seeded from ``(seed, epoch)``
-(data order) and ``(seed, epoch, rank)`` (torch RNG), so no RNG state needs saving for a resumed
-run to take the same steps as an uninterrupted one.
+``max_failures``) and when the same command is run again. The worker loop
+(:mod:`pipeline.distill_worker`) resumes at the next epoch with the optimizer, scheduler and step
+count it saved. Every epoch is seeded from ``(seed, epoch)`` (data order) and ``(seed, epoch, rank)``
+(torch RNG), so no RNG state needs saving for a resumed run to take the same steps as an
+uninterrupted one.
 
 A checkpoint directory holds the student as ``from_pretrained`` loads it (``config.json``,
 ``model.safetensors``), ``tokenizer.json``, ``benchmark.json`` (its data spec) and ``train_state.pt``.
+
+This module imports no model code at the top (:func:`check_job` imports it when called): a sweep's
+trial actor builds and fits the trainer from it without paying for transformers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from torch import nn
-
-from amad.data.benchmark import BenchmarkSpec, make_split
-from amad.data.dataset import VQASplit
-from amad.data.text import TOKENIZER_FILE, load_tokenizer
-from amad.models import StudentSpec, get_adapter
-from amad.objective import DistillationObjective
-from amad.training import make_optimizer, warmup_cosine
+from amad.data.benchmark import BenchmarkSpec
+from amad.data.text import TOKENIZER_FILE
 from pipeline import names
 from pipeline.lean_trainer import lean_torch_trainer, preemption_watcher_env
 from pipeline.local_cluster import connected, started_here
 from pipeline.config import ConfigError, DistillJobConfig
-from pipeline.cpu_allocator import retain_freed_memory
 from pipeline.tracking import RunTracker, flatten, open_run, resolve_tracking_uri
 
 TEACHER_FILES = ("config.json", "model.safetensors", TOKENIZER_FILE, names.BENCHMARK_FILE)
-
-
-# Workers log through logging: Ray Train V2 patches print() in workers and a print shows up twice.
-_worker_log = logging.getLogger("amad.distill")
 
 
 def _log(message: str) -> None:
@@ -77,6 +63,26 @@ def data_spec(teacher_benchmark: dict, cfg: DistillJobConfig) -> BenchmarkSpec:
     return BenchmarkSpec.from_dict(values)
 
 
+def read_teacher(cfg: DistillJobConfig) -> Teacher:
+    """The job's :class:`Teacher` from the teacher directory's small JSON files; ConfigError if it is not one.
+
+    Reads no weights and imports no model code: a sweep trial, whose job :func:`check_job` checked
+    before Ray started, starts its run from this alone.
+    """
+    path = Path(cfg.teacher).expanduser().resolve()
+    missing = [name for name in TEACHER_FILES if not (path / name).is_file()]
+    if missing:
+        raise ConfigError(f"teacher: {path} is not a teacher directory saved by `amad teacher` (missing {', '.join(missing)})")
+    layers = json.loads((path / "config.json").read_text()).get("num_hidden_layers")
+    if not isinstance(layers, int):
+        raise ConfigError(f"teacher: {path}/config.json has no num_hidden_layers")
+    test_accuracy = None
+    metrics_file = path / "metrics.json"
+    if metrics_file.is_file():
+        test_accuracy = json.loads(metrics_file.read_text()).get("test", {}).get("teacher", {}).get("accuracy")
+    return Teacher(path, layers, data_spec(json.loads((path / names.BENCHMARK_FILE).read_text()), cfg), test_accuracy)
+
+
 def check_job(cfg: DistillJobConfig) -> Teacher:
     """Everything that can be checked from the config and the teacher's small files; ConfigError if not.
 
@@ -84,10 +90,10 @@ def check_job(cfg: DistillJobConfig) -> Teacher:
     """
     from transformers import AutoConfig
 
-    path = Path(cfg.teacher).expanduser().resolve()
-    missing = [name for name in TEACHER_FILES if not (path / name).is_file()]
-    if missing:
-        raise ConfigError(f"teacher: {path} is not a teacher directory saved by `amad teacher` (missing {', '.join(missing)})")
+    from amad.models import StudentSpec, get_adapter
+
+    teacher = read_teacher(cfg)
+    path = teacher.path
     teacher_config = AutoConfig.from_pretrained(str(path))
     try:
         adapter = get_adapter(teacher_config.model_type)
@@ -120,18 +126,14 @@ def check_job(cfg: DistillJobConfig) -> Teacher:
     if unknown_kinds:
         raise ConfigError(f"objective.kinds: {sorted(unknown_kinds)} are not attention kinds of {adapter.family} (it has {list(adapter.kinds)})")
 
-    benchmark = data_spec(json.loads((path / names.BENCHMARK_FILE).read_text()), cfg)
+    benchmark = teacher.benchmark
     questions = benchmark.train_scenes * benchmark.questions_per_scene
     if questions // cfg.scaling.num_workers < cfg.train.batch_size:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size}: {benchmark.train_scenes} train scenes x {benchmark.questions_per_scene} "
             f"questions over scaling.num_workers={cfg.scaling.num_workers} leave fewer than one batch per worker"
         )
-    test_accuracy = None
-    metrics_file = path / "metrics.json"
-    if metrics_file.is_file():
-        test_accuracy = json.loads(metrics_file.read_text()).get("test", {}).get("teacher", {}).get("accuracy")
-    return Teacher(path, teacher_layers, benchmark, test_accuracy)
+    return teacher
 
 
 def check_placement(cfg: DistillJobConfig) -> bool:
@@ -317,243 +319,12 @@ def _summarise(cfg, teacher: Teacher, run_dir: Path, tracker: RunTracker, result
 # ---------------------------------------------------------------- the worker loop (one per Ray Train worker)
 
 
-class _ThroughDDP:
-    """Calls go through the DDP wrapper (gradient sync); attribute reads reach the model itself.
-
-    Model adapters read model internals (``model.vilt.embeddings``) that DDP does not expose.
-    """
-
-    def __init__(self, prepared: nn.Module, module: nn.Module):
-        self._prepared, self._module = prepared, module
-
-    def __call__(self, *args, **kwargs):
-        return self._prepared(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._module, name)
-
-
-def _epoch_seed(seed: int, epoch: int, rank: int | None = None) -> int:
-    return (seed * 1_000_003 + epoch) * 1_009 + (0 if rank is None else rank + 1)
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _all_reduce(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if _distributed():
-        dist.all_reduce(values, op=op)
-    return values
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
-@torch.no_grad()
-def validate(model: nn.Module, adapter, split: VQASplit, rank: int, world: int, batch_size: int, device: torch.device) -> dict[str, float]:
-    """Accuracy and mean cross-entropy over the WHOLE ``split``: each worker evaluates every
-    ``world``-th question from ``rank`` and the counts are summed across workers.
-
-    Runs in fp32 on the unwrapped model (no DDP collectives per batch, and the figures are the ones
-    ``amad.training.evaluate`` gives for the saved student).
-    """
-    qtypes = len(split.qtypes)
-    shard = split.subset(torch.arange(rank, len(split), world))
-    loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
-    correct = torch.zeros(qtypes, dtype=torch.float64, device=device)  # per question type
-    count = torch.zeros(qtypes, dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
-    for batch in shard.batches(batch_size):
-        batch = _to(batch, device)
-        logits = adapter.forward(model, batch, need_attentions=False).logits.float()  # (B, answers)
-        loss_sum += nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").double()
-        hit = logits.argmax(dim=-1) == batch["labels"]
-        correct += torch.bincount(batch["qtype"][hit], minlength=qtypes).double()
-        count += torch.bincount(batch["qtype"], minlength=qtypes).double()
-    model.train(was_training)
-    totals = _all_reduce(torch.cat([loss_sum, correct, count]))
-    loss_sum, correct, count = totals[0], totals[1 : 1 + qtypes], totals[1 + qtypes :]
-    relational = torch.tensor([name in split.relational_qtypes for name in split.qtypes], device=device)
-    return {
-        names.VAL_ACCURACY: (correct.sum() / count.sum()).item(),
-        names.VAL_RELATIONAL_ACCURACY: (correct[relational].sum() / count[relational].sum().clamp(min=1)).item(),
-        names.VAL_LOSS: (loss_sum / count.sum()).item(),
-    }
-
-
 def train_loop(loop_config: dict) -> dict:
-    """One Ray Train worker: DDP-train the student against the frozen teacher, one report per epoch."""
-    import ray.train
-    import ray.train.torch
-    from transformers.utils import logging as transformers_logging
+    """Ray Train's entry point on each worker: :func:`pipeline.distill_worker.train_loop`.
 
-    transformers_logging.disable_progress_bar()  # one bar per from_pretrained/save_pretrained: noise in Ray logs
-    cfg = DistillJobConfig.model_validate(loop_config["job"])
-    teacher_path, run_dir = Path(loop_config["teacher"]), Path(loop_config["run_dir"])
-    tracker: RunTracker | None = loop_config["tracker"]  # None in a sweep trial: the sweep's driver logs its epochs
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(cfg.scaling.threads_per_worker)
-    if cfg.scaling.retain_freed_memory:
-        retain_freed_memory()
-    device = ray.train.torch.get_device()
-    use_amp = loop_config["use_gpu"] and cfg.scaling.precision != "fp32"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.scaling.precision)
-
-    # setup: data, teacher, student, objective, optimizer
-    spec = BenchmarkSpec.from_dict(loop_config["benchmark"])
-    tokenizer = load_tokenizer(teacher_path)
-    train, val = make_split(spec, "train", tokenizer), make_split(spec, "val", tokenizer)
-    per_worker = len(train) // world
-    steps_per_epoch = per_worker // cfg.train.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"{len(train)} train questions over {world} workers give no batch of {cfg.train.batch_size}")
-    total_steps = cfg.train.epochs * steps_per_epoch
-
-    adapter = get_adapter(json.loads((teacher_path / "config.json").read_text())["model_type"])
-    teacher = adapter.load(teacher_path).eval().requires_grad_(False).to(device)
-    student_spec = StudentSpec(cfg.student.heads, cfg.student.layers, cfg.student.resolved_head_dim(), cfg.student.intermediate_ratio)
-    student = adapter.build(adapter.student_config(teacher.config, student_spec), seed=cfg.seed)
-    if cfg.student.init == "teacher":  # a resumed run overwrites this with its checkpoint below
-        adapter.init_from_teacher(student, teacher)
-    objective = DistillationObjective(**cfg.objective.kwargs())
-    need_maps = cfg.objective.method not in ("none", "relation")
-
-    state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            student.load_state_dict(adapter.load(directory).state_dict())
-            state = torch.load(Path(directory) / names.TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
-    prepared = ray.train.torch.prepare_model(student)  # moves to device; DDP when world > 1
-    model = _ThroughDDP(prepared, student)
-    optimizer = make_optimizer(student, cfg.train.lr, cfg.train.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
-    )
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    start_epoch, step, history = 0, 0, []
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, step, history = state["epoch"], state["step"], state["history"]
-        if rank == 0:
-            _worker_log.info(f"[{cfg.run_name}] resumed after epoch {start_epoch} (step {step})")
-            if tracker is not None:
-                _backfill(tracker, history)
-
-    for epoch in range(start_epoch, cfg.train.epochs):
-        torch.manual_seed(_epoch_seed(cfg.seed, epoch, rank))  # dropout etc.: same per (epoch, rank) on resume
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch)))
-        shard = order[rank::world][:per_worker]  # (per_worker,) the same length on every worker
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, task, logit_kd, attention
-        _barrier()  # start the clock together: rank 0 arrives late after writing the last checkpoint
-        tick = time.perf_counter()
-        for index in range(steps_per_epoch):
-            batch = _to(train.batch(shard[index * cfg.train.batch_size : (index + 1) * cfg.train.batch_size]), device)
-            autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
-            with autocast:
-                with torch.no_grad():
-                    teacher_out = adapter.forward(teacher, batch, need_attentions=need_maps, need_qkv=objective.needs_qkv)
-                student_out = adapter.forward(model, batch, need_attentions=need_maps, need_qkv=objective.needs_qkv)
-                parts = objective(teacher_out, student_out, batch["labels"])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(parts["loss"]).backward()
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            step += 1
-            sums += torch.stack([parts[k].detach().double() for k in ("loss", "task", "logit_kd", "attention")])
-            if cfg.fail_at_step == step and rank == 0:
-                _fail_once(run_dir, step, committed=f"epoch_{epoch:04d}" if epoch else None)
-        # the epoch lasts until its slowest worker is done: every rank reports the same seconds and samples/s
-        seconds = _all_reduce(torch.tensor([time.perf_counter() - tick], dtype=torch.float64, device=device), dist.ReduceOp.MAX).item()
-        sums = _all_reduce(sums) / (steps_per_epoch * world)
-        metrics = {
-            names.EPOCH: epoch + 1,
-            names.STEP: step,
-            names.LR: schedule.get_last_lr()[0],
-            names.TRAIN_LOSS: sums[0].item(),
-            names.TRAIN_TASK_LOSS: sums[1].item(),
-            names.TRAIN_LOGIT_KD_LOSS: sums[2].item(),
-            names.TRAIN_ATTENTION_LOSS: sums[3].item(),
-            **validate(student, adapter, val, rank, world, cfg.eval_batch_size, device),
-            names.SAMPLES_PER_S: steps_per_epoch * cfg.train.batch_size * world / seconds,
-            names.EPOCH_SECONDS: seconds,
-        }
-        history.append(metrics)
-        state = {
-            "epoch": epoch + 1, "step": step, "history": history, "world_size": world,
-            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
-        }
-        with tempfile.TemporaryDirectory() as directory:
-            checkpoint = None
-            if rank == 0:  # every worker reports (it is a barrier); only rank 0 writes the checkpoint
-                _write_checkpoint(Path(directory), student, teacher_path, spec, state)
-                checkpoint = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
-        if rank == 0 and tracker is not None:
-            tracker.log_metrics(metrics, step=epoch + 1)
-            _worker_log.info(
-                f"[{cfg.run_name}] epoch {epoch + 1}/{cfg.train.epochs}  step {step}  train_loss {metrics[names.TRAIN_LOSS]:.4f}  "
-                f"val_acc {metrics[names.VAL_ACCURACY]:.4f}  val_loss {metrics[names.VAL_LOSS]:.4f}  "
-                f"{metrics[names.SAMPLES_PER_S]:.0f} samples/s"
-            )
-    return {"history": history, "step": step}
-
-
-def _write_checkpoint(directory: Path, student: nn.Module, teacher_path: Path, spec: BenchmarkSpec, state: dict) -> None:
-    student.save_pretrained(directory)
-    shutil.copy(teacher_path / TOKENIZER_FILE, directory / TOKENIZER_FILE)
-    (directory / names.BENCHMARK_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
-    torch.save(state, directory / names.TRAIN_STATE_FILE)
-
-
-def _backfill(tracker: RunTracker, history: list[dict]) -> None:
-    """Log epochs a crashed attempt reported to Ray but not to MLflow."""
-    logged = tracker.logged_steps(names.VAL_ACCURACY)
-    for metrics in history:
-        if metrics[names.EPOCH] not in logged:
-            tracker.log_metrics(metrics, step=metrics[names.EPOCH])
-
-
-def _fail_once(run_dir: Path, step: int, committed: str | None, timeout_s: float = 300.0) -> None:
-    """TEST-ONLY (``fail_at_step``): kill this worker process once, as a crash would.
-
-    First waits until Ray has committed checkpoint ``committed`` (the previous epoch's; None: none yet)
-    to the run's ``checkpoint_manager_snapshot.json``. Ray Train's controller collects a report only
-    when it next polls the workers (every ~2 s): a worker that dies before then loses that report, and
-    the run restarts from the checkpoint before it. Waiting makes the injected fault land where the
-    test expects it, after the latest checkpoint, whatever the machine's load.
+    Imported here, when a worker calls it: Ray pickles this function by reference, so the process
+    that builds the trainer (the CLI driver, a sweep's trial actor) never imports the model stack.
     """
-    marker = run_dir / f".fail_at_step_{step}"
-    if marker.exists():
-        return
-    marker.touch()
-    deadline = time.monotonic() + timeout_s
-    while committed is not None and _latest_committed(run_dir) != committed:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"fail_at_step={step}: checkpoint {committed} not committed to {run_dir} within {timeout_s:g} s")
-        time.sleep(0.2)
-    _worker_log.warning(f"fail_at_step={step}: worker exiting on purpose (test-only fault injection)")
-    os._exit(1)
+    from pipeline.distill_worker import train_loop as run
 
-
-def _latest_committed(run_dir: Path) -> str | None:
-    """The directory name of the latest checkpoint in Ray Train's snapshot of the run (None if none or mid-write)."""
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        return (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-    except (OSError, ValueError):
-        return None
+    return run(loop_config)

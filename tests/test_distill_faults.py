@@ -88,7 +88,7 @@ def test_a_worker_that_dies_mid_run_restarts_from_the_last_checkpoint_and_finish
 
     ``max_failures=1``: Ray Train restarts the worker group, ``get_checkpoint()`` gives epoch 1's
     checkpoint, and the loop goes on from step 9 to the configured 3 x 9 steps. The fault hook waits for
-    epoch 1's checkpoint to be committed before exiting (see ``train_distill._fail_once``).
+    epoch 1's checkpoint to be committed before exiting (see ``distill_worker._fail_once``).
     """
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     base = tiny_config(tiny_teacher, **{"scaling.cpus_per_worker": 1})  # one worker per node

@@ -65,3 +65,14 @@ def test_the_variable_is_restored_when_the_fit_raises(no_user_setting):
         with preemption_watcher_env(watch=False):
             raise RuntimeError("boom")
     assert PREEMPTION_WATCHER_ENV not in os.environ
+
+
+def test_the_modules_a_sweep_trial_actor_imports_leave_out_the_model_stack():
+    """A trial actor builds and fits the trainer from pipeline.sweep / pipeline.train_distill; the model
+    code (transformers, ~2-3 CPU-s to import) is for the Train workers only (pipeline.distill_worker)."""
+    import subprocess
+    import sys
+
+    probe = "import sys, pipeline.sweep, pipeline.train_distill; print(sorted(m for m in ('transformers', 'amad.models', 'mlflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip() == "[]", out
