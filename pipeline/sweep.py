@@ -417,11 +417,8 @@ EPOCH_METRICS = (
 
 
 def _backfill(child: RunTracker, history: list[dict]) -> None:
-    """Log to the child run the epochs Tune received but rank 0 did not log to MLflow.
-
-    ASHA stops a trial as soon as Tune sees the report of its rung epoch; the trial's actors are
-    killed, often before rank 0 (which logs to MLflow after ``ray.train.report`` returns) got there.
-    """
+    """Log to the child run the epochs Tune saved but :class:`TrialRuns` did not log (e.g. results
+    that reached Tune's saved state while an interrupted driver was stopping)."""
     logged = child.logged_steps(names.VAL_ACCURACY)
     for metrics in history:
         epoch = int(metrics[names.EPOCH])
