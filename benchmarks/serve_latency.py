@@ -231,20 +231,17 @@ def main(argv=None) -> int:
                     url = direct[0] + "/v1/answer" if path == "direct" else proxy_url
                     key = label if path == paths[0] else f"{label}_{path}"
                     loadtest.run(url, 8, 100, bodies=bodies)  # warm-up
-                    if again:
-                        rps = loadtest.run(url, 32, 100_000, duration_s=args.seconds, bodies=bodies)["throughput_rps"]
-                        rounds[label].append(rps)
-                        print(f"{label} ({path}) again: c32 {rps:.1f} req/s", flush=True)
-                        continue
-                    if c1:
+                    if c1 and not again:
                         results[f"{key}_c1"] = loadtest.run(url, 1, args.c1_requests, bodies=bodies)
-                    results[f"{key}_c32"] = loadtest.run(url, 32, 100_000, duration_s=args.seconds, bodies=bodies)
+                    c32 = loadtest.run(url, 32, 100_000, duration_s=args.seconds, bodies=bodies)
                     if path == paths[0]:
-                        rounds[label] = [results[f"{key}_c32"]["throughput_rps"]]
-                    line = f"{label} ({path}): c32 {results[f'{key}_c32']['throughput_rps']:.1f} req/s"
-                    if c1:
+                        rounds.setdefault(label, []).append(c32["throughput_rps"])
+                    if not again:
+                        results[f"{key}_c32"] = c32
+                    line = f"{label} ({path}){' again' if again else ''}: c32 {c32['throughput_rps']:.1f} req/s"
+                    if c1 and not again:
                         line += f", c1 p50 {results[f'{key}_c1']['p50_ms']:.2f} ms p99 {results[f'{key}_c1']['p99_ms']:.2f} ms"
-                    print(line + f", mean batch {results[f'{key}_c32']['mean_batch_size']}", flush=True)
+                    print(line + f", mean batch {c32['mean_batch_size']}", flush=True)
                 serve.delete("bench")
 
             def app(model: str, batching: bool):

@@ -50,7 +50,6 @@ class Teacher:
     """What the driver learns from a teacher directory without loading its weights."""
 
     path: Path
-    layers: int
     benchmark: BenchmarkSpec  # the teacher's spec with the job's size overrides applied
     test_accuracy: float | None
 
@@ -73,14 +72,11 @@ def read_teacher(cfg: DistillJobConfig) -> Teacher:
     missing = [name for name in TEACHER_FILES if not (path / name).is_file()]
     if missing:
         raise ConfigError(f"teacher: {path} is not a teacher directory saved by `amad teacher` (missing {', '.join(missing)})")
-    layers = json.loads((path / "config.json").read_text()).get("num_hidden_layers")
-    if not isinstance(layers, int):
-        raise ConfigError(f"teacher: {path}/config.json has no num_hidden_layers")
     test_accuracy = None
     metrics_file = path / "metrics.json"
     if metrics_file.is_file():
         test_accuracy = json.loads(metrics_file.read_text()).get("test", {}).get("teacher", {}).get("accuracy")
-    return Teacher(path, layers, data_spec(json.loads((path / names.BENCHMARK_FILE).read_text()), cfg), test_accuracy)
+    return Teacher(path, data_spec(json.loads((path / names.BENCHMARK_FILE).read_text()), cfg), test_accuracy)
 
 
 def check_job(cfg: DistillJobConfig) -> Teacher:
