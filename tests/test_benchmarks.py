@@ -260,3 +260,27 @@ def test_sweep_efficiency_configs_validate_for_both_schedulers():
     # Full mode: rungs at 1, 3, 9 and 27 epochs; quick: 1, 2 and 4.
     assert got == {"False-asha": ["asha", 1, 3, 27, 2], "False-fifo": ["fifo", 1, 3, 27, 2],
                    "True-asha": ["asha", 1, 2, 4, 2], "True-fifo": ["fifo", 1, 2, 4, 2]}
+
+
+def test_sweep_efficiency_rounds_interleave_and_report_medians():
+    """Rounds run ABBA, the headline is the ratio of median wall times, and one round's accuracy gap
+    over a point fails the target even when the medians pass. In a subprocess (loopback environment)."""
+    probe = (
+        "import json, sys; sys.path.insert(0, 'benchmarks'); import sweep_efficiency as se\n"
+        "run = lambda wall, acc: {'wall_s': wall, 'best_acc': acc}\n"
+        "rounds = [{'asha': run(500.0, 0.50), 'fifo': run(900.0, 0.505)},\n"
+        "          {'asha': run(480.0, 0.50), 'fifo': run(1000.0, 0.505)},\n"
+        "          {'asha': run(700.0, 0.50), 'fifo': run(800.0, 0.505)}]\n"
+        "ok = se.summarise(rounds)\n"
+        "bad = se.summarise(rounds[:1] + [{'asha': run(480.0, 0.49), 'fifo': run(1000.0, 0.51)}])\n"
+        "print(json.dumps({'order': se.sweep_order(3), 'ok': [ok['wall_s_asha'], ok['wall_s_full'], round(ok['wall_ratio'], 4),\n"
+        "    round(ok['acc_gap_points'], 2), ok['meets_target'], [round(r['wall_ratio'], 4) for r in ok['per_round']]],\n"
+        "    'bad': [round(bad['acc_gap_points'], 2), bad['meets_target']]}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=BENCHMARKS.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["order"] == [[0, "asha"], [0, "fifo"], [1, "fifo"], [1, "asha"], [2, "asha"], [2, "fifo"]]
+    # Medians 500 / 900 s: 0.5556 although round 3 alone is 0.875; every gap 0.5 points.
+    assert got["ok"] == [500.0, 900.0, 0.5556, 0.5, True, [0.5556, 0.48, 0.875]]
+    assert got["bad"] == [2.0, False]
