@@ -1,7 +1,7 @@
 """Sweep efficiency of ``amad sweep``: the same 8-trial space with ASHA early stopping and without.
 
 Run from the repository root (``--quick``: tiny shapes, a random teacher, ~8-10 minutes on 2 cores;
-the default uses the committed teacher and takes much longer):
+the default uses the committed teacher and three rounds, about 65 minutes):
 
     .venv/bin/python benchmarks/sweep_efficiency.py --quick
     .venv/bin/python benchmarks/sweep_efficiency.py
@@ -22,13 +22,17 @@ training, validation and checkpoints, then selection with latency measurement). 
 selected trial's best-epoch validation accuracy. Target (reported, not enforced): ASHA's wall time
 at most 0.6 x the full sweep's, with a best accuracy within 1 point.
 
+**Warm-up.** Before timing, one untimed sweep of two 1-epoch trials on the same cluster: in a run
+without it, the first sweep's first trials took 39 s to their first report where later ones took
+31-37 s, and that cost fell on whichever scheduler ran first.
+
 **Rounds.** This machine is shared, and one sweep pair run back to back once measured the same trials at
 8.0 s per epoch in the first sweep and 6.2 s in the second, which alone moved the ratio by ~0.1. So
-``--rounds`` (default 2; ``--quick``: 1) runs the pairs interleaved ABBA (ASHA, full, full, ASHA, ...):
+``--rounds`` (default 3; ``--quick``: 1) runs the pairs interleaved ABBA (ASHA, full, full, ASHA, ...):
 a drift in the machine's speed over the run then weighs on both sweeps alike. The headline
 ``wall_s_*`` are each sweep's median over rounds, the ratio is of those medians, and every round's own
-ratio is kept; the accuracy target must hold in every round. The load average before and after each
-sweep is recorded.
+ratio is kept; the accuracy target must hold in every round. The load average before each sweep and
+after the last is recorded.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ SPACE = {  # 8 trials
 # way. With 9 epochs max (two rungs, 400 scenes) ASHA's sweep took 0.75x the full one: ASHA cannot save
 # more than the epochs it skips, and with two rungs those were 30 of 72.
 DEFAULTS = {"epochs": (27, 4), "train_scenes": (200, 200), "val_scenes": (100, 20), "workers": (2, 1),
-            "reduction_factor": (3, 2), "rounds": (2, 1)}
+            "reduction_factor": (3, 2), "rounds": (3, 1)}
 SCHEDULERS = ("asha", "fifo")
 
 
@@ -98,7 +102,7 @@ def sweep_order(rounds: int) -> list[tuple[int, str]]:
     return [(r, s) for r in range(rounds) for s in (SCHEDULERS if r % 2 == 0 else SCHEDULERS[::-1])]
 
 
-def sweep_config(args, teacher: Path, scheduler: str):
+def sweep_config(args, teacher: Path, scheduler: str, warm_up: bool = False):
     from pipeline.config import parse_config
     from pipeline.sweep_config import SweepConfig
 
@@ -107,6 +111,9 @@ def sweep_config(args, teacher: Path, scheduler: str):
     values.update(name=f"efficiency-{scheduler}", space=SPACE, max_concurrent_trials=2, time_budget_s=None)
     values["search"] = {"algorithm": "random", "num_samples": 1, "seed": 0}
     values["scheduler"] = {"type": scheduler, "grace_period": 1, "reduction_factor": args.reduction_factor, "max_epochs": args.epochs}
+    if warm_up:  # one pair of 1-epoch trials: every process and file a trial uses, started once before timing
+        values.update(name="efficiency-warm-up", space={"student.heads": {"grid": [2, 4]}})
+        values["scheduler"] = {"type": "fifo", "max_epochs": 1}
     job = values["job"]
     job["teacher"] = str(teacher)
     job["data"] = {"train_scenes": args.train_scenes, "val_scenes": args.val_scenes}
@@ -137,6 +144,12 @@ def main(argv=None) -> dict:
         else:
             teacher = ROOT / "weights" / "teacher-default"
         with local_cluster(nodes=2, num_cpus=1):
+            # Untimed: the first sweep on a fresh cluster and machine paid ~20 s more than later ones
+            # (first reports 39 s vs 31-37 s, slower first epochs): page cache, Ray's first workers.
+            tick = time.perf_counter()
+            sweep.main(sweep_config(args, teacher, "fifo", warm_up=True), scratch / "warm-up",
+                       tracking_uri=f"sqlite:///{scratch / 'warm-up' / 'mlflow.db'}")
+            warm_up_s = time.perf_counter() - tick
             for round_index, scheduler in sweep_order(args.rounds):
                 cfg = sweep_config(args, teacher, scheduler)
                 print(f"--- round {round_index + 1}/{args.rounds}, {scheduler}: 8 trials, {args.epochs} epochs max, "
@@ -174,6 +187,7 @@ def main(argv=None) -> dict:
         "val_scenes": args.val_scenes,
         "workers_per_trial": args.workers,
         "rounds": args.rounds,
+        "warm_up_s": round(warm_up_s, 1),
         "order": [f"{scheduler}-{r + 1}" for r, scheduler in sweep_order(args.rounds)],
         "nodes": 2,
         "cpus_per_node": 1,

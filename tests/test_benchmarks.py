@@ -252,14 +252,18 @@ def test_sweep_efficiency_configs_validate_for_both_schedulers():
         "        cfg = se.sweep_config(args, se.ROOT / 'weights' / 'teacher-default', scheduler)\n"
         "        s = cfg.scheduler\n"
         "        out[f'{quick}-{scheduler}'] = [s.type, s.grace_period, s.reduction_factor, s.max_epochs, cfg.max_concurrent_trials]\n"
+        "    warm = se.sweep_config(args, se.ROOT / 'weights' / 'teacher-default', 'fifo', warm_up=True)\n"
+        "    out[f'{quick}-warm-up'] = [warm.scheduler.type, warm.max_epochs, warm.name, sorted(warm.space)]\n"
         "print(json.dumps(out))\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=BENCHMARKS.parent)
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     # Full mode: rungs at 1, 3, 9 and 27 epochs; quick: 1, 2 and 4.
-    assert got == {"False-asha": ["asha", 1, 3, 27, 2], "False-fifo": ["fifo", 1, 3, 27, 2],
-                   "True-asha": ["asha", 1, 2, 4, 2], "True-fifo": ["fifo", 1, 2, 4, 2]}
+    # The untimed warm-up: two 1-epoch trials under its own name.
+    warm = ["fifo", 1, "efficiency-warm-up", ["student.heads"]]
+    assert got == {"False-asha": ["asha", 1, 3, 27, 2], "False-fifo": ["fifo", 1, 3, 27, 2], "False-warm-up": warm,
+                   "True-asha": ["asha", 1, 2, 4, 2], "True-fifo": ["fifo", 1, 2, 4, 2], "True-warm-up": warm}
 
 
 def test_sweep_efficiency_rounds_interleave_and_report_medians():
