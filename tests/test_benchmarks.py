@@ -240,9 +240,17 @@ def test_compare_methods_quick_run_writes_json_and_the_generated_results_page(tm
         assert parallel["accuracy"][method]["2"][0] == returned["accuracy"][method]["2"][0], method
 
 
+def sweep_efficiency_probe(probe: str):
+    """Run ``probe`` (Python that imports the benchmark script) in a subprocess, since importing it sets
+    the loopback environment; returns the JSON its last line printed."""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=BENCHMARKS.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_sweep_efficiency_configs_validate_for_both_schedulers():
     """The benchmark's two sweeps (built from the shipped presets plus its overrides) pass SweepConfig
-    validation, in both modes. In a subprocess: importing the script sets the loopback environment."""
+    validation, in both modes."""
     probe = (
         "import json, sys; sys.argv = ['x']; sys.path.insert(0, 'benchmarks'); import sweep_efficiency as se\n"
         "out = {}\n"
@@ -256,9 +264,7 @@ def test_sweep_efficiency_configs_validate_for_both_schedulers():
         "    out[f'{quick}-warm-up'] = [warm.scheduler.type, warm.max_epochs, warm.name, sorted(warm.space)]\n"
         "print(json.dumps(out))\n"
     )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=BENCHMARKS.parent)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    got = sweep_efficiency_probe(probe)
     # Full mode: rungs at 1, 3, 9 and 27 epochs; quick: 1, 2 and 4.
     # The untimed warm-up: two 1-epoch trials under its own name.
     warm = ["fifo", 1, "efficiency-warm-up", ["student.heads"]]
@@ -268,7 +274,7 @@ def test_sweep_efficiency_configs_validate_for_both_schedulers():
 
 def test_sweep_efficiency_rounds_interleave_and_report_medians():
     """Rounds run ABBA, the headline is the ratio of median wall times, and one round's accuracy gap
-    over a point fails the target even when the medians pass. In a subprocess (loopback environment)."""
+    over a point fails the target even when the medians pass."""
     probe = (
         "import json, sys; sys.path.insert(0, 'benchmarks'); import sweep_efficiency as se\n"
         "run = lambda wall, acc: {'wall_s': wall, 'best_acc': acc}\n"
@@ -281,9 +287,7 @@ def test_sweep_efficiency_rounds_interleave_and_report_medians():
         "    round(ok['acc_gap_points'], 2), ok['meets_target'], [round(r['wall_ratio'], 4) for r in ok['per_round']]],\n"
         "    'bad': [round(bad['acc_gap_points'], 2), bad['meets_target']]}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=BENCHMARKS.parent)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    got = sweep_efficiency_probe(probe)
     assert got["order"] == [[0, "asha"], [0, "fifo"], [1, "fifo"], [1, "asha"], [2, "asha"], [2, "fifo"]]
     # Medians 500 / 900 s: 0.5556 although round 3 alone is 0.875; every gap 0.5 points.
     assert got["ok"] == [500.0, 900.0, 0.5556, 0.5, True, [0.5556, 0.48, 0.875]]
