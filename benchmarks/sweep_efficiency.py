@@ -22,9 +22,10 @@ training, validation and checkpoints, then selection with latency measurement). 
 selected trial's best-epoch validation accuracy. Target (reported, not enforced): ASHA's wall time
 at most 0.6 x the full sweep's, with a best accuracy within 1 point.
 
-**Warm-up.** Before timing, one untimed sweep of two 1-epoch trials on the same cluster: in a run
-without it, the first sweep's first trials took 39 s to their first report where later ones took
-31-37 s, and that cost fell on whichever scheduler ran first.
+**Warm-up.** Before timing, one untimed sweep of two 1-epoch trials on the same cluster. In a run
+without it (2026-12-04) the fresh cluster's first sweep (ASHA) took 503 s, its trials 37 s to their
+first report where every later sweep's took 27-32 s; with it the same sweep took 430 s. That cost fell
+on whichever scheduler ran first. Its cause was not pinned down.
 
 **Rounds.** This machine is shared, and one sweep pair run back to back once measured the same trials at
 8.0 s per epoch in the first sweep and 6.2 s in the second, which alone moved the ratio by ~0.1. So
@@ -144,8 +145,7 @@ def main(argv=None) -> dict:
         else:
             teacher = ROOT / "weights" / "teacher-default"
         with local_cluster(nodes=2, num_cpus=1):
-            # Untimed: the first sweep on a fresh cluster and machine paid ~20 s more than later ones
-            # (first reports 39 s vs 31-37 s, slower first epochs): page cache, Ray's first workers.
+            # Untimed: a fresh cluster's first sweep ran ~70 s slower than the same sweep later (see Warm-up).
             tick = time.perf_counter()
             sweep.main(sweep_config(args, teacher, "fifo", warm_up=True), scratch / "warm-up",
                        tracking_uri=f"sqlite:///{scratch / 'warm-up' / 'mlflow.db'}")
