@@ -388,8 +388,7 @@ def collect(cfg: SweepConfig, sweep_dir: Path, workdir: Path, parent: RunTracker
         child = open_child(parent, cfg.name, trial.trial_id, run_dir, workdir)  # re-opens the trial's own run
         row["run_id"] = child.run_id
         row["error"] = _trial_error(trial, sweep_dir) if trial.status == "ERROR" else None
-        known = {int(metrics[names.EPOCH]) for metrics in history}
-        _backfill(child, [m for m in _checkpoint_history(run_dir) if int(m[names.EPOCH]) not in known] + history)
+        _backfill(child, history)
         tags = {names.TAG_TRIAL_STATUS: row["status"]}
         if row["error"]:
             tags[names.TAG_TRIAL_ERROR] = _error_text(row["error"])
@@ -425,24 +424,6 @@ def _backfill(child: RunTracker, history: list[dict]) -> None:
         epoch = int(metrics[names.EPOCH])
         if epoch not in logged:
             child.log_metrics(_epoch_metrics(metrics), step=epoch)
-
-
-def _checkpoint_history(run_dir: Path) -> list[dict]:
-    """Per-epoch metrics kept by the trial's newest checkpoint (``train_state.pt``'s ``history``).
-
-    A trial that reported an epoch while an interrupted driver was stopping resumes from that epoch's
-    checkpoint, and Tune's history of the resumed trial starts after it (seen: progress.csv held epoch
-    2 only), so the checkpoint is the one place that epoch's metrics are left. Unreadable: none."""
-    states = sorted(run_dir.glob(f"epoch_*/{names.TRAIN_STATE_FILE}"))
-    if not states:
-        return []
-    import torch
-
-    try:
-        state = torch.load(states[-1], map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 -- a backfill source, not the trial's outcome: Tune's history stands
-        return []
-    return [metrics for metrics in state.get("history", []) if isinstance(metrics, dict) and metrics.get(names.EPOCH) is not None]
 
 
 def _epoch_metrics(result: dict) -> dict[str, float]:
