@@ -376,7 +376,8 @@ def collect(cfg: SweepConfig, sweep_dir: Path, workdir: Path, parent: RunTracker
     rows = []
     for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
         frame = analysis.trial_dataframes.get(trial.trial_id)  # keyed by trial id (its docstring says path)
-        history = _history(frame)
+        run_dir = sweep_dir / TRIALS_DIR / trial.trial_id
+        history = fill_history_holes(_history(frame), run_dir)
         row = {
             "trial_id": trial.trial_id,
             "config": dict(trial.config),
@@ -384,7 +385,6 @@ def collect(cfg: SweepConfig, sweep_dir: Path, workdir: Path, parent: RunTracker
             "status": _outcome(trial.status, history, cfg.max_epochs),
         }
         row.update(_best_epoch(history))
-        run_dir = sweep_dir / TRIALS_DIR / trial.trial_id
         child = open_child(parent, cfg.name, trial.trial_id, run_dir, workdir)  # re-opens the trial's own run
         row["run_id"] = child.run_id
         row["error"] = _trial_error(trial, sweep_dir) if trial.status == "ERROR" else None
@@ -407,6 +407,44 @@ def _history(frame) -> list[dict]:
         if record.get(names.EPOCH) == record.get(names.EPOCH):  # not NaN
             by_epoch[int(record[names.EPOCH])] = record
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+def fill_history_holes(history: list[dict], run_dir: Path) -> list[dict]:
+    """Tune's per-epoch history with any missing epoch up to its last taken from the trial's checkpoint.
+
+    A trial that reported an epoch while an interrupted driver was stopping resumes from that epoch's
+    checkpoint, and Tune's history of the resumed trial can start after it (seen in CI: progress.csv held
+    epoch 2 only); the checkpoint's ``train_state.pt`` ``history`` still has every epoch it trained.
+    Only holes are filled: epochs after Tune's last are not, since a trial ASHA stopped may have
+    checkpointed one more epoch that Tune never saw. Contiguous histories are returned untouched
+    without reading any checkpoint."""
+    if not history:
+        return history
+    last = int(history[-1][names.EPOCH])
+    known = {int(metrics[names.EPOCH]) for metrics in history}
+    if len(known) >= last:  # epochs 1..last all there
+        return history
+    holes = {
+        int(metrics[names.EPOCH]): metrics
+        for metrics in _checkpoint_history(run_dir)
+        if int(metrics[names.EPOCH]) <= last and int(metrics[names.EPOCH]) not in known
+    }
+    return sorted(history + list(holes.values()), key=lambda metrics: int(metrics[names.EPOCH]))
+
+
+def _checkpoint_history(run_dir: Path) -> list[dict]:
+    """Per-epoch metrics in the trial's newest readable checkpoint (``train_state.pt``), or none."""
+    import torch
+
+    for state_file in sorted(run_dir.glob(f"epoch_*/{names.TRAIN_STATE_FILE}"), reverse=True):
+        try:
+            state = torch.load(state_file, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 -- a source for holes only: Tune's own history stands
+            continue
+        history = state.get("history") if isinstance(state, dict) else None
+        if isinstance(history, list):
+            return [m for m in history if isinstance(m, dict) and isinstance(m.get(names.EPOCH), int)]
+    return []
 
 
 EPOCH_METRICS = (

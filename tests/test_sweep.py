@@ -166,6 +166,61 @@ def test_selection_takes_the_most_accurate_trial_within_the_budgets_and_ties_go_
     assert sweep_report.pareto_front(ROWS) == {"big", "early", "small", "tiny"}
 
 
+def _write_train_state(run_dir: Path, epoch: int, val_accuracies: list[float]) -> None:
+    """A ``train_state.pt`` as the distillation worker writes it: real optimizer, schedule and scaler state."""
+    import torch
+
+    from amad.training import make_optimizer
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = make_optimizer(model, 1e-3, 0.01)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    history = [{names.EPOCH: e + 1, names.STEP: 4 * (e + 1), names.VAL_ACCURACY: acc} for e, acc in enumerate(val_accuracies)]
+    state = {
+        "epoch": epoch, "step": 4 * epoch, "history": history, "world_size": 1, "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(), "scaler": torch.amp.GradScaler("cuda", enabled=False).state_dict(),
+    }
+    (run_dir / f"epoch_{epoch:04d}").mkdir(parents=True)
+    torch.save(state, run_dir / f"epoch_{epoch:04d}" / names.TRAIN_STATE_FILE)
+
+
+def _epochs(history):
+    return [(int(m[names.EPOCH]), m[names.VAL_ACCURACY]) for m in history]
+
+
+def test_a_hole_in_tunes_history_is_filled_from_the_checkpoint_but_nothing_after_its_last_epoch(tmp_path):
+    from pipeline.sweep import fill_history_holes
+
+    # resumed after an interrupt: Tune kept epochs 2 and 4 only; the newest checkpoint trained 1..4
+    resumed = tmp_path / "resumed"
+    _write_train_state(resumed, 3, [0.1, 0.2, 0.3])
+    _write_train_state(resumed, 4, [0.1, 0.2, 0.3, 0.4])
+    tune = [{names.EPOCH: 2.0, names.VAL_ACCURACY: 0.25}, {names.EPOCH: 4.0, names.VAL_ACCURACY: 0.45}]
+    assert _epochs(fill_history_holes(tune, resumed)) == [(1, 0.1), (2, 0.25), (3, 0.3), (4, 0.45)]  # Tune's values stand
+
+    # resumed, then stopped by ASHA at epoch 2 after it had checkpointed epoch 3: epoch 3 is not Tune's
+    stopped = tmp_path / "stopped"
+    _write_train_state(stopped, 3, [0.1, 0.2, 0.3])
+    assert _epochs(fill_history_holes([{names.EPOCH: 2, names.VAL_ACCURACY: 0.2}], stopped)) == [(1, 0.1), (2, 0.2)]
+    assert _epochs(fill_history_holes([{names.EPOCH: 1, names.VAL_ACCURACY: 0.1}], stopped)) == [(1, 0.1)]
+
+    # a gap with the newest checkpoint unreadable: the next newest readable one fills it
+    broken = tmp_path / "broken"
+    _write_train_state(broken, 2, [0.1, 0.2])
+    (broken / "epoch_0003").mkdir()
+    (broken / "epoch_0003" / names.TRAIN_STATE_FILE).write_bytes(b"not a checkpoint")
+    tune = [{names.EPOCH: 2, names.VAL_ACCURACY: 0.2}, {names.EPOCH: 3, names.VAL_ACCURACY: 0.3}]
+    assert _epochs(fill_history_holes(tune, broken)) == [(1, 0.1), (2, 0.2), (3, 0.3)]
+
+    # contiguous, or nothing at all: returned as is, without a checkpoint to read
+    whole = [{names.EPOCH: 1, names.VAL_ACCURACY: 0.1}, {names.EPOCH: 2, names.VAL_ACCURACY: 0.2}]
+    assert fill_history_holes(whole, tmp_path / "missing") is whole
+    assert fill_history_holes([], resumed) == []
+    assert _epochs(fill_history_holes([{names.EPOCH: 2, names.VAL_ACCURACY: 0.2}], tmp_path / "missing")) == [(2, 0.2)]
+
+
 # ---------------------------------------------------------------- the tiny sweep (shared by the tests below)
 
 
