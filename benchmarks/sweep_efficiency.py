@@ -42,7 +42,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -56,6 +55,10 @@ except ImportError:  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(ROOT))
 
 from pipeline.local_cluster import apply_loopback_env, local_cluster  # noqa: E402
+
+if str(ROOT / "benchmarks") not in sys.path:  # sibling helpers: the folder is not a package
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+from run_facts import run_facts  # noqa: E402
 
 apply_loopback_env()  # before anything imports Ray
 
@@ -127,9 +130,6 @@ def sweep_config(args, teacher: Path, scheduler: str, warm_up: bool = False):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import ray
-    import torch
-
     from pipeline import names, sweep
 
     load_before = os.getloadavg()
@@ -137,7 +137,6 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="amad-sweep-eff-") as scratch:
         scratch = Path(scratch)
         if args.quick:
-            sys.path.insert(0, str(ROOT / "benchmarks"))
             from train_scaling import save_random_teacher
 
             save_random_teacher(ROOT / "tune_configs" / "tiny" / "teacher.yaml", scratch / "teacher")
@@ -192,13 +191,7 @@ def main(argv=None) -> dict:
         "nodes": 2,
         "cpus_per_node": 1,
         "teacher": "random, tune_configs/tiny/teacher.yaml shape" if args.quick else "weights/teacher-default",
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in load_after],
-        "cpu_count": os.cpu_count(),
-        "ray": ray.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **run_facts(load_before, load_after),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -36,10 +36,8 @@ import copy
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +47,10 @@ except ImportError:  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(ROOT))
 
 from pipeline.local_cluster import apply_loopback_env, local_cluster  # noqa: E402
+
+if str(ROOT / "benchmarks") not in sys.path:  # sibling helpers: the folder is not a package
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+from run_facts import run_facts  # noqa: E402
 
 apply_loopback_env()  # before anything imports Ray
 
@@ -137,9 +139,6 @@ def aggregate(history: list[dict]) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import ray
-    import torch
-
     from pipeline import names, train_distill
 
     load_before = os.getloadavg()
@@ -191,13 +190,7 @@ def main(argv=None) -> dict:
             "teacher": teacher,
             "student": student,
             "distill_config": str(args.distill_config.relative_to(ROOT) if args.distill_config.is_relative_to(ROOT) else args.distill_config),
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in load_after],
-            "cpu_count": os.cpu_count(),
-            "ray": ray.__version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **run_facts(load_before, load_after),
         },
     }
     print_table(results)
