@@ -47,14 +47,76 @@ class DeterministicViltEmbeddings(ViltEmbeddings):
         return tokens, mask, (None, (grid_h, grid_w))
 
 
+# The config attribute that records a pruned model's per-layer shapes (see amad/pruning.py). It is
+# saved in config.json, so ``from_pretrained`` builds the pruned shapes before loading the weights.
+PRUNING_KEY = "amad_pruning"
+
+
 class AmadViltForQuestionAnswering(ViltForQuestionAnswering):
-    """``ViltForQuestionAnswering`` with deterministic image embedding; loads and saves like it."""
+    """``ViltForQuestionAnswering`` with deterministic image embedding; loads and saves like it.
+
+    A config carrying ``amad_pruning`` (written by :func:`amad.pruning.prune`) builds each layer with
+    its own head count and FFN width, so a pruned student saves and loads like any checkpoint.
+    """
 
     def __init__(self, config: ViltConfig):
         super().__init__(config)
         stock = self.vilt.embeddings
         self.vilt.embeddings = DeterministicViltEmbeddings(config)
         self.vilt.embeddings.load_state_dict(stock.state_dict())
+        pruning = getattr(config, PRUNING_KEY, None)
+        if pruning:
+            _apply_pruned_shapes(self, config, pruning)
+
+
+def check_pruning_record(config: ViltConfig, pruning: dict) -> tuple[list[list[int]], list[int]]:
+    """The ``(heads per layer, FFN width per layer)`` a pruning record asks for; ValueError naming the problem.
+
+    ``pruning`` = ``{"teacher_layers": [l...], "heads": [[h...] per layer], "intermediate_sizes": [n...]}``;
+    head indices are the teacher's (the head each student head came from).
+    """
+    try:
+        heads = [[int(h) for h in layer] for layer in pruning["heads"]]
+        widths = [int(n) for n in pruning["intermediate_sizes"]]
+        origins = [int(layer) for layer in pruning["teacher_layers"]]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{PRUNING_KEY} needs lists 'teacher_layers', 'heads' and 'intermediate_sizes' ({err!r})") from None
+    layers = config.num_hidden_layers
+    if not (len(heads) == len(widths) == len(origins) == layers):
+        raise ValueError(
+            f"{PRUNING_KEY} describes {len(heads)} head lists, {len(widths)} FFN widths and {len(origins)} teacher layers"
+            f" but num_hidden_layers={layers}"
+        )
+    total_heads = config.num_attention_heads
+    for index, kept in enumerate(heads):
+        if not kept or len(set(kept)) != len(kept) or not all(0 <= h < total_heads for h in kept):
+            raise ValueError(f"{PRUNING_KEY}.heads[{index}]={kept}: need distinct head indices in [0, {total_heads})")
+    if any(n < 1 for n in widths):
+        raise ValueError(f"{PRUNING_KEY}.intermediate_sizes={widths}: every FFN needs at least one neuron")
+    return heads, widths
+
+
+def _apply_pruned_shapes(model: AmadViltForQuestionAnswering, config: ViltConfig, pruning: dict) -> None:
+    """Rebuild each layer's attention projections ``(hidden, heads_l * head_dim)`` and FFN ``(hidden, width_l)``.
+
+    The residual width and the head size stay the teacher's; fresh modules are initialised like the
+    stock ones (``from_pretrained`` or :func:`amad.pruning.prune` then load the real weights).
+    """
+    heads, widths = check_pruning_record(config, pruning)
+    hidden = config.hidden_size
+    head_dim = hidden // config.num_attention_heads
+    for layer, kept, width in zip(model.vilt.encoder.layer, heads, widths):
+        attention = layer.attention.attention
+        inner = len(kept) * head_dim
+        for name in ("query", "key", "value"):
+            setattr(attention, name, nn.Linear(hidden, inner, bias=config.qkv_bias))
+        attention.num_attention_heads, attention.all_head_size = len(kept), inner
+        layer.attention.output.dense = nn.Linear(inner, hidden)
+        layer.intermediate.dense = nn.Linear(hidden, width)
+        layer.output.dense = nn.Linear(width, hidden)
+    for module in model.vilt.encoder.modules():
+        if isinstance(module, nn.Linear):
+            model._init_weights(module)
 
 
 @dataclass(frozen=True)
@@ -207,14 +269,34 @@ class ViltAdapter:
 
     @staticmethod
     def load(path: str | Path) -> AmadViltForQuestionAnswering:
-        """Load from a local directory (``config.json`` + ``model.safetensors``) or a hub name."""
+        """Load from a local directory (``config.json`` + ``model.safetensors``) or a hub name.
+
+        ValueError naming the directory when its weights do not fit its config (e.g. a pruning record
+        that does not match the saved tensors).
+        """
         if Path(path).exists() and not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"{path} holds no config.json: not a saved model directory")
-        return AmadViltForQuestionAnswering.from_pretrained(str(path), attn_implementation="eager")
+        try:
+            # transformers 5.x re-initialises mismatched tensors with only a logged warning: ask for the
+            # loading report and refuse any tensor that did not load
+            model, info = AmadViltForQuestionAnswering.from_pretrained(
+                str(path), attn_implementation="eager", ignore_mismatched_sizes=True, output_loading_info=True
+            )
+        except ValueError as err:
+            if PRUNING_KEY in str(err):
+                raise ValueError(f"{path}/config.json: {err}") from None
+            raise
+        problems = [f"{name}: saved {tuple(saved)}, config.json builds {tuple(built)}" for name, saved, built in sorted(info["mismatched_keys"])]
+        problems += [f"{name}: not in the saved weights" for name in sorted(info["missing_keys"])]
+        if problems:
+            shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+            raise ValueError(f"{path}: the weights in model.safetensors do not fit config.json ({shown})")
+        return model
 
     @staticmethod
     def heads(model: nn.Module) -> int:
-        return model.config.num_attention_heads
+        """The largest head count of any layer (every layer's, unless the model was pruned)."""
+        return max(head_counts(model.config))
 
     @staticmethod
     def layers(model: nn.Module) -> int:
@@ -267,6 +349,30 @@ def _capture_qkv(model: AmadViltForQuestionAnswering, enabled: bool):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def head_counts(config: ViltConfig) -> list[int]:
+    """Attention heads per layer: the config's head count, or what a pruning record kept."""
+    pruning = getattr(config, PRUNING_KEY, None)
+    if pruning:
+        return [len(kept) for kept in pruning["heads"]]
+    return [config.num_attention_heads] * config.num_hidden_layers
+
+
+def shape_summary(config: ViltConfig) -> dict:
+    """How big a model is, for reports and registry tags: heads (one number if every layer has the
+    same), per-layer heads, layers, hidden size and FFN widths."""
+    heads = head_counts(config)
+    pruning = getattr(config, PRUNING_KEY, None)
+    widths = list(pruning["intermediate_sizes"]) if pruning else [config.intermediate_size] * config.num_hidden_layers
+    return {
+        "heads": heads[0] if len(set(heads)) == 1 else max(heads),
+        "heads_per_layer": heads,
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "intermediate_sizes": widths,
+        "pruned": bool(pruning),
+    }
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:

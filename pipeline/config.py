@@ -123,19 +123,31 @@ class DistillDataConfig(Strict):
 
 
 class StudentConfig(Strict):
-    """A student derived from the teacher's config: give ``head_dim`` or ``hidden_size``, not both.
+    """A student derived from the teacher.
 
-    Neither: the teacher's head dimension, so ``hidden = heads * teacher head_dim``.
+    ``init: random`` / ``teacher``: a config derived from the teacher's; give ``head_dim`` or
+    ``hidden_size``, not both (neither: the teacher's head dimension, so ``hidden = heads * teacher
+    head_dim``). ``teacher`` copies the teacher's weights into a student of its width, regrouping
+    its heads' dimensions.
+
+    ``init: pruned``: the teacher itself, pruned (:mod:`amad.pruning`): ``heads`` most important heads
+    of each of ``layers`` teacher layers (taken by the uniform layer map), ``ffn_keep`` of each FFN's
+    neurons; head size and hidden size stay the teacher's. Importance is computed once per teacher
+    and data spec on ``importance_examples`` training questions, before Ray starts.
     """
 
-    heads: int = Field(..., ge=1)
-    layers: int = Field(..., ge=1)
+    heads: int = Field(..., ge=1, description="heads per layer ('pruned': the teacher heads each kept layer keeps)")
+    layers: int = Field(..., ge=1, description="layers ('pruned': teacher layers kept, by the uniform layer map)")
     head_dim: int | None = Field(None, ge=1)
     hidden_size: int | None = Field(None, ge=1, description="alternative to head_dim; heads must divide it")
     intermediate_ratio: float | None = Field(None, gt=0, description="FFN width / hidden; default: the teacher's")
-    init: Literal["random", "teacher"] = Field(
-        "random", description="'teacher': start from the teacher's weights (needs its hidden size; layers taken uniformly)"
+    init: Literal["random", "teacher", "pruned"] = Field(
+        "random",
+        description="'teacher': the teacher's weights regrouped into fewer, wider heads (needs its hidden size); "
+        "'pruned': the teacher's most important heads, layers and FFN neurons (Michel et al. 2019)",
     )
+    ffn_keep: float = Field(1.0, gt=0, le=1, description="'pruned': fraction of each FFN's neurons kept, by activation magnitude")
+    importance_examples: int = Field(2048, ge=1, description="'pruned': training questions that score the teacher's heads and neurons")
 
     @model_validator(mode="after")
     def _one_width(self) -> "StudentConfig":
@@ -143,6 +155,15 @@ class StudentConfig(Strict):
             raise ValueError(f"give head_dim={self.head_dim} or hidden_size={self.hidden_size}, not both")
         if self.hidden_size is not None and self.hidden_size % self.heads:
             raise ValueError(f"student.heads={self.heads} does not divide student.hidden_size={self.hidden_size}")
+        if self.init == "pruned":
+            given = [key for key in ("head_dim", "hidden_size", "intermediate_ratio") if getattr(self, key) is not None]
+            if given:
+                raise ValueError(
+                    f"init=pruned keeps the teacher's head size, hidden size and FFN shape: remove {', '.join(given)}"
+                    " (use heads, layers and ffn_keep)"
+                )
+        elif self.ffn_keep != 1.0:
+            raise ValueError(f"ffn_keep={self.ffn_keep} applies only to init=pruned (this student is init={self.init})")
         return self
 
     def resolved_head_dim(self) -> int | None:

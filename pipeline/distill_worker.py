@@ -144,19 +144,17 @@ def train_loop(loop_config: dict) -> dict:
 
     adapter = get_adapter(json.loads((teacher_path / "config.json").read_text())["model_type"])
     teacher = adapter.load(teacher_path).eval().requires_grad_(False).to(device)
-    student_spec = StudentSpec(cfg.student.heads, cfg.student.layers, cfg.student.resolved_head_dim(), cfg.student.intermediate_ratio)
-    student = adapter.build(adapter.student_config(teacher.config, student_spec), seed=cfg.seed)
-    if cfg.student.init == "teacher":  # a resumed run overwrites this with its checkpoint below
-        adapter.init_from_teacher(student, teacher)
     objective = DistillationObjective(**cfg.objective.kwargs())
     need_maps = cfg.objective.method not in ("none", "relation")
 
     state = None
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
+    if checkpoint:  # the saved config rebuilds the student's shapes, pruned or not
         with checkpoint.as_directory() as directory:
-            student.load_state_dict(adapter.load(directory).state_dict())
+            student = adapter.load(directory).to(device).train()
             state = torch.load(Path(directory) / names.TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
+    else:
+        student = _new_student(cfg, adapter, teacher, loop_config.get("importance")).to(device).train()
     prepared = ray.train.torch.prepare_model(student)  # moves to device; DDP when world > 1
     model = _ThroughDDP(prepared, student)
     optimizer = make_optimizer(student, cfg.train.lr, cfg.train.weight_decay)
@@ -236,6 +234,22 @@ def train_loop(loop_config: dict) -> dict:
                 f"{metrics[names.SAMPLES_PER_S]:.0f} samples/s"
             )
     return {"history": history, "step": step}
+
+
+def _new_student(cfg: DistillJobConfig, adapter, teacher: nn.Module, importance: dict | None) -> nn.Module:
+    """The student before its first step: random, regrouped from the teacher, or pruned from it."""
+    if cfg.student.init == "pruned":
+        from amad.pruning import Importance, plan, prune_from_plan
+
+        if importance is None:
+            raise ValueError("student.init=pruned but no teacher importance reached the worker (the driver computes it)")
+        kept = plan(Importance.from_dict(importance), cfg.student.heads, cfg.student.layers, cfg.student.ffn_keep)
+        return prune_from_plan(teacher, kept)
+    spec = StudentSpec(cfg.student.heads, cfg.student.layers, cfg.student.resolved_head_dim(), cfg.student.intermediate_ratio)
+    student = adapter.build(adapter.student_config(teacher.config, spec), seed=cfg.seed)
+    if cfg.student.init == "teacher":
+        adapter.init_from_teacher(student, teacher)
+    return student
 
 
 def _write_checkpoint(directory: Path, student: nn.Module, teacher_path: Path, spec: BenchmarkSpec, state: dict) -> None:

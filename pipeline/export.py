@@ -30,7 +30,7 @@ import torch
 from amad.data.benchmark import BenchmarkSpec, make_split
 from amad.data.dataset import VQASplit
 from amad.data.text import TOKENIZER_FILE, load_tokenizer
-from amad.models import ViltAdapter
+from amad.models import ViltAdapter, shape_summary
 from pipeline import names, onnx_tools
 from pipeline.config import ConfigError
 from pipeline.export_config import ExportJobConfig
@@ -250,9 +250,7 @@ def main(cfg: ExportJobConfig, workdir: str | Path, tracking_uri: str | None = N
         "name": name,
         "checkpoint": str(source.checkpoint),
         "teacher": str(teacher_dir) if teacher_dir else None,
-        "heads": config.num_attention_heads,
-        "layers": config.num_hidden_layers,
-        "hidden_size": config.hidden_size,
+        **shape_summary(config),
         "parameters": sum(p.numel() for p in student.model.parameters()),
         "weights_sha256": student.weights_sha256,
         "gates": {},
@@ -279,7 +277,9 @@ def _gate_and_measure(cfg: ExportJobConfig, student: Loaded, directory: Path, re
 
     if cfg.optimize:
         optimized = directory / "student.opt.onnx"
-        how = onnx_tools.optimize_graph(path, optimized, heads=report["heads"], hidden=report["hidden_size"])
+        # a pruned model's layers differ in head count: 0 lets the optimizer read each from the graph
+        uniform = len(set(report["heads_per_layer"])) == 1 and not report["pruned"]
+        how = onnx_tools.optimize_graph(path, optimized, heads=report["heads"] if uniform else 0, hidden=report["hidden_size"])
         try:
             opt_session = onnx_tools.open_session(optimized, threads=threads)
             opt_figures = parity(student.model, opt_session, first_examples(student.val, cfg.gates.parity_examples))

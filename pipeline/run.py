@@ -308,7 +308,7 @@ def _compare(teacher_dir: Path, checkpoint: Path, results: dict, repeats: int, w
 
     from amad.data.benchmark import BenchmarkSpec, make_split
     from amad.data.text import load_tokenizer
-    from amad.models import ViltAdapter
+    from amad.models import ViltAdapter, head_counts
     from pipeline import export, onnx_tools
 
     spec = BenchmarkSpec.from_dict(json.loads((teacher_dir / names.BENCHMARK_FILE).read_text()))
@@ -324,7 +324,8 @@ def _compare(teacher_dir: Path, checkpoint: Path, results: dict, repeats: int, w
         out[label] = {
             "accuracy": export.ort_accuracy(session, test),
             "parameters": sum(p.numel() for p in ViltAdapter.load(directory).parameters()),
-            "heads": config.num_attention_heads, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
+            "heads": max(head_counts(config)), "heads_per_layer": head_counts(config), "layers": config.num_hidden_layers,
+            "hidden": config.hidden_size, "pruned": bool(getattr(config, "amad_pruning", None)),
             "p50_ms": export.ort_latency(session, test, repeats)["p50"],
         }
     out["speedup"] = out["teacher"]["p50_ms"] / out["student"]["p50_ms"]

@@ -18,7 +18,8 @@ import torch
 
 from amad.data.dataset import VQASplit
 from amad.losses import align_weights
-from amad.models import ViltAdapter
+from amad.models import PRUNING_KEY, ViltAdapter
+from amad.pruning import origins
 from amad.objective import resolve_layer_map
 
 REPORT_DIR = "report"
@@ -54,8 +55,11 @@ def alignment_weights(teacher, student, split: VQASplit, layer_map, temperature:
                 total = a.double().sum(0)
                 sums[(s_layer, t_layer)] = total if sums[(s_layer, t_layer)] is None else sums[(s_layer, t_layer)] + total
             count += batch["labels"].shape[0]
+    origin = origins(student)
     return [
-        {"student_layer": s, "teacher_layer": t, "weights": (sums[(s, t)] / count).tolist(), "examples": count, "temperature": temperature}
+        {"student_layer": s, "teacher_layer": t, "weights": (sums[(s, t)] / count).tolist(), "examples": count, "temperature": temperature,
+         # the teacher (layer, head) each student head was pruned from; None for a student not pruned from the teacher
+         "student_head_origins": [list(o) for o in origin[s]] if getattr(student.config, PRUNING_KEY, None) else None}
         for s, t in pairs
     ]
 
@@ -74,6 +78,11 @@ def plot_alignment(layers: list[dict], path: Path) -> Path:
         for i in range(weights.shape[0]):
             for j in range(weights.shape[1]):
                 axis.text(j, i, f"{weights[i, j]:.2f}", ha="center", va="center", fontsize=6, color="white" if weights[i, j] < 0.5 else "black")
+        for j, (origin_layer, origin_head) in enumerate(layer.get("student_head_origins") or []):
+            if origin_layer == layer["teacher_layer"]:  # outline the teacher head this student head was pruned from
+                axis.add_patch(plt.Rectangle((j - 0.5, origin_head - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+        if layer.get("student_head_origins"):
+            axis.set_xlabel("student head j (red: the teacher head it was pruned from)")
     figure.colorbar(image, ax=axes[0].tolist(), label="alignment weight a_ij (mean over validation questions)")
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)

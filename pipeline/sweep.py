@@ -116,11 +116,23 @@ def main(cfg: SweepConfig, workdir: str | Path, address: str | None = None, trac
     # trials run in Tune's trial directories (Ray changes the working directory): absolute paths only
     cfg = SweepConfig.model_validate({**cfg.model_dump(mode="json"), "job": {**cfg.job.model_dump(mode="json"), "teacher": str(teacher.path)}})
     check_resumable(cfg, sweep_dir, resume)
+    importance = sweep_importance(cfg, teacher, workdir)
     with connected(address, object_store_memory=LOCAL_OBJECT_STORE_BYTES):
-        return _run(cfg, sweep_dir, workdir, teacher, tracking_uri, resume)
+        return _run(cfg, sweep_dir, workdir, teacher, tracking_uri, resume, importance)
 
 
-def _run(cfg: SweepConfig, sweep_dir: Path, workdir: Path, teacher, tracking_uri: str | None, resume: bool) -> dict:
+def sweep_importance(cfg: SweepConfig, teacher, workdir: Path) -> dict | None:
+    """The teacher's importance scores, once for every trial, when any trial prunes its student from it."""
+    from pipeline import train_distill
+
+    pruned = cfg.job.student.init == "pruned" or "pruned" in (cfg.space.get("student.init").values if "student.init" in cfg.space else ())
+    if not pruned:
+        return None
+    job = cfg.job.model_copy(update={"student": cfg.job.student.model_copy(update={"init": "pruned"})})
+    return train_distill.pruning_importance(job, teacher, workdir)
+
+
+def _run(cfg: SweepConfig, sweep_dir: Path, workdir: Path, teacher, tracking_uri: str | None, resume: bool, importance: dict | None = None) -> dict:
     """:func:`main` once Ray is connected."""
     from pipeline import train_distill
 
@@ -135,7 +147,7 @@ def _run(cfg: SweepConfig, sweep_dir: Path, workdir: Path, teacher, tracking_uri
     _log(f"[sweep {cfg.name}] {'resuming' if resume else 'starting'}: {_describe(cfg)}; MLflow run {parent.run_id} ({uri})")
     started = time.perf_counter()
     try:
-        _tune(cfg, sweep_dir, workdir, parent, use_gpu, resume)
+        _tune(cfg, sweep_dir, workdir, parent, use_gpu, resume, importance)
         rows = collect(cfg, sweep_dir, workdir, parent)
     except BaseException:
         parent.finish("KILLED")
@@ -155,12 +167,13 @@ def _describe(cfg: SweepConfig) -> str:
     )
 
 
-def _tune(cfg: SweepConfig, sweep_dir: Path, workdir: Path, parent: RunTracker, use_gpu: bool, resume: bool) -> None:
+def _tune(cfg: SweepConfig, sweep_dir: Path, workdir: Path, parent: RunTracker, use_gpu: bool, resume: bool, importance: dict | None = None) -> None:
     from ray import tune
 
     context = {
         "sweep": cfg.model_dump(mode="json"), "sweep_dir": str(sweep_dir), "workdir": str(workdir), "parent": parent, "use_gpu": use_gpu,
         "local_cluster": started_here(),  # the trial actors cannot tell: they only joined it
+        "importance": importance,
     }
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": 0, "memory": TRIAL_MEMORY_BYTES})
     tune_dir = sweep_dir / TUNE_DIR
@@ -297,7 +310,9 @@ def run_trial(params: dict[str, Any], context: dict) -> None:
     (run_dir / TRIAL_ERROR_FILE).unlink(missing_ok=True)  # a restarted trial starts without its old error
     try:
         teacher = train_distill.read_teacher(job)  # the driver's check_sweep checked the job against the teacher
-        train_distill._fit(job, teacher, run_dir, None, context["use_gpu"], callbacks=[TuneReportCallback()], local_cluster=context["local_cluster"])
+        importance = context.get("importance") if job.student.init == "pruned" else None
+        train_distill._fit(job, teacher, run_dir, None, context["use_gpu"], callbacks=[TuneReportCallback()],
+                           local_cluster=context["local_cluster"], importance=importance)
     except Exception as err:
         (run_dir / TRIAL_ERROR_FILE).write_text(_error_text(err))
         raise
@@ -522,7 +537,7 @@ def measure(rows: list[dict], sweep_dir: Path, cfg: SweepConfig) -> None:
 
     from amad.data.benchmark import BenchmarkSpec, make_split
     from amad.data.text import load_tokenizer
-    from amad.models import get_adapter
+    from amad.models import get_adapter, head_counts
 
     cache_file = sweep_dir / names.MEASUREMENTS_FILE
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
@@ -554,7 +569,7 @@ def measure(rows: list[dict], sweep_dir: Path, cfg: SweepConfig) -> None:
                 cache[path] = {
                     names.PARAMS: sum(p.numel() for p in model.parameters()),
                     names.LATENCY_MS: statistics.median(seconds) * 1000 / size,
-                    "heads": model.config.num_attention_heads,
+                    "heads": max(head_counts(model.config)),
                     "layers": model.config.num_hidden_layers,
                 }
             row.update(cache[path])

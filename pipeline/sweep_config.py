@@ -27,7 +27,10 @@ KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 # Top-level parts of the distill job a sweep may search (scaling is per-trial resources, not a
 # hyperparameter; train.epochs is the scheduler's max_epochs).
 SEARCHABLE_ROOTS = ("student", "objective", "train", "data", "seed")
-NOT_SEARCHABLE = {"train.epochs": "set scheduler.max_epochs instead"}
+NOT_SEARCHABLE = {
+    "train.epochs": "set scheduler.max_epochs instead",
+    "student.importance_examples": "set job.student.importance_examples (the sweep scores the teacher once for every trial)",
+}
 MAX_CHECKED_COMBINATIONS = 512  # discrete combinations validated one by one before Ray starts
 
 

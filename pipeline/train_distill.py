@@ -96,6 +96,8 @@ def check_job(cfg: DistillJobConfig) -> Teacher:
     except ValueError as err:
         raise ConfigError(f"teacher: {err}") from None
     spec = StudentSpec(cfg.student.heads, cfg.student.layers, cfg.student.resolved_head_dim(), cfg.student.intermediate_ratio)
+    if cfg.student.init == "pruned":
+        check_pruned_student(cfg, teacher_config, path)
     try:
         student_config = adapter.student_config(teacher_config, spec)
     except ValueError as err:
@@ -130,6 +132,29 @@ def check_job(cfg: DistillJobConfig) -> Teacher:
             f"questions over scaling.num_workers={cfg.scaling.num_workers} leave fewer than one batch per worker"
         )
     return teacher
+
+
+def check_pruned_student(cfg: DistillJobConfig, teacher_config, path: Path) -> None:
+    """A pruned student keeps at most what the teacher has; ConfigError naming the key otherwise."""
+    for key, asked, has in (("heads", cfg.student.heads, teacher_config.num_attention_heads),
+                            ("layers", cfg.student.layers, teacher_config.num_hidden_layers)):
+        if asked > has:
+            raise ConfigError(
+                f"student.{key}={asked}: a pruned student keeps at most the teacher's {has} {key}"
+                f"{' per layer' if key == 'heads' else ''} ({path}/config.json)"
+            )
+    if getattr(teacher_config, "amad_pruning", None):
+        raise ConfigError(f"student.init=pruned: the teacher {path} is itself pruned; prune an unpruned teacher")
+
+
+def pruning_importance(cfg: DistillJobConfig, teacher: Teacher, workdir: Path) -> dict | None:
+    """The teacher's head and FFN importance when the student is pruned from it (cached; see
+    :mod:`pipeline.importance`), else None."""
+    if cfg.student.init != "pruned":
+        return None
+    from pipeline.importance import teacher_importance
+
+    return teacher_importance(teacher.path, teacher.benchmark, cfg.student.importance_examples, workdir, log=_log)
 
 
 def check_placement(cfg: DistillJobConfig) -> bool:
@@ -205,9 +230,10 @@ def _run(cfg: DistillJobConfig, teacher: "Teacher", workdir: Path, tracking_uri:
     # -- nothing above writes; from here on the run exists
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / names.JOB_FILE).write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    importance = pruning_importance(cfg, teacher, workdir)
     tracker = _open_tracking(cfg, teacher, workdir, run_dir, resolve_tracking_uri(workdir, tracking_uri), use_gpu)
     try:
-        result = _fit(cfg, teacher, run_dir, tracker, use_gpu)
+        result = _fit(cfg, teacher, run_dir, tracker, use_gpu, importance=importance)
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -246,8 +272,12 @@ def _fit(
     use_gpu: bool,
     callbacks: list | None = None,
     local_cluster: bool | None = None,
+    importance: dict | None = None,
 ):
     """Build and fit the TorchTrainer; ``callbacks`` go to its RunConfig (a sweep trial passes Tune's reporter).
+
+    ``importance``: the teacher's scores (:func:`pruning_importance`) for a student pruned from it;
+    they travel in the loop config, so workers on other nodes need no file of the driver's.
 
     ``tracker``: rank 0 logs each epoch's metrics to this MLflow run (None: nobody does, as in a sweep
     trial, whose epochs the sweep's driver logs).
@@ -269,6 +299,7 @@ def _fit(
             "run_dir": str(run_dir),
             "tracker": tracker,
             "use_gpu": use_gpu,
+            "importance": importance,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}

@@ -183,7 +183,9 @@ class Predictor:
             "name": self.bundle.name,
             "version": self.bundle.version,
             "alias": self.bundle.alias,
-            "heads": int(config["num_attention_heads"]),
+            # a pruned student's config records the heads each layer kept
+            "heads": max((len(kept) for kept in (config.get("amad_pruning") or {}).get("heads", [])),
+                         default=int(config["num_attention_heads"])),
             "layers": int(config["num_hidden_layers"]),
             "labels": self.labels,
             "image_size": self.image_size,

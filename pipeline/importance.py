@@ -1,0 +1,69 @@
+"""Teacher importance scores for pruned students, computed once per teacher and data spec and cached.
+
+A sweep's trials all prune the same teacher, so the driver scores it once (a few seconds for the
+default teacher on 2,048 questions) before Ray starts and hands the scores to every trial; a
+re-run finds them in ``<workdir>/importance/``. The cache key is the teacher's weights (SHA-256),
+the data spec and the number of examples, so a retrained teacher or other data is scored afresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+CACHE_DIR = "importance"
+SCORE_BATCH_SIZE = 128
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(teacher_path: Path, benchmark: dict, examples: int) -> str:
+    """A short hash of what the scores depend on: the weights, the data spec and the example count."""
+    basis = {"weights": _file_sha256(teacher_path / "model.safetensors"), "benchmark": benchmark, "examples": examples}
+    return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def teacher_importance(teacher_path: Path, benchmark, examples: int, workdir: Path, log=print) -> dict:
+    """:class:`amad.pruning.Importance` as a dict (``heads``, ``ffn``, ``examples``), cached under ``workdir``.
+
+    ``benchmark``: the job's :class:`amad.data.benchmark.BenchmarkSpec`; the first ``examples``
+    training questions score the teacher (fewer if the split is smaller).
+    """
+    teacher_path = Path(teacher_path)
+    questions = min(examples, benchmark.train_scenes * benchmark.questions_per_scene)
+    key = cache_key(teacher_path, benchmark.to_dict(), questions)
+    cache_file = Path(workdir) / CACHE_DIR / f"{key}.json"
+    if cache_file.is_file():
+        try:
+            return json.loads(cache_file.read_text())
+        except ValueError:
+            pass  # a torn write by a killed process: score again
+    import torch
+
+    from amad.data.benchmark import make_split
+    from amad.data.text import load_tokenizer
+    from amad.models import ViltAdapter
+    from amad.pruning import score
+
+    # generation is sequential per split: the first scenes of a smaller spec are the job's first scenes
+    spec = dataclasses.replace(benchmark, train_scenes=math.ceil(questions / benchmark.questions_per_scene))
+    train = make_split(spec, "train", load_tokenizer(teacher_path))
+    model = ViltAdapter.load(teacher_path).eval()
+    importance = score(model, train.subset(torch.arange(questions)).batches(SCORE_BATCH_SIZE))
+    values = {**importance.to_dict(), "teacher": str(teacher_path), "key": key}
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache_file.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps(values))
+    partial.replace(cache_file)  # atomic: a reader sees the whole file or none
+    log(f"scored the teacher's heads and FFN neurons on {questions} training questions -> {cache_file}")
+    return values
