@@ -60,6 +60,8 @@ try:
     import amad  # noqa: F401
 except ImportError:  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "benchmarks") not in sys.path:  # sibling helpers: the folder is not a package
+    sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch
 from torch import nn
@@ -69,9 +71,10 @@ from amad.data.text import load_tokenizer
 from amad.losses import align_weights
 from amad.models import StudentSpec, ViltAdapter
 from amad.objective import DistillationObjective, resolve_layer_map
-from amad.training import accuracy_report, make_optimizer, predict, warmup_cosine
+from amad.training import accuracy_report, predict
 from pipeline import names
 from pipeline.registry import file_sha256
+from lockstep import train_lockstep  # noqa: E402
 
 METHODS = ("task", "logit_kd", "one_to_one", "head_mean", "relation", "amad_t1", "amad_tsweep")
 DEFAULT_TEACHER = ROOT / "weights" / "teacher-default"
@@ -97,44 +100,16 @@ def relation_heads_for(*hidden_sizes: int, wanted: int = 4) -> int:
     return max(a for a in range(1, min(wanted, common) + 1) if common % a == 0)
 
 
-def _needs_maps(objective: DistillationObjective) -> bool:
-    return objective.method not in ("none", "relation")
-
-
 def train_students(teacher, spec: StudentSpec, objectives: dict[str, DistillationObjective], train, args, seed: int) -> dict[str, nn.Module]:
-    """One student per objective, trained in lockstep: same initial weights (``seed``), same batches in
-    the same order, one teacher forward per step shared by all of them.
+    """One student per objective, trained in lockstep (:func:`lockstep.train_lockstep`): same initial
+    weights (``seed``), same batches in the same order, one teacher forward per step shared by all.
 
     Sharing the teacher's forward (the dominant cost: ~100 ms of a ~190 ms AMAD step at batch 64) is
-    what makes 63 runs affordable on 2 cores. Each student still sees exactly what a run of its own
-    would: no dropout anywhere (the presets' rates are 0), so no random stream is shared between them.
+    what makes 63 runs affordable on 2 cores.
     """
-    students = {m: ViltAdapter.build(ViltAdapter.student_config(teacher.config, spec), seed=seed).train() for m in objectives}
-    optimizers = {m: make_optimizer(student, args.lr, 0.01) for m, student in students.items()}
-    teacher_maps = any(o.needs_teacher and _needs_maps(o) for o in objectives.values())
-    teacher_qkv = any(o.needs_teacher and o.method == "relation" for o in objectives.values())
-    needs_teacher = any(o.needs_teacher for o in objectives.values())
-    generator = torch.Generator().manual_seed(seed)
-    step = 0
-    while step < args.steps:
-        for batch in train.batches(args.batch_size, shuffle=True, generator=generator, drop_last=True):
-            if step >= args.steps:
-                break
-            lr = args.lr * warmup_cosine(step, args.warmup, args.steps, 0.1)
-            with torch.no_grad():
-                t_out = ViltAdapter.forward(teacher, batch, need_attentions=teacher_maps, need_qkv=teacher_qkv) if needs_teacher else None
-            for method, student in students.items():
-                objective, optimizer = objectives[method], optimizers[method]
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                s_out = ViltAdapter.forward(student, batch, need_attentions=_needs_maps(objective), need_qkv=objective.method == "relation")
-                loss = objective(t_out if objective.needs_teacher else None, s_out, batch["labels"])["loss"]
-                loss.backward()
-                nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step += 1
-    return {m: student.eval() for m, student in students.items()}
+    students = {m: ViltAdapter.build(ViltAdapter.student_config(teacher.config, spec), seed=seed) for m in objectives}
+    return train_lockstep(teacher, students, objectives, train, steps=args.steps, batch_size=args.batch_size,
+                          lr=args.lr, warmup=args.warmup, seed=seed)
 
 
 def alignment_peak(teacher, student, split, temperature: float, examples: int = 256) -> float:

@@ -194,7 +194,13 @@ def _refused(tmp_path: Path, values: dict, message: str) -> None:
         ({"teacher": "no/such/teacher"}, "is not a teacher directory saved by `amad teacher`"),
         ({"data": {"train_scenes": 1}}, "leave fewer than one batch per worker"),
         ({"student": {"heads": 2, "layers": 1, "init": "teacher"}}, r"student.init: .* teacher's hidden size \(\d+\); the student has"),
-        ({"student": {"heads": 2, "layers": 1, "init": "pretrained"}}, "student.init: Input should be 'random' or 'teacher'"),
+        ({"student": {"heads": 2, "layers": 1, "init": "pretrained"}}, "student.init: Input should be 'random', 'teacher' or 'pruned'"),
+        ({"student": {"heads": 7, "layers": 1, "init": "pruned"}}, r"student.heads=7: a pruned student keeps at most the teacher's 6 heads per layer \(.*config.json\)"),
+        ({"student": {"heads": 2, "layers": 3, "init": "pruned"}}, r"student.layers=3: a pruned student keeps at most the teacher's 2 layers"),
+        ({"student": {"heads": 2, "layers": 1, "init": "pruned", "ffn_keep": 0}}, r"student.ffn_keep: Input should be greater than 0"),
+        ({"student": {"heads": 2, "layers": 1, "init": "pruned", "ffn_keep": 1.5}}, r"student.ffn_keep: Input should be less than or equal to 1"),
+        ({"student": {"heads": 2, "layers": 1, "init": "pruned", "hidden_size": 16}}, r"init=pruned keeps the teacher's head size.*remove hidden_size"),
+        ({"student": {"heads": 2, "layers": 1, "ffn_keep": 0.5}}, r"ffn_keep=0.5 applies only to init=pruned"),
     ],
 )
 def test_bad_configs_name_the_field_and_write_nothing(tmp_path, tiny_teacher, change, message):

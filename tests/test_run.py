@@ -98,6 +98,14 @@ def test_the_tiny_pipeline_registers_a_champion_and_writes_the_report(finished_r
     assert list(report.glob("sweep_*.png")), "the sweep's plots are copied into the report"
     markdown = (report / "report.md").read_text()
     assert "| teacher |" in markdown and "| student |" in markdown and "alignment_heatmap.png" in markdown
+    # the chosen student was pruned from the teacher (tune_configs/tiny/demo/sweep.yaml), and says where each head came from
+    student_config = json.loads(Path(summary["sweep"]["checkpoint"], "config.json").read_text())
+    kept = student_config["amad_pruning"]
+    alignment = json.loads((report / "alignment.json").read_text())
+    assert [layer["student_head_origins"] for layer in alignment] == [
+        [[t, h] for h in heads] for t, heads in zip(kept["teacher_layers"], kept["heads"])
+    ]
+    assert list((workdir / "importance").glob("*.json")), "the teacher was scored once, before the trials"
     for stage in ("teacher", "sweep", "export", "smoke", "report"):
         assert f"[run tiny] {stage}: done" in finished_run["first"].stdout, stage
 
@@ -125,7 +133,7 @@ def test_running_the_finished_command_again_trains_nothing(finished_run):
 
 def test_the_heatmap_numbers_are_align_weights_on_the_same_data(finished_run):
     from amad.losses import align_weights
-    from amad.models import ViltAdapter
+    from amad.models import ViltAdapter, head_counts
     from pipeline import export
 
     workdir = finished_run["workdir"]
@@ -141,7 +149,7 @@ def test_the_heatmap_numbers_are_align_weights_on_the_same_data(finished_run):
         expected = align_weights(t_out.attentions["self"][layer["teacher_layer"]], s_out.attentions["self"][layer["student_layer"]],
                                  t_out.query_masks["self"], temperature=layer["temperature"]).double().mean(0)
         weights = np.asarray(layer["weights"])
-        assert weights.shape == (teacher.model.config.num_attention_heads, student.config.num_attention_heads)
+        assert weights.shape == (teacher.model.config.num_attention_heads, head_counts(student.config)[layer["student_layer"]])
         np.testing.assert_allclose(weights, expected.numpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(weights.sum(1), 1.0, atol=1e-6)
 
