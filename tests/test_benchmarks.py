@@ -292,3 +292,17 @@ def test_sweep_efficiency_rounds_interleave_and_report_medians():
     # Medians 500 / 900 s: 0.5556 although round 3 alone is 0.875; every gap 0.5 points.
     assert got["ok"] == [500.0, 900.0, 0.5556, 0.5, True, [0.5556, 0.48, 0.875]]
     assert got["bad"] == [2.0, False]
+
+
+def test_pruning_frontier_quick_run_writes_every_start_and_the_plot(tmp_path):
+    frontier = load_script("pruning_frontier")
+    out = tmp_path / "frontier.json"
+    results = frontier.main(["--quick", "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    assert results["command"].startswith("python benchmarks/pruning_frontier.py --quick")
+    starts = {row["start"] for row in results["rows"]}
+    assert starts == {"pruned", "random", "regrouped"}
+    assert all(row["start"] != "regrouped" or row["ffn_keep"] == 1.0 for row in results["rows"])
+    pruned = {(r["layers"], r["ffn_keep"]): r["parameters"] for r in results["rows"] if r["start"] == "pruned"}
+    assert pruned[(1, 0.5)] < pruned[(1, 1.0)] < pruned[(2, 1.0)] < results["teacher"]["parameters"]
+    assert out.with_suffix(".png").stat().st_size > 0
