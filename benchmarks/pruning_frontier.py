@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -55,7 +56,7 @@ from amad.models import StudentSpec, ViltAdapter  # noqa: E402
 from amad.objective import DistillationObjective  # noqa: E402
 from amad.pruning import Importance, parameter_count, plan, prune_from_plan, score  # noqa: E402
 from amad.training import evaluate  # noqa: E402
-from inference import interleaved, ort_runner  # noqa: E402
+from inference import interleaved, ort_runner, quick_teacher  # noqa: E402
 from lockstep import train_lockstep  # noqa: E402
 from pipeline import names, onnx_tools  # noqa: E402
 from run_facts import run_facts  # noqa: E402
@@ -92,13 +93,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def quick_teacher(directory: Path) -> Path:
-    from pipeline import train_teacher
-    from pipeline.config import TeacherJobConfig, load_config
-
-    return train_teacher.save_untrained(load_config(ROOT / "tune_configs" / "tiny" / "teacher.yaml", TeacherJobConfig), directory)
-
-
 def initial_students(teacher, importance: Importance, args) -> dict[str, torch.nn.Module]:
     """Every (start, shape) student before training, keyed ``start/HhxLl/ffnF``."""
     students = {}
@@ -122,7 +116,7 @@ def initial_students(teacher, importance: Importance, args) -> dict[str, torch.n
 def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.time()
-    load_before = __import__("os").getloadavg()
+    load_before = os.getloadavg()
     torch.set_num_threads(args.threads or torch.get_num_threads())
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
@@ -175,7 +169,7 @@ def main(argv=None) -> dict:
         "rows": rows,
         "config": {key: value for key, value in vars(args).items() if key != "out"} | {
             "train_seconds": train_seconds, "validation_questions": len(val), "ort_threads": 1, "exporter": "torchscript",
-            "wall_seconds": time.time() - started, **run_facts(load_before, __import__("os").getloadavg()),
+            "wall_seconds": time.time() - started, **run_facts(load_before, os.getloadavg()),
         },
     }
     print(f"{'student':28} | {'params':>8} | {'before':>7} | {'after':>7} | {'p50 ms':>7} | vs teacher")
