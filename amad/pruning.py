@@ -105,7 +105,15 @@ def score(model: AmadViltForQuestionAnswering, batches: Iterable[dict[str, Tenso
                            pixel_values=batch["pixel_values"], return_dict=True).logits
             # summed, not averaged: the gradient of each example's loss lands on that example's gates
             loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
-            grads = torch.autograd.grad(loss, gates)
+            grads = torch.autograd.grad(loss, gates, allow_unused=True)
+            missing = [index for index, grad in enumerate(grads) if grad is None]
+            if missing:  # the hook's output did not reach the logits: heads cannot be scored this way
+                raise ValueError(
+                    f"cannot score the teacher's heads: the self-attention output of layer(s) {missing} does not reach the "
+                    f"logits through the gate hooked on {type(layers[missing[0]].attention.attention).__name__} "
+                    f"(attention implementation {getattr(model.config, '_attn_implementation', None)!r}); "
+                    "the teacher must be a ViLT whose attention modules return their context"
+                )
             head_sum += torch.stack([g.abs().sum(dim=0) for g in grads]).double().cpu()
             tokens_seen += int(token_mask[0].sum())
             examples += size

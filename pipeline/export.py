@@ -277,8 +277,8 @@ def _gate_and_measure(cfg: ExportJobConfig, student: Loaded, directory: Path, re
 
     if cfg.optimize:
         optimized = directory / "student.opt.onnx"
-        # a pruned model's layers differ in head count: 0 lets the optimizer read each from the graph
-        uniform = len(set(report["heads_per_layer"])) == 1 and not report["pruned"]
+        # a pruned model's layers may differ in head count: then 0 lets the optimizer try to read each from the graph
+        uniform = len(set(report["heads_per_layer"])) == 1
         how = onnx_tools.optimize_graph(path, optimized, heads=report["heads"] if uniform else 0, hidden=report["hidden_size"])
         try:
             opt_session = onnx_tools.open_session(optimized, threads=threads)

@@ -185,3 +185,20 @@ def latency_ms(run_once, repeats: int = 50, warmup: int = 5) -> dict[str, float]
         samples.append((time.perf_counter() - start) * 1e3)
     samples = np.sort(np.asarray(samples))
     return {"p50": float(np.percentile(samples, 50)), "p99": float(np.percentile(samples, 99))}
+
+
+def interleaved_latency_ms(runs: dict, repeats: int = 50, warmup: int = 5) -> dict[str, dict[str, float]]:
+    """p50/p99 wall time (ms) of each ``runs[name]()``, called round-robin with a rotating order, so
+    load from other processes on a shared machine hits every model alike; the ratio of two p50s is
+    then a fair same-runtime comparison, where two back-to-back measurements are not."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs.items())
+    for i in range(repeats):
+        for name, run in order[i % len(order):] + order[: i % len(order)]:
+            start = time.perf_counter()
+            run()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))} for name, v in samples.items()}

@@ -28,7 +28,7 @@ from pipeline import names
 from pipeline.config import ConfigError, TeacherJobConfig, load_config, parse_config
 from pipeline.export_config import ExportJobConfig
 from pipeline.local_cluster import connected, release_placement_groups
-from pipeline.run_config import RunJobConfig
+from pipeline.run_config import ReportConfig, RunJobConfig
 from pipeline.sweep_config import SweepConfig
 from pipeline.tracking import RunTracker, open_run, resolve_tracking_uri
 
@@ -279,7 +279,7 @@ def _report(settings: Settings, workdir: Path, uri: str, results: dict, tracker:
         teacher.model, student_model, teacher.val, objective.get("layer_map", "uniform"),
         float(objective.get("amad_temperature", 1.0)), settings.cfg.report.alignment_examples,
     )
-    comparison = _compare(teacher_dir, checkpoint, results, settings.cfg.report.latency_repeats, workdir)
+    comparison = _compare(teacher_dir, checkpoint, results, settings.cfg.report, workdir)
     client = MlflowClient(uri)
     history = []
     for metric in (names.TRAIN_LOSS, names.VAL_LOSS, names.VAL_ACCURACY):
@@ -302,8 +302,10 @@ def _report(settings: Settings, workdir: Path, uri: str, results: dict, tracker:
     return {"markdown": str(directory / "report.md"), "files": [str(p) for p in files], "comparison": comparison}
 
 
-def _compare(teacher_dir: Path, checkpoint: Path, results: dict, repeats: int, workdir: Path) -> dict:
-    """Test accuracy, size and ONNX Runtime batch-1 latency of the teacher and the shipped student."""
+def _compare(teacher_dir: Path, checkpoint: Path, results: dict, report: ReportConfig, workdir: Path) -> dict:
+    """Test accuracy, size and ONNX Runtime batch-1 latency of the teacher and the shipped student:
+    the same runtime, the same thread count (``report.latency_threads``), the same questions, calls
+    interleaved; and whether the report's targets are met."""
     import torch
 
     from amad.data.benchmark import BenchmarkSpec, make_split
@@ -317,19 +319,31 @@ def _compare(teacher_dir: Path, checkpoint: Path, results: dict, repeats: int, w
     if teacher_onnx is None:  # registry disabled: export the teacher here (TorchScript: seconds)
         teacher_onnx = onnx_tools.export_onnx(ViltAdapter.load(teacher_dir).eval(), workdir / "report-teacher.onnx",
                                               test.batch(torch.arange(2)), exporter="torchscript")
-    out = {"test_questions": len(test)}
+    out = {"test_questions": len(test), "latency_threads": report.latency_threads, "latency_repeats": report.latency_repeats}
+    feed = onnx_tools.model_inputs(test.batch(torch.arange(1)))
+    calls = {}
     for label, directory, onnx_file in (("teacher", teacher_dir, teacher_onnx), ("student", checkpoint, results["export"]["onnx"])):
-        config = ViltAdapter.load(directory).config
-        session = onnx_tools.open_session(onnx_file)
+        model = ViltAdapter.load(directory)
+        session = onnx_tools.open_session(onnx_file, threads=report.latency_threads)
         out[label] = {
             "accuracy": export.ort_accuracy(session, test),
-            "parameters": sum(p.numel() for p in ViltAdapter.load(directory).parameters()),
-            "heads": max(head_counts(config)), "heads_per_layer": head_counts(config), "layers": config.num_hidden_layers,
-            "hidden": config.hidden_size, "pruned": bool(getattr(config, "amad_pruning", None)),
-            "p50_ms": export.ort_latency(session, test, repeats)["p50"],
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "heads": max(head_counts(model.config)), "heads_per_layer": head_counts(model.config), "layers": model.config.num_hidden_layers,
+            "hidden": model.config.hidden_size, "pruned": bool(getattr(model.config, "amad_pruning", None)),
+            "onnx": str(onnx_file),
         }
+        calls[label] = lambda session=session: session.run([onnx_tools.OUTPUT_NAME], feed)
+    for label, times in onnx_tools.interleaved_latency_ms(calls, repeats=report.latency_repeats).items():
+        out[label]["p50_ms"], out[label]["p99_ms"] = times["p50"], times["p99"]
     out["speedup"] = out["teacher"]["p50_ms"] / out["student"]["p50_ms"]
+    out["latency_ratio"] = out["student"]["p50_ms"] / out["teacher"]["p50_ms"]
     out["parameter_ratio"] = out["teacher"]["parameters"] / out["student"]["parameters"]
+    out["accuracy_drop_points"] = (out["teacher"]["accuracy"] - out["student"]["accuracy"]) * 100
+    out["targets"] = {}
+    if report.max_accuracy_drop is not None:
+        out["targets"]["accuracy"] = {"max_drop_points": report.max_accuracy_drop, "met": out["accuracy_drop_points"] <= report.max_accuracy_drop}
+    if report.max_latency_ratio is not None:
+        out["targets"]["latency"] = {"max_ratio": report.max_latency_ratio, "met": out["latency_ratio"] <= report.max_latency_ratio}
     return out
 
 

@@ -33,7 +33,10 @@ class SmokeConfig(Strict):
 
 class ReportConfig(Strict):
     alignment_examples: int = Field(256, ge=1, description="validation questions the alignment heatmap averages over")
-    latency_repeats: int = Field(50, ge=1, description="batch-1 ONNX Runtime runs timed per model")
+    latency_repeats: int = Field(50, ge=1, description="batch-1 ONNX Runtime runs timed per model (teacher and student interleaved)")
+    latency_threads: int = Field(1, ge=1, le=256, description="ONNX Runtime intra-op threads, the same for teacher and student")
+    max_accuracy_drop: float | None = Field(None, ge=0, le=100, description="target: student test accuracy >= teacher's minus this many points")
+    max_latency_ratio: float | None = Field(None, gt=0, description="target: student ORT batch-1 p50 <= this fraction of the teacher's")
 
 
 class RunJobConfig(Strict):

@@ -64,6 +64,22 @@ def alignment_weights(teacher, student, split: VQASplit, layer_map, temperature:
     ]
 
 
+def target_lines(comparison: dict) -> list[str]:
+    """The report's verdict on the run config's targets (``report.max_accuracy_drop`` and
+    ``report.max_latency_ratio``), one line each; none when no target is set."""
+    targets = comparison.get("targets") or {}
+    lines = []
+    if "accuracy" in targets:
+        target = targets["accuracy"]
+        lines.append(f"- Target accuracy: student >= teacher - {target['max_drop_points']:g} points: "
+                     f"**{'met' if target['met'] else 'NOT met'}** (drop {comparison['accuracy_drop_points']:.1f} points).")
+    if "latency" in targets:
+        target = targets["latency"]
+        lines.append(f"- Target latency: student ONNX p50 <= {target['max_ratio']:g} x the teacher's: "
+                     f"**{'met' if target['met'] else 'NOT met'}** ({comparison['latency_ratio']:.2f} x).")
+    return lines + [""] if lines else []
+
+
 def plot_alignment(layers: list[dict], path: Path) -> Path:
     plt = _pyplot()
     figure, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers) + 1, 4.2), squeeze=False)
@@ -136,7 +152,8 @@ def write_report(directory: Path, *, comparison: dict, alignment: list[dict], hi
         f"Teacher `{context['teacher']}` distilled with AMAD; student chosen by sweep `{context['sweep']}` "
         f"(trial `{context['trial']}`), exported to ONNX and registered as **{context['registered']}**.",
         "",
-        f"## Teacher vs student (test split, {comparison['test_questions']} questions; ONNX Runtime, CPU, batch 1)",
+        f"## Teacher vs student (test split, {comparison['test_questions']} questions; ONNX Runtime, CPU, batch 1, "
+        f"{comparison.get('latency_threads', 'default')} thread(s), calls interleaved)",
         "",
         "| model | test accuracy | parameters | heads | layers | hidden | ONNX p50 latency |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -148,6 +165,9 @@ def write_report(directory: Path, *, comparison: dict, alignment: list[dict], hi
         f"Student: **{comparison['speedup']:.1f}x** faster than the teacher at batch 1, "
         f"{comparison['parameter_ratio']:.1f}x fewer parameters, accuracy {(s['accuracy'] - t['accuracy']) * 100:+.1f} points.",
         "",
+    ]
+    lines += target_lines(comparison)
+    lines += [
         "## Sweep",
         "",
     ]

@@ -172,7 +172,8 @@ def test_inference_quick_run_writes_complete_results(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert json.loads((tmp_path / "inf.json").read_text()) == json.loads(json.dumps(returned))
-    variants = {"teacher_torch", "student_torch", "student_ort_fp32", "student_ort_int8"}
+    assert returned["command"] == "python benchmarks/inference.py --quick --threads 1 --repeats 8 --out " + str(tmp_path / "inf.json")
+    variants = {"teacher_torch", "teacher_ort_fp32", "student_torch", "student_ort_fp32", "student_ort_int8"}
     for key in ("p50_ms", "p99_ms", "rps_b32", "accuracy"):
         assert set(returned[key]) == variants, key
     for variant in variants:
@@ -184,6 +185,10 @@ def test_inference_quick_run_writes_complete_results(tmp_path):
     assert returned["notes"]["parity_fp32"] <= 1e-4
     questions = returned["config"]["validation_questions"]
     assert abs(returned["accuracy"]["student_ort_fp32"] - returned["accuracy"]["student_torch"]) <= 2 / questions
+    # the same-runtime comparison: the teacher in ONNX Runtime passed the same gate and answers as in PyTorch
+    assert returned["notes"]["teacher"]["parity_fp32"] <= 1e-4
+    assert abs(returned["accuracy"]["teacher_ort_fp32"] - returned["accuracy"]["teacher_torch"]) <= 2 / questions
+    assert returned["ratios"]["student_vs_teacher_ort_b1"] == pytest.approx(returned["p50_ms"]["student_ort_fp32"] / returned["p50_ms"]["teacher_ort_fp32"])
     assert returned["config"]["quick"] is True and returned["config"]["validation_questions"] <= 256
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pipeline.config import ConfigError, DistillJobConfig, TeacherJobConfig, load_config
@@ -17,8 +18,9 @@ from pipeline.sweep_config import SweepConfig
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "tune_configs").rglob("*.yaml"))
 JOB_MODELS = {"teacher.yaml": TeacherJobConfig, "distill.yaml": DistillJobConfig, "distill-from-teacher.yaml": DistillJobConfig, "sweep.yaml": SweepConfig, "export.yaml": ExportJobConfig,
-              "default.yaml": RunJobConfig, "run.yaml": RunJobConfig}
+              "default.yaml": RunJobConfig, "run.yaml": RunJobConfig, "quality.yaml": RunJobConfig}
 FULL_NAME_OF_TINY = {"run.yaml": "default.yaml"}  # `amad run`'s full preset is the README's tune_configs/default.yaml
+FULL_ONLY = {"quality.yaml"}  # the same stages as default.yaml, longer: tiny/run.yaml tests both
 
 
 def test_there_are_configs_and_each_has_a_known_job():
@@ -54,7 +56,38 @@ def test_each_sweep_job_matches_the_distill_preset_of_its_folder():
 def test_every_tiny_config_has_a_full_twin():
     tiny = {FULL_NAME_OF_TINY.get(p.name, p.name) for p in (ROOT / "tune_configs" / "tiny").glob("*.yaml")}
     full = {p.name for p in (ROOT / "tune_configs").glob("*.yaml")}
-    assert tiny == full
+    assert tiny == full - FULL_ONLY
+
+
+@pytest.mark.parametrize("run_yaml", ["default.yaml", "quality.yaml"])
+def test_the_shipped_pruned_sweeps_fit_the_default_teacher_and_their_selection_budget(run_yaml):
+    """Every trial of the main job's sweeps can be pruned from the committed teacher, and the sweep's
+    own student (the shape it is built around) fits its ``selection.max_params``: a space whose
+    students the selection would all reject fails here, not after an hour of training."""
+    from amad.models import ViltAdapter
+    from amad.pruning import Importance, parameter_count, plan, prune_from_plan
+    from pipeline.config import DistillJobConfig, parse_config
+    from pipeline.train_distill import check_pruned_student
+
+    run = load_config(ROOT / "tune_configs" / run_yaml, RunJobConfig)
+    sweep = load_config(ROOT / run.sweep, SweepConfig)
+    teacher_dir = ROOT / run.teacher.path
+    teacher = ViltAdapter.load(teacher_dir)
+    config = teacher.config
+    # any scores give the same shapes: parameter counts depend on how many heads/neurons are kept, not which
+    flat = Importance(heads=torch.ones(config.num_hidden_layers, config.num_attention_heads),
+                      ffn=torch.ones(config.num_hidden_layers, config.intermediate_size), examples=1)
+    counts = {}
+    for sampled in [{}] + sweep.combinations():
+        job = parse_config(sweep.trial_job(sampled), DistillJobConfig, f"{run.sweep} {sampled}")
+        assert job.student.init == "pruned"
+        check_pruned_student(job, config, teacher_dir)
+        shape = (job.student.heads, job.student.layers, job.student.ffn_keep)
+        kept = plan(flat, job.student.heads, job.student.layers, job.student.ffn_keep)
+        counts[shape] = parameter_count(prune_from_plan(ViltAdapter.load(teacher_dir), kept))
+    own = sweep.job.student
+    assert counts[(own.heads, own.layers, own.ffn_keep)] <= sweep.selection.max_params, counts
+    assert sweep.selection.max_params <= parameter_count(teacher) / 2, "the main job ships at most half the teacher"
 
 
 def _write(tmp_path, values) -> Path:

@@ -88,7 +88,9 @@ def test_a_worker_that_dies_mid_run_restarts_from_the_last_checkpoint_and_finish
 
     ``max_failures=1``: Ray Train restarts the worker group, ``get_checkpoint()`` gives epoch 1's
     checkpoint, and the loop goes on from step 9 to the configured 3 x 9 steps. The fault hook waits for
-    epoch 1's checkpoint to be committed before exiting (see ``distill_worker._fail_once``).
+    epoch 1's checkpoint to be committed before exiting (see ``distill_worker._fail_once``). The student
+    is pruned from the teacher (2 of 6 heads, half of each FFN): the restarted workers must rebuild its
+    pruned shapes from the checkpoint, not start a new pruned student from the teacher.
     """
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     base = tiny_config(tiny_teacher, **{"scaling.cpus_per_worker": 1})  # one worker per node
@@ -97,6 +99,7 @@ def test_a_worker_that_dies_mid_run_restarts_from_the_last_checkpoint_and_finish
     cfg = tiny_config(tiny_teacher, **{
         "scaling.cpus_per_worker": 1, "train.epochs": 3, "max_failures": 1, "checkpoints_to_keep": 3,
         "fail_at_step": fail_at, "run_name": "worker-dies",
+        "student.init": "pruned", "student.ffn_keep": 0.5, "student.importance_examples": 64,
     })
     summary = train_distill.main(cfg, tmp_path)
 
@@ -116,6 +119,11 @@ def test_a_worker_that_dies_mid_run_restarts_from_the_last_checkpoint_and_finish
     assert_checkpoints_intact(run_dir, cfg.train.epochs, per_epoch)
     final = torch.load(run_dir / "epoch_0003" / names.TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
     assert final["history"] == history and final["world_size"] == 2
+    from amad.models import ViltAdapter, head_counts
+
+    for epoch in (1, 3):  # pruned before the fault and after the restart alike
+        student = ViltAdapter.load(run_dir / f"epoch_{epoch:04d}")
+        assert head_counts(student.config) == [2] and student.config.amad_pruning["intermediate_sizes"] == [student.config.intermediate_size // 2]
 
 
 # ---------------------------------------------------------------- the driver is killed

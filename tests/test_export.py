@@ -316,3 +316,18 @@ def test_export_from_a_sweep_tags_the_parent_run_and_the_trial(student_checkpoin
     (sweep_dir / "best.json").write_text(json.dumps({"sweep": "s1", "best": None, "reason": "no trial within the budget"}))
     with pytest.raises(ConfigError, match=r"names no checkpoint \(no trial within the budget\)"):
         export.main(parse_config({"sweep": "s1"}, ExportJobConfig, "x"), workdir)
+
+
+def test_interleaved_latency_calls_every_model_alike_in_rotating_order():
+    """Same-runtime comparisons time the models round-robin: each model gets the same number of
+    calls, and no model is always first after another one (the order rotates every round)."""
+    from pipeline.onnx_tools import interleaved_latency_ms
+
+    calls = []
+    runs = {name: (lambda name=name: calls.append(name)) for name in ("teacher", "student", "third")}
+    times = interleaved_latency_ms(runs, repeats=6, warmup=2)
+    assert set(times) == set(runs) and all(0 <= t["p50"] <= t["p99"] for t in times.values())
+    timed = calls[3 * 2:]
+    assert [timed.count(name) for name in runs] == [6, 6, 6]
+    rounds = [tuple(timed[i:i + 3]) for i in range(0, 18, 3)]
+    assert [r[0] for r in rounds] == ["teacher", "student", "third", "teacher", "student", "third"]

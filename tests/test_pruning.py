@@ -232,3 +232,17 @@ def test_a_pruned_student_exports_to_onnx_within_parity(teacher, importance, spl
     batches = [split.batch(torch.arange(start, start + 8)) for start in (0, 8)]
     difference = np.abs(onnx_tools.ort_logits(session, batches) - onnx_tools.torch_logits(pruned, batches)).max()
     assert difference <= 1e-4, difference
+
+
+def test_a_teacher_whose_attention_output_bypasses_the_gate_cannot_be_scored(teacher, split):
+    """If a layer's gated self-attention output does not reach the logits (an attention
+    implementation that computes its output elsewhere), scoring fails naming the layer, instead of
+    ranking that layer's heads by zeros."""
+    import copy
+
+    bypassing = copy.deepcopy(teacher)
+    handle = bypassing.vilt.encoder.layer[1].attention.output.register_forward_hook(lambda _m, _i, output: output.detach())
+    with pytest.raises(ValueError, match=r"cannot score the teacher's heads: the self-attention output of layer\(s\) \[1\]"):
+        score(bypassing, split.subset(torch.arange(8)).batches(8))
+    handle.remove()
+    assert score(bypassing, split.subset(torch.arange(8)).batches(8)).heads.shape == (LAYERS, HEADS)

@@ -98,6 +98,15 @@ def test_the_tiny_pipeline_registers_a_champion_and_writes_the_report(finished_r
     assert list(report.glob("sweep_*.png")), "the sweep's plots are copied into the report"
     markdown = (report / "report.md").read_text()
     assert "| teacher |" in markdown and "| student |" in markdown and "alignment_heatmap.png" in markdown
+    # same-runtime comparison with a verdict on the config's targets that follows from the measured figures
+    comparison = summary["report"]["comparison"]
+    assert comparison["latency_threads"] == 1
+    assert comparison["latency_ratio"] == pytest.approx(comparison["student"]["p50_ms"] / comparison["teacher"]["p50_ms"])
+    drop = (comparison["teacher"]["accuracy"] - comparison["student"]["accuracy"]) * 100
+    assert comparison["targets"]["accuracy"] == {"max_drop_points": 5, "met": drop <= 5}
+    assert comparison["targets"]["latency"] == {"max_ratio": 0.6, "met": comparison["latency_ratio"] <= 0.6}
+    verdict = "met" if comparison["targets"]["latency"]["met"] else "NOT met"
+    assert f"student ONNX p50 <= 0.6 x the teacher's: **{verdict}** ({comparison['latency_ratio']:.2f} x)" in markdown
     # the chosen student was pruned from the teacher (tune_configs/tiny/demo/sweep.yaml), and says where each head came from
     student_config = json.loads(Path(summary["sweep"]["checkpoint"], "config.json").read_text())
     kept = student_config["amad_pruning"]
