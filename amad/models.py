@@ -25,26 +25,86 @@ from amad.outputs import QKV, VLOutputs
 
 
 class DeterministicViltEmbeddings(ViltEmbeddings):
-    """ViLT embeddings for fixed-size images: every patch, in raster order, no sampling."""
+    """ViLT embeddings with every patch in raster order, no sampling.
+
+    Two input modes, fixed when the model is called (so an exported graph has one of them):
+
+    * **square** (no ``pixel_mask`` given): images are the configured ``image_size``, every patch is
+      real, the position embeddings are added as they are. Our own teachers and students run so.
+    * **masked** (a ``pixel_mask`` ``(B, H, W)`` given, as ``ViltImageProcessor`` produces for an
+      aspect-preserving resize padded per batch): each image's valid patch grid ``h x w`` is read
+      from the mask as stock ViLT reads it, the position grid is interpolated to ``h x w``
+      (bilinear, ``align_corners=True``, as stock ViLT), padding patches get a zero position and
+      mask 0. Stock ViLT then *samples* which patches enter, in random order; attention is
+      permutation-equivariant and masked patches take no part, so the logits equal stock ViLT's
+      whenever it keeps every valid patch (``config.max_image_length`` < 0, the ViLT default).
+    """
+
+    masked_images = False  # set per call by AmadViltForQuestionAnswering.forward
 
     def visual_embed(self, pixel_values, pixel_mask, max_image_length=-1):
-        """``(B, 3, S, S)`` pixels -> ``(B, 1 + P, D)`` embeddings (image CLS first) and a ``(B, 1 + P)`` mask.
-
-        ``pixel_mask`` is ignored: images are always the configured size, every patch is real.
-        """
+        """``(B, 3, H, W)`` pixels -> ``(B, 1 + Gh * Gw, D)`` embeddings (image CLS first) and a ``(B, 1 + Gh * Gw)`` mask."""
         patches = self.patch_embeddings(pixel_values)  # (B, D, Gh, Gw)
         batch, _, grid_h, grid_w = patches.shape
-        expected = self.position_embeddings.shape[1] - 1
-        if grid_h * grid_w != expected:
-            raise ValueError(
-                f"pixel_values of size {tuple(pixel_values.shape[-2:])} give {grid_h}x{grid_w} patches but the model"
-                f" was configured for {expected} (image_size={self.config.image_size}, patch_size={self.config.patch_size})"
-            )
-        tokens = patches.flatten(2).transpose(1, 2)  # (B, P, D)
-        tokens = torch.cat([self.cls_token.expand(batch, -1, -1), tokens], dim=1) + self.position_embeddings
-        tokens = self.dropout(tokens)
-        mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+        if self.masked_images:
+            positions, cells = self._masked_positions(pixel_mask, grid_h, grid_w)  # (B, Gh*Gw, D), (B, Gh*Gw)
+        else:
+            expected = self.position_embeddings.shape[1] - 1
+            if grid_h * grid_w != expected:
+                raise ValueError(
+                    f"pixel_values of size {tuple(pixel_values.shape[-2:])} give {grid_h}x{grid_w} patches but the model"
+                    f" was configured for {expected} (image_size={self.config.image_size}, patch_size={self.config.patch_size});"
+                    " pass a pixel_mask for images of other sizes"
+                )
+            positions = self.position_embeddings[:, 1:]
+            cells = torch.ones(batch, grid_h * grid_w, dtype=torch.long, device=patches.device)
+        tokens = patches.flatten(2).transpose(1, 2) + positions  # (B, P, D)
+        cls = self.cls_token + self.position_embeddings[:, :1]
+        tokens = self.dropout(torch.cat([cls.expand(batch, -1, -1), tokens], dim=1))
+        mask = torch.cat([cells.new_ones(batch, 1), cells], dim=1)
         return tokens, mask, (None, (grid_h, grid_w))
+
+    def _masked_positions(self, pixel_mask: torch.Tensor, grid_h: int, grid_w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image interpolated position embeddings ``(B, Gh * Gw, D)`` and patch validity ``(B, Gh * Gw)`` long.
+
+        Vectorised (no loop over images, no data-dependent shapes) so that it exports with dynamic
+        image height and width; equal to stock ViLT's per-image ``interpolate`` + ``pad``.
+        """
+        # nearest-neighbour reduction of the pixel mask to the patch grid, exactly as stock ViLT
+        cells = nn.functional.interpolate(pixel_mask[:, None].float(), size=(grid_h, grid_w))[:, 0]  # (B, Gh, Gw)
+        rows = cells[:, :, 0].sum(dim=1)  # (B,) valid patch rows, counted down the first column as stock
+        cols = cells[:, 0, :].sum(dim=1)  # (B,) valid patch columns
+        side = self.config.image_size // self.config.patch_size
+        spatial = self.position_embeddings[0, 1:].reshape(side, side, -1)  # (S, S, D)
+        row_lo, row_hi, row_t, row_ok = _align_corners_axis(rows, grid_h, side)  # (B, Gh) each
+        col_lo, col_hi, col_t, col_ok = _align_corners_axis(cols, grid_w, side)  # (B, Gw) each
+        # rows first: (B, Gh, S, D), then columns: (B, Gh, Gw, D)
+        by_row = spatial[row_lo] * (1 - row_t)[..., None, None] + spatial[row_hi] * row_t[..., None, None]
+        batch_index = torch.arange(by_row.shape[0], device=by_row.device)[:, None, None]
+        row_index = torch.arange(grid_h, device=by_row.device)[None, :, None]
+        left = by_row[batch_index, row_index, col_lo[:, None, :]]  # (B, Gh, Gw, D)
+        right = by_row[batch_index, row_index, col_hi[:, None, :]]
+        grid = left * (1 - col_t)[:, None, :, None] + right * col_t[:, None, :, None]
+        inside = (row_ok[:, :, None] & col_ok[:, None, :]).to(grid.dtype)  # (B, Gh, Gw)
+        grid = grid * inside[..., None]
+        return grid.flatten(1, 2), cells.flatten(1).long()
+
+
+def _align_corners_axis(count: torch.Tensor, size: int, side: int):
+    """Source indices and weights of a bilinear ``align_corners=True`` resize of ``side`` cells to ``count`` cells.
+
+    ``count`` ``(B,)`` float: valid cells per image; ``size``: the padded axis length. Returns
+    ``lo``, ``hi`` ``(B, size)`` long, the weight ``t`` of ``hi`` ``(B, size)`` float, and
+    ``inside`` ``(B, size)`` bool (the cell is within the image). Follows PyTorch's kernel:
+    ``source = index * (side - 1) / (count - 1)`` (0 for a single cell).
+    """
+    index = torch.arange(size, device=count.device, dtype=torch.float32)[None, :]  # (1, size)
+    count = count.to(torch.float32)[:, None]  # (B, 1)
+    scale = torch.where(count > 1, (side - 1) / (count - 1).clamp(min=1), torch.zeros_like(count))
+    source = (index * scale).clamp(max=side - 1)
+    lo = source.floor().long()
+    hi = (lo + 1).clamp(max=side - 1)
+    return lo, hi, source - lo.to(source.dtype), index < count
 
 
 # The config attribute that records a pruned model's per-layer shapes (see amad/pruning.py). It is
@@ -67,6 +127,15 @@ class AmadViltForQuestionAnswering(ViltForQuestionAnswering):
         pruning = getattr(config, PRUNING_KEY, None)
         if pruning:
             _apply_pruned_shapes(self, config, pruning)
+
+    def forward(self, *args, pixel_mask: torch.Tensor | None = None, **kwargs):
+        """As ``ViltForQuestionAnswering.forward``; a ``pixel_mask`` selects the masked image mode
+        (:class:`DeterministicViltEmbeddings`), none the square mode."""
+        positional_mask = args[4] if len(args) > 4 else None  # (input_ids, attention_mask, token_type_ids, pixel_values, pixel_mask, ...)
+        self.vilt.embeddings.masked_images = pixel_mask is not None or positional_mask is not None
+        if len(args) > 4:
+            return super().forward(*args, **kwargs)
+        return super().forward(*args, pixel_mask=pixel_mask, **kwargs)
 
 
 def check_pruning_record(config: ViltConfig, pruning: dict) -> tuple[list[list[int]], list[int]]:
@@ -312,21 +381,30 @@ class ViltAdapter:
     ) -> VLOutputs:
         """Run the model on a batch (see ``amad.data.dataset``) and collect what distillation needs.
 
+        A batch with ``pixel_mask`` ``(B, H, W)`` runs the masked image mode (images of any size,
+        padded per batch); without one, images must be the configured square size.
+
         Returns logits ``(B, num_labels)``; ``attentions["self"]``: one ``(B, H, T, T)`` map per
-        layer with ``T = L + 1 + P`` (text tokens, image CLS, patches); masks ``(B, T)``; and, with
+        layer with ``T = L + 1 + P`` (text tokens, image CLS, patches); masks ``(B, T)`` (padding
+        text tokens and padding patches False); and, with
         ``need_qkv``, per-layer query/key/value projections ``(B, T, hidden)``.
         """
-        with _capture_qkv(model, need_qkv) as captured:
-            out = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"],
-                output_attentions=need_attentions,
-                return_dict=True,
-            )
-        text_mask = batch["attention_mask"].bool()
-        image_tokens = model.vilt.embeddings.position_embeddings.shape[1]
-        mask = torch.cat([text_mask, text_mask.new_ones(text_mask.shape[0], image_tokens)], dim=1)  # (B, T)
+        masks: list[torch.Tensor] = []
+        # the embeddings return the token mask (text, image CLS, patches; padding patches 0)
+        hook = model.vilt.embeddings.register_forward_hook(lambda _m, _i, output: masks.append(output[1]))
+        try:
+            with _capture_qkv(model, need_qkv) as captured:
+                out = model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"],
+                    pixel_mask=batch.get("pixel_mask"),
+                    output_attentions=need_attentions,
+                    return_dict=True,
+                )
+        finally:
+            hook.remove()
+        mask = masks[0].bool()  # (B, T)
         attentions = {"self": list(out.attentions)} if need_attentions else {}
         qkv = {"self": [QKV(*layer) for layer in captured]} if need_qkv else {}
         return VLOutputs(out.logits, attentions, {"self": mask}, {"self": mask}, qkv)

@@ -38,15 +38,22 @@ def accuracy_report(predictions: torch.Tensor, split: VQASplit) -> dict[str, flo
     """Accuracy overall, per question type (``acc/<type>``), relational and non-relational.
 
     ``predictions`` ``(N,)`` long answer indices for every question of ``split``, in order.
-    Relational/non-relational figures are the mean over questions of those types.
+    ``accuracy`` is exact match with the split's label; a split with human answers (VQA-v2) also
+    gets VQA's soft accuracy, ``vqa_accuracy`` and ``vqa_acc/<type>`` (its types are VQA's
+    ``answer_type``). Relational/non-relational figures are the mean over questions of those types.
     """
     correct = (predictions == split.labels).float()
+    soft = split.human_answers.accuracy(predictions) if split.human_answers is not None else None
     report = {"accuracy": correct.mean().item()}
+    if soft is not None:
+        report["vqa_accuracy"] = soft.mean().item()
     relational = torch.zeros_like(correct, dtype=torch.bool)
     for index, name in enumerate(split.qtypes):
         chosen = split.qtype == index
         if chosen.any():
             report[f"acc/{name}"] = correct[chosen].mean().item()
+            if soft is not None:
+                report[f"vqa_acc/{name}"] = soft[chosen].mean().item()
         if name in split.relational_qtypes:
             relational |= chosen
     if split.relational_qtypes:

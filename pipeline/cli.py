@@ -135,6 +135,39 @@ def _loadtest(args: argparse.Namespace) -> int:
     return 0 if not summary["errors_by_status"] else 1
 
 
+def _data_export_vqa_v2(args: argparse.Namespace) -> int:
+    import json
+
+    from amad.data.benchmark import BenchmarkSpec
+    from amad.data.vqa_v2 import write_vqa_v2
+    from pipeline.config import TeacherJobConfig
+
+    if args.config and args.teacher:
+        raise ConfigError("give --config or --teacher, not both")
+    if args.teacher:
+        spec_file = args.teacher / "benchmark.json"
+        if not spec_file.is_file():
+            raise ConfigError(f"--teacher {args.teacher}: no benchmark.json (a teacher saved by `amad teacher`)")
+        spec, source = BenchmarkSpec.from_dict(json.loads(spec_file.read_text())), f"the data of the teacher {args.teacher}"
+    elif args.config:
+        spec, source = load_config(args.config, TeacherJobConfig).data.benchmark_spec(), f"the data section of {args.config}"
+    else:
+        spec, source = BenchmarkSpec(), "the built-in defaults"
+    if args.max_scenes is not None and args.max_scenes < 1:
+        raise ConfigError("--max-scenes must be >= 1")
+    try:
+        written = write_vqa_v2(spec, args.out, splits=tuple(args.splits), agreement=args.agreement, max_scenes=args.max_scenes)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    print(f"amad data export-vqa-v2: wrote {source} as VQA-v2 files under {args.out}")
+    print("data:\n  source: vqa_v2")
+    for split, files in written.items():
+        counts = files["count"]
+        print(f"  {split}: {{questions: {files['questions']}, annotations: {files['annotations']}, images: {files['images']}}}"
+              f"  # {counts['questions']} questions, {counts['images']} images")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amad",
@@ -251,6 +284,23 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--duration-s", type=float, default=None, help="stop after this many seconds even if requests remain")
     load.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
     load.set_defaults(handler=_loadtest)
+
+    data = commands.add_parser("data", help="data-set tools (write the built-in benchmark as VQA-v2 files)")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    export_vqa = data_commands.add_parser(
+        "export-vqa-v2",
+        help="write the generated benchmark as VQA-v2 files (questions/annotations JSON, COCO-named JPEGs)",
+        description="Write the built-in generated benchmark in the VQA-v2 download's format: per split a questions JSON, an "
+        "annotations JSON with 10 human answers per question, and COCO-named JPEGs, so the real-format path (data.source: "
+        "vqa_v2) runs on data with a known answer. Prints the data: section to put in a job YAML.",
+    )
+    export_vqa.add_argument("--out", type=Path, required=True, help="directory to write into")
+    export_vqa.add_argument("--config", type=Path, default=None, help="a teacher YAML whose data section to write (default: the built-in defaults)")
+    export_vqa.add_argument("--teacher", type=Path, default=None, help="write the data a teacher directory was trained on (its benchmark.json)")
+    export_vqa.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=["train", "val", "test"])
+    export_vqa.add_argument("--max-scenes", type=int, default=None, help="at most this many scenes (images) per split: the first ones")
+    export_vqa.add_argument("--agreement", type=int, default=8, help="how many of the 10 humans give the true answer (default: %(default)s)")
+    export_vqa.set_defaults(handler=_data_export_vqa_v2)
     return parser
 
 

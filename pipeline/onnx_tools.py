@@ -2,7 +2,10 @@
 
 The exported graph takes ``input_ids`` ``(B, L)`` int64, ``attention_mask`` ``(B, L)`` int64 and
 ``pixel_values`` ``(B, 3, S, S)`` float32, and returns ``logits`` ``(B, num_labels)``; ``B`` and
-``L`` (up to the model's ``max_position_embeddings``) are dynamic. The model must embed images
+``L`` (up to the model's ``max_position_embeddings``) are dynamic. A model fed by a checkpoint's
+image processor (aspect-preserving resize, padded per batch) is exported from an example that has a
+``pixel_mask``: the graph then also takes ``pixel_mask`` ``(B, H, W)`` int64, and ``H``, ``W`` are
+dynamic too. The model must embed images
 deterministically (:class:`amad.models.DeterministicViltEmbeddings`): stock ViLT samples its patch
 order with ``torch.multinomial``, which cannot be exported.
 
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 INPUT_NAMES = ("input_ids", "attention_mask", "pixel_values")
+MASKED_INPUT_NAMES = (*INPUT_NAMES, "pixel_mask")
 OUTPUT_NAME = "logits"
 EXPORTERS = ("dynamo", "torchscript")
 CPU = "CPUExecutionProvider"
@@ -40,16 +44,31 @@ class LogitsOnly(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
 
 
+class MaskedLogitsOnly(LogitsOnly):
+    """``(input_ids, attention_mask, pixel_values, pixel_mask) -> logits``: images of any size, padded per batch."""
+
+    def forward(self, input_ids, attention_mask, pixel_values, pixel_mask):  # noqa: D102 (as the class)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, pixel_mask=pixel_mask).logits
+
+
+def input_names(batch: dict) -> tuple[str, ...]:
+    """The graph inputs a batch feeds: with ``pixel_mask`` when the batch has one."""
+    return MASKED_INPUT_NAMES if "pixel_mask" in batch else INPUT_NAMES
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """The ONNX feed for a dataset batch (extra keys such as labels are dropped)."""
     missing = [name for name in INPUT_NAMES if name not in batch]
     if missing:
         raise ValueError(f"batch lacks {missing}: an ONNX student needs {list(INPUT_NAMES)}")
-    return {
+    feed = {
         "input_ids": batch["input_ids"].to(torch.int64).numpy(),
         "attention_mask": batch["attention_mask"].to(torch.int64).numpy(),
         "pixel_values": batch["pixel_values"].to(torch.float32).numpy(),
     }
+    if "pixel_mask" in batch:
+        feed["pixel_mask"] = batch["pixel_mask"].to(torch.int64).numpy()
+    return feed
 
 
 def export_onnx(model: nn.Module, path: str | Path, example: dict[str, torch.Tensor], *, exporter: str = "dynamo", opset: int = 18) -> Path:
@@ -67,23 +86,33 @@ def export_onnx(model: nn.Module, path: str | Path, example: dict[str, torch.Ten
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    wrapper = LogitsOnly(model).eval()
-    args = tuple(example[name] for name in INPUT_NAMES)
+    masked = "pixel_mask" in example
+    names = input_names(example)
+    wrapper = (MaskedLogitsOnly if masked else LogitsOnly)(model).eval()
+    args = tuple(torch.as_tensor(example[name]) for name in names)
     max_text = int(model.config.max_position_embeddings)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation chatter; the checker and the gate judge the result
-        common = dict(input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME])
+        common = dict(input_names=list(names), output_names=[OUTPUT_NAME])
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1)
             text = torch.export.Dim("text", min=1, max=max_text)
-            common.update(
-                dynamic_shapes={"input_ids": {0: batch, 1: text}, "attention_mask": {0: batch, 1: text}, "pixel_values": {0: batch}},
-                opset_version=opset, dynamo=True, external_data=False, verbose=False,
-            )
+            shapes = {"input_ids": {0: batch, 1: text}, "attention_mask": {0: batch, 1: text}, "pixel_values": {0: batch}}
+            if masked:
+                patch = int(model.config.patch_size)
+                # multiples of the patch size, as ViltImageProcessor pads (size_divisor) and the example shows
+                height, width = torch.export.Dim("rows", min=1, max=512) * patch, torch.export.Dim("cols", min=1, max=512) * patch
+                shapes["pixel_values"] = {0: batch, 2: height, 3: width}
+                shapes["pixel_mask"] = {0: batch, 1: height, 2: width}
+            common.update(dynamic_shapes=shapes, opset_version=opset, dynamo=True, external_data=False, verbose=False)
         else:
+            axes = {"input_ids": {0: "batch", 1: "text"}, "attention_mask": {0: "batch", 1: "text"},
+                    "pixel_values": {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+            if masked:
+                axes["pixel_values"] = {0: "batch", 2: "height", 3: "width"}
+                axes["pixel_mask"] = {0: "batch", 1: "height", 2: "width"}
             common.update(
-                dynamic_axes={"input_ids": {0: "batch", 1: "text"}, "attention_mask": {0: "batch", 1: "text"},
-                              "pixel_values": {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                dynamic_axes=axes,
                 opset_version=min(opset, 17),  # the TorchScript exporter's newest opset
                 dynamo=False,
             )

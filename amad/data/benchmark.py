@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
 from amad.data.dataset import VQASplit
-from amad.data.scenes import ANSWERS, QUESTION_TYPES, SceneSpec, generate, vocabulary
+from amad.data.scenes import ANSWERS, QUESTION_TYPES, Question, SceneSpec, generate, vocabulary
 from amad.data.text import build_tokenizer, encode_questions
 
 SPLITS = ("train", "val", "test")
@@ -43,12 +44,20 @@ def benchmark_tokenizer() -> Tokenizer:
     return build_tokenizer(vocabulary())
 
 
-def make_split(spec: BenchmarkSpec, split: str, tokenizer: Tokenizer) -> VQASplit:
-    """Generate one split (deterministic in ``spec.seed`` and ``split``)."""
+def split_scenes(spec: BenchmarkSpec, split: str, max_scenes: int | None = None) -> tuple[np.ndarray, list[Question]]:
+    """The images ``(N, S, S, 3)`` uint8 and questions of one split; ``max_scenes`` keeps its first scenes
+    (generation is sequential, so they are the same scenes as in the whole split)."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} must be one of {SPLITS}")
     scenes = {"train": spec.train_scenes, "val": spec.val_scenes, "test": spec.test_scenes}[split]
-    images, questions = generate(scenes, spec.questions_per_scene, spec.seed + _SPLIT_SEED_OFFSET[split], spec.scene)
+    if max_scenes is not None:
+        scenes = min(scenes, max_scenes)
+    return generate(scenes, spec.questions_per_scene, spec.seed + _SPLIT_SEED_OFFSET[split], spec.scene)
+
+
+def make_split(spec: BenchmarkSpec, split: str, tokenizer: Tokenizer) -> VQASplit:
+    """Generate one split (deterministic in ``spec.seed`` and ``split``)."""
+    images, questions = split_scenes(spec, split)
     qtypes = tuple(QUESTION_TYPES)
     input_ids, attention_mask = encode_questions(tokenizer, [q.text for q in questions], spec.max_question_length)
     return VQASplit(
