@@ -97,3 +97,107 @@ def check_vilt_checkpoint(directory: str | Path) -> dict:
     if not any((directory / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
         raise ValueError(f"{directory}: no tokenizer files (tokenizer.json or vocab.txt; save the ViltProcessor there)")
     return config
+
+
+def _wordpiece_twin(word_level):
+    """A ``BertTokenizerFast`` that encodes exactly as this project's word-level ``tokenizers.Tokenizer``.
+
+    Same vocabulary and ids, BERT's lower-casing normaliser and punctuation split (the word-level
+    tokenizer's ``Whitespace`` splits the same way on ASCII text), ``[CLS] ... [SEP]``. Every word is a
+    whole WordPiece token and there are no ``##`` pieces, so an unknown word is ``[UNK]`` in both.
+    """
+    return wordpiece_from_vocab(word_level.get_vocab())
+
+
+def wordpiece_from_vocab(vocab: dict[str, int]):
+    """A lower-casing BERT tokenizer (``BertTokenizerFast``) over exactly ``vocab`` (token -> id; needs
+    ``[PAD]``, ``[UNK]``, ``[CLS]``, ``[SEP]``), e.g. a BERT-sized vocabulary for a real-sized model."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+    from transformers import BertTokenizerFast
+
+    tokenizer = Tokenizer(WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    # no [MASK]: the teacher's embedding has exactly len(vocab) rows
+    return BertTokenizerFast(tokenizer_object=tokenizer, do_lower_case=True, unk_token="[UNK]", pad_token="[PAD]",
+                             cls_token="[CLS]", sep_token="[SEP]", mask_token=None)
+
+
+def teacher_to_hf_checkpoint(teacher: str | Path, out: str | Path, *, check_questions: int = 64) -> dict:
+    """Write a teacher saved by ``amad teacher`` as a stock Hugging Face ViLT VQA checkpoint.
+
+    ``out`` gets what ``ViltForQuestionAnswering.save_pretrained`` and ``ViltProcessor.save_pretrained``
+    write: the same weights under ``architectures: [ViltForQuestionAnswering]``, a BERT tokenizer with
+    the teacher's vocabulary and ids, and a ``ViltImageProcessor`` (shortest edge = the teacher's image
+    size, ``size_divisor`` = its patch size, mean = std = 0.5, i.e. the teacher's ``[-1, 1]`` pixels).
+    Before anything is kept, the stock ``ViltForQuestionAnswering`` loaded from ``out`` with the stock
+    processor must give the teacher's logits (max |diff| <= 1e-4) and tokens on ``check_questions``
+    validation questions of the teacher's own data. ``out`` must not exist yet (nothing is overwritten);
+    it is written next to itself and renamed into place. Returns the check's figures.
+    ValueError naming the problem for a pruned teacher (stock ViLT has the same heads in every layer),
+    a directory that is not a teacher, or a failed check.
+    """
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import ViltForQuestionAnswering, ViltProcessor
+    from transformers.models.vilt.image_processing_pil_vilt import ViltImageProcessorPil
+
+    from amad.data.benchmark import BenchmarkSpec, split_scenes
+    from amad.data.preprocess import load_preprocessor
+    from amad.data.text import load_tokenizer
+    from amad.models import PRUNING_KEY, ViltAdapter
+
+    teacher, out = Path(teacher), Path(out)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "benchmark.json"):
+        if not (teacher / name).is_file():
+            raise ValueError(f"{teacher}: no {name} (not a teacher saved by `amad teacher`)")
+    if out.exists():
+        raise ValueError(f"{out} already exists: choose a new directory (nothing is overwritten)")
+    if PRUNING_KEY in json.loads((teacher / "config.json").read_text()):
+        raise ValueError(f"{teacher} is a pruned model ({PRUNING_KEY} in its config.json): stock ViLT needs the same heads in every layer")
+    model = ViltAdapter.load(teacher).eval()
+    config = model.config
+    stock = ViltForQuestionAnswering(config)
+    stock.load_state_dict(model.state_dict())
+    stock.config.architectures = ["ViltForQuestionAnswering"]
+    tokenizer = _wordpiece_twin(load_tokenizer(teacher))
+    images = ViltImageProcessorPil(size={"shortest_edge": config.image_size}, size_divisor=config.patch_size,
+                                   image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        stock.save_pretrained(staging)
+        ViltProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(staging)
+        # the gate: stock classes and processor against the teacher's own pre-processing, on its validation questions
+        spec = BenchmarkSpec.from_dict(json.loads((teacher / "benchmark.json").read_text()))
+        scenes, questions = split_scenes(spec, "val", max_scenes=check_questions)
+        questions = questions[:check_questions]
+        texts = [q.text for q in questions]
+        pictures = [scenes[q.scene] for q in questions]
+        ours = load_preprocessor(teacher)
+        input_ids, attention_mask = ours.encode(texts)
+        processor = ViltProcessor.from_pretrained(str(staging))
+        encoded = processor.tokenizer(texts, padding="max_length", truncation=True, max_length=input_ids.shape[1], return_tensors="pt")
+        same_tokens = torch.equal(encoded["input_ids"], input_ids)
+        pixels = processor.image_processor(images=pictures, return_tensors="pt")
+        reloaded = ViltForQuestionAnswering.from_pretrained(str(staging)).eval()
+        with torch.no_grad():
+            expected = model(input_ids=input_ids, attention_mask=attention_mask, **ours.pixels(pictures)).logits
+            got = reloaded(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
+                           pixel_values=pixels["pixel_values"], pixel_mask=pixels["pixel_mask"]).logits
+        diff = float((expected - got).abs().max())
+        if not same_tokens or diff > 1e-4:
+            raise ValueError(f"{teacher}: the converted checkpoint does not reproduce the teacher (same tokens: {same_tokens}, "
+                             f"max |logit diff| {diff:.2e} > 1e-4); nothing written")
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return {"questions": len(questions), "max_abs_logit_diff": diff, "same_tokens": same_tokens, "answers": len(config.id2label)}

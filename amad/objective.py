@@ -25,9 +25,10 @@ from amad.losses import (
 )
 from amad.outputs import QKV, VLOutputs
 
-__all__ = ["METHODS", "DistillationObjective", "resolve_layer_map"]
+__all__ = ["METHODS", "TASK_LOSSES", "DistillationObjective", "resolve_layer_map"]
 
 METHODS = ("amad", "one_to_one", "head_mean", "relation", "none")
+TASK_LOSSES = ("ce", "vqa_bce")
 
 LayerMap = str | Sequence[tuple[int, int]]
 
@@ -104,12 +105,16 @@ def _detach_qkv(qkv: QKV) -> QKV:
 
 
 class DistillationObjective:
-    """``task_weight * CE + logit_kd_weight * KD + attention_weight * L_attn``.
+    """``task_weight * L_task + logit_kd_weight * KD + attention_weight * L_attn``.
 
     All settings are fixed at construction; calling it is a pure function of the outputs.
 
     Args:
-        task_weight: weight of cross-entropy of the student's logits against the labels.
+        task_weight: weight of the task loss of the student's logits against the labels.
+        task_loss: ``"ce"``: cross-entropy against ``(B,)`` class indices; ``"vqa_bce"``: ViLT's
+            VQA loss, binary cross-entropy against ``(B, A)`` soft targets (each answer's VQA score
+            from the human answers) times ``A``, as ViLT trains (``F.binary_cross_entropy_with_logits
+            (logits, targets) * A``).
         logit_kd_weight: weight of :func:`~amad.losses.logit_kd_loss`.
         attention_weight: weight of the attention loss.
         logit_temperature: temperature of the logit KD.
@@ -137,6 +142,7 @@ class DistillationObjective:
         self,
         *,
         task_weight: float = 1.0,
+        task_loss: str = "ce",
         logit_kd_weight: float = 1.0,
         attention_weight: float = 1.0,
         logit_temperature: float = 1.0,
@@ -167,6 +173,8 @@ class DistillationObjective:
                 raise ValueError(f"{name} must be a finite number > 0; got {v}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+        if task_loss not in TASK_LOSSES:
+            raise ValueError(f"task_loss must be one of {TASK_LOSSES}; got {task_loss!r}")
         if amad_variant not in AMAD_VARIANTS:
             raise ValueError(f"amad_variant must be one of {AMAD_VARIANTS}; got {amad_variant!r}")
         if method == "relation" and (
@@ -190,6 +198,7 @@ class DistillationObjective:
             )
 
         self.task_weight = float(task_weight)
+        self.task_loss = task_loss
         self.logit_kd_weight = float(logit_kd_weight)
         self.attention_weight = float(attention_weight)
         self.logit_temperature = float(logit_temperature)
@@ -221,7 +230,8 @@ class DistillationObjective:
             teacher: the teacher's outputs; treated as constants (detached here). May be None when
                 :attr:`needs_teacher` is False.
             student: the student's outputs; same batch as the teacher.
-            labels: ``(B,)`` integer class indices, or None when ``task_weight == 0``.
+            labels: ``(B,)`` integer class indices (``task_loss="ce"``), ``(B, A)`` float soft
+                targets (``task_loss="vqa_bce"``), or None when ``task_weight == 0``.
 
         Returns:
             ``{"loss", "task", "logit_kd", "attention"}``, each a 0-dim tensor; ``"loss"`` is the
@@ -290,6 +300,14 @@ class DistillationObjective:
                     "task_weight=0"
                 )
             return logits.new_zeros((), dtype=torch.float32)
+        if self.task_loss == "vqa_bce":
+            if labels.shape != logits.shape or not labels.is_floating_point():
+                raise ValueError(
+                    f"task_loss='vqa_bce' needs (B, A) float soft targets like the logits {tuple(logits.shape)}; "
+                    f"got shape {tuple(labels.shape)}, dtype {labels.dtype}"
+                )
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            return F.binary_cross_entropy_with_logits(wide, labels.to(wide.dtype)) * labels.shape[1]
         if labels.dim() != 1 or labels.shape[0] != logits.shape[0] or labels.is_floating_point():
             raise ValueError(
                 f"labels must be (B,) integer class indices; got shape {tuple(labels.shape)}, "

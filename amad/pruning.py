@@ -86,7 +86,11 @@ def score(model: AmadViltForQuestionAnswering, batches: Iterable[dict[str, Tenso
         mask = token_mask[0].to(output.dtype)  # (B, T)
         ffn_sum[index] += (output.detach().abs() * mask[..., None]).sum(dim=(0, 1)).double().cpu()
 
-    handles = []
+    def record_tokens(_module, _inputs, output):
+        # the embeddings' token mask (text, image CLS, patches; padding text and padding patches 0)
+        token_mask[:] = [output[1].bool()]
+
+    handles = [model.vilt.embeddings.register_forward_hook(record_tokens)]
     for index, layer in enumerate(layers):
         handles.append(layer.attention.attention.register_forward_hook(lambda m, i, o, index=index: gate_context(m, i, o, index)))
         handles.append(layer.intermediate.register_forward_hook(lambda m, i, o, index=index: record_ffn(m, i, o, index)))
@@ -98,11 +102,8 @@ def score(model: AmadViltForQuestionAnswering, batches: Iterable[dict[str, Tenso
             batch = {k: v.to(device) for k, v in batch.items()}
             size = batch["labels"].shape[0]
             gates[:] = [torch.ones(size, heads, device=device, requires_grad=True) for _ in layers]  # (B, H) per layer
-            text = batch["attention_mask"].bool()
-            image_tokens = model.vilt.embeddings.position_embeddings.shape[1]
-            token_mask[:] = [torch.cat([text, text.new_ones(size, image_tokens)], dim=1)]
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           pixel_values=batch["pixel_values"], return_dict=True).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+                           pixel_mask=batch.get("pixel_mask"), return_dict=True).logits
             # summed, not averaged: the gradient of each example's loss lands on that example's gates
             loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
             grads = torch.autograd.grad(loss, gates, allow_unused=True)

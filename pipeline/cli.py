@@ -168,6 +168,20 @@ def _data_export_vqa_v2(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_to_hf(args: argparse.Namespace) -> int:
+    from amad.hf_checkpoint import teacher_to_hf_checkpoint
+
+    try:
+        check = teacher_to_hf_checkpoint(args.teacher, args.out)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
+    print(f"amad checkpoint to-hf: wrote {args.teacher} as a Hugging Face ViLT VQA checkpoint at {args.out} ({check['answers']} answers); "
+          f"stock ViltForQuestionAnswering + ViltProcessor reproduce it on {check['questions']} validation questions "
+          f"(same tokens, max |logit diff| {check['max_abs_logit_diff']:.1e})")
+    print(f"use it as a job's teacher with VQA-v2 files: teacher: {args.out}  (amad data export-vqa-v2 --teacher {args.teacher} --out DIR writes its data)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amad",
@@ -301,6 +315,20 @@ def build_parser() -> argparse.ArgumentParser:
     export_vqa.add_argument("--max-scenes", type=int, default=None, help="at most this many scenes (images) per split: the first ones")
     export_vqa.add_argument("--agreement", type=int, default=8, help="how many of the 10 humans give the true answer (default: %(default)s)")
     export_vqa.set_defaults(handler=_data_export_vqa_v2)
+
+    checkpoint = commands.add_parser("checkpoint", help="checkpoint tools (write a teacher as a Hugging Face ViLT checkpoint)")
+    checkpoint_commands = checkpoint.add_subparsers(dest="checkpoint_command", required=True, metavar="CHECKPOINT_COMMAND")
+    to_hf = checkpoint_commands.add_parser(
+        "to-hf",
+        help="write a teacher saved by `amad teacher` as a stock Hugging Face ViLT VQA checkpoint",
+        description="Write a teacher saved by `amad teacher` in the layout ViltForQuestionAnswering.save_pretrained and "
+        "ViltProcessor.save_pretrained write (config, safetensors, BERT tokenizer with the teacher's vocabulary, ViLT image "
+        "processor), checked before it is kept: the stock classes must reproduce the teacher's tokens and logits. The "
+        "result enters every job as a user's own checkpoint would (teacher: DIR with data.source: vqa_v2).",
+    )
+    to_hf.add_argument("--teacher", type=Path, default=Path("weights/teacher-default"), help="teacher directory (default: %(default)s)")
+    to_hf.add_argument("--out", type=Path, required=True, help="new directory to write (must not exist)")
+    to_hf.set_defaults(handler=_checkpoint_to_hf)
     return parser
 
 

@@ -112,14 +112,53 @@ class TeacherJobConfig(Strict):
         return self
 
 
-class DistillDataConfig(Strict):
-    """Overrides of the teacher's ``benchmark.json`` (same seed, scene and question settings).
+class VqaV2FilesConfig(Strict):
+    """One split in the VQA-v2 download's format (paths relative to the working directory, or absolute)."""
 
-    Smaller sizes take the first scenes of the teacher's splits (generation is sequential per split).
+    questions: str = Field(..., description="questions JSON (v2_OpenEnded_mscoco_<split>2014_questions.json)")
+    annotations: str = Field(..., description="annotations JSON with the 10 human answers (v2_mscoco_<split>2014_annotations.json)")
+    images: str = Field(..., description="image folder (COCO_<split>2014_<id:012d>.jpg, or <id>.jpg/.png)")
+    max_questions: int | None = Field(None, ge=1, description="keep the first this many usable questions (default: all)")
+
+
+class DistillDataConfig(Strict):
+    """What the job trains and validates on.
+
+    ``source: generated`` (the default): the built-in benchmark the teacher was trained on (its
+    ``benchmark.json``: same seed, scene and question settings); ``train_scenes``/``val_scenes``
+    take the first scenes of the teacher's splits (generation is sequential per split).
+
+    ``source: vqa_v2``: VQA-v2-format files per split (``train``, ``val``; ``test`` for ``amad run``'s
+    report), read through the teacher's own pre-processing and answer labels (``id2label``). A Hugging
+    Face checkpoint teacher needs this source; ``amad data export-vqa-v2`` writes the generated
+    benchmark in this format.
     """
 
-    train_scenes: int | None = Field(None, ge=1, description="default: the teacher's")
-    val_scenes: int | None = Field(None, ge=1, description="default: the teacher's")
+    source: Literal["generated", "vqa_v2"] = "generated"
+    train_scenes: int | None = Field(None, ge=1, description="generated: default the teacher's")
+    val_scenes: int | None = Field(None, ge=1, description="generated: default the teacher's")
+    train: VqaV2FilesConfig | None = Field(None, description="vqa_v2: the training split")
+    val: VqaV2FilesConfig | None = Field(None, description="vqa_v2: the validation split (checkpoint selection)")
+    test: VqaV2FilesConfig | None = Field(None, description="vqa_v2: the test split (amad run's report)")
+
+    @model_validator(mode="after")
+    def _settings_of_the_source(self) -> "DistillDataConfig":
+        scenes = [key for key in ("train_scenes", "val_scenes") if getattr(self, key) is not None]
+        files = [key for key in ("train", "val", "test") if getattr(self, key) is not None]
+        if self.source == "generated" and files:
+            raise ValueError(f"{', '.join(files)}: VQA-v2 files need source: vqa_v2 (the generated benchmark has no files)")
+        if self.source == "vqa_v2":
+            if scenes:
+                raise ValueError(f"{', '.join(scenes)}: scene counts apply to source: generated, not to VQA-v2 files")
+            missing = [key for key in ("train", "val") if getattr(self, key) is None]
+            if missing:
+                raise ValueError(f"source: vqa_v2 needs files for {' and '.join(missing)} ({{questions, annotations, images}})")
+        return self
+
+    def vqa_v2_dict(self) -> dict:
+        """The ``benchmark.json``-style dict of the VQA-v2 source (:func:`amad.data.sources.source_from_dict`)."""
+        return {"source": "vqa_v2", **{split: getattr(self, split).model_dump(exclude_none=True) for split in ("train", "val", "test")
+                                         if getattr(self, split) is not None}}
 
 
 class StudentConfig(Strict):
@@ -175,6 +214,9 @@ class ObjectiveConfig(Strict):
     """The arguments of :class:`amad.objective.DistillationObjective`, validated by building one."""
 
     task_weight: float = 1.0
+    task_loss: Literal["ce", "vqa_bce"] = Field(
+        "ce", description="'ce': cross-entropy on the single label; 'vqa_bce': ViLT's soft-target BCE (needs data.source: vqa_v2)"
+    )
     logit_kd_weight: float = 1.0
     attention_weight: float = 1.0
     logit_temperature: float = 1.0
@@ -240,7 +282,10 @@ class ScalingSettings(Strict):
 class DistillJobConfig(Strict):
     """``amad distill``: distil a saved teacher into a smaller student with Ray Train (DDP)."""
 
-    teacher: str = Field("weights/teacher-default", description="a directory saved by `amad teacher`")
+    teacher: str = Field(
+        "weights/teacher-default",
+        description="a directory saved by `amad teacher`, or a Hugging Face ViLT VQA checkpoint (save_pretrained + ViltProcessor)",
+    )
     data: DistillDataConfig = DistillDataConfig()
     student: StudentConfig
     objective: ObjectiveConfig = ObjectiveConfig()
@@ -260,6 +305,22 @@ class DistillJobConfig(Strict):
     RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset(
         {"scaling", "max_failures", "fail_at_step", "checkpoints_to_keep", "eval_batch_size"}
     )
+
+    def with_absolute_paths(self, base: Path | None = None) -> dict:
+        """This job as a dict with the teacher and data file paths made absolute against ``base``
+        (default: the working directory): Ray Tune runs trials in directories of its own."""
+        base = Path.cwd() if base is None else Path(base)
+        values = self.model_dump(mode="json")
+
+        def absolute(path: str) -> str:
+            return str((base / Path(path).expanduser()).resolve())
+
+        values["teacher"] = absolute(values["teacher"])
+        for split in ("train", "val", "test"):
+            if values["data"].get(split):
+                values["data"][split] = {key: absolute(value) if key in ("questions", "annotations", "images") else value
+                                         for key, value in values["data"][split].items()}
+        return values
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)

@@ -15,7 +15,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -24,9 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from amad.data.benchmark import BenchmarkSpec, make_split
 from amad.data.dataset import VQASplit
-from amad.data.text import TOKENIZER_FILE, load_tokenizer
+from amad.data.preprocess import Preprocessor, load_preprocessor
+from amad.data.sources import load_split, model_labels, source_from_dict
 from amad.models import StudentSpec, get_adapter
 from amad.objective import DistillationObjective
 from amad.training import make_optimizer, warmup_cosine
@@ -91,26 +90,34 @@ def validate(model: nn.Module, adapter, split: VQASplit, rank: int, world: int, 
     qtypes = len(split.qtypes)
     shard = split.subset(torch.arange(rank, len(split), world))
     loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
+    soft_sum = torch.zeros(1, dtype=torch.float64, device=device)  # VQA accuracy, where the split has human answers
     correct = torch.zeros(qtypes, dtype=torch.float64, device=device)  # per question type
     count = torch.zeros(qtypes, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
+    done = 0
     for batch in shard.batches(batch_size):
         batch = _to(batch, device)
         logits = adapter.forward(model, batch, need_attentions=False).logits.float()  # (B, answers)
         loss_sum += nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").double()
-        hit = logits.argmax(dim=-1) == batch["labels"]
+        predicted = logits.argmax(dim=-1)
+        hit = predicted == batch["labels"]
         correct += torch.bincount(batch["qtype"][hit], minlength=qtypes).double()
         count += torch.bincount(batch["qtype"], minlength=qtypes).double()
+        if shard.human_answers is not None:
+            rows = torch.arange(done, done + len(predicted))
+            soft_sum += shard.human_answers[rows].accuracy(predicted.cpu()).sum().double().to(device)
+        done += len(predicted)
     model.train(was_training)
-    totals = _all_reduce(torch.cat([loss_sum, correct, count]))
-    loss_sum, correct, count = totals[0], totals[1 : 1 + qtypes], totals[1 + qtypes :]
+    totals = _all_reduce(torch.cat([loss_sum, soft_sum, correct, count]))
+    loss_sum, soft_sum, correct, count = totals[0], totals[1], totals[2 : 2 + qtypes], totals[2 + qtypes :]
     relational = torch.tensor([name in split.relational_qtypes for name in split.qtypes], device=device)
-    return {
-        names.VAL_ACCURACY: (correct.sum() / count.sum()).item(),
-        names.VAL_RELATIONAL_ACCURACY: (correct[relational].sum() / count[relational].sum().clamp(min=1)).item(),
-        names.VAL_LOSS: (loss_sum / count.sum()).item(),
-    }
+    metrics = {names.VAL_ACCURACY: (correct.sum() / count.sum()).item(), names.VAL_LOSS: (loss_sum / count.sum()).item()}
+    if relational.any():  # the generated benchmark's relational questions; VQA-v2 has no such type
+        metrics[names.VAL_RELATIONAL_ACCURACY] = (correct[relational].sum() / count[relational].sum().clamp(min=1)).item()
+    if split.human_answers is not None:
+        metrics[names.VAL_VQA_ACCURACY] = (soft_sum / count.sum()).item()
+    return metrics
 
 
 def train_loop(loop_config: dict) -> dict:
@@ -133,9 +140,10 @@ def train_loop(loop_config: dict) -> dict:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.scaling.precision)
 
     # setup: data, teacher, student, objective, optimizer
-    spec = BenchmarkSpec.from_dict(loop_config["benchmark"])
-    tokenizer = load_tokenizer(teacher_path)
-    train, val = make_split(spec, "train", tokenizer), make_split(spec, "val", tokenizer)
+    data = source_from_dict(loop_config["data"])
+    preprocessor = load_preprocessor(teacher_path)
+    labels = model_labels(teacher_path)
+    (train, _), (val, _) = (load_split(data, split, preprocessor, labels) for split in ("train", "val"))
     per_worker = len(train) // world
     steps_per_epoch = per_worker // cfg.train.batch_size
     if steps_per_epoch < 1:
@@ -145,6 +153,7 @@ def train_loop(loop_config: dict) -> dict:
     adapter = get_adapter(json.loads((teacher_path / "config.json").read_text())["model_type"])
     teacher = adapter.load(teacher_path).eval().requires_grad_(False).to(device)
     objective = DistillationObjective(**cfg.objective.kwargs())
+    target_key = "soft_targets" if cfg.objective.task_loss == "vqa_bce" else "labels"
     need_maps = cfg.objective.method not in ("none", "relation")
 
     state = None
@@ -187,7 +196,7 @@ def train_loop(loop_config: dict) -> dict:
                 with torch.no_grad():
                     teacher_out = adapter.forward(teacher, batch, need_attentions=need_maps, need_qkv=objective.needs_qkv)
                 student_out = adapter.forward(model, batch, need_attentions=need_maps, need_qkv=objective.needs_qkv)
-                parts = objective(teacher_out, student_out, batch["labels"])
+                parts = objective(teacher_out, student_out, batch[target_key])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(parts["loss"]).backward()
             scaler.unscale_(optimizer)
@@ -222,7 +231,7 @@ def train_loop(loop_config: dict) -> dict:
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:  # every worker reports (it is a barrier); only rank 0 writes the checkpoint
-                _write_checkpoint(Path(directory), student, teacher_path, spec, state)
+                _write_checkpoint(Path(directory), student, preprocessor, loop_config["data"], state)
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
         if rank == 0:
@@ -252,10 +261,11 @@ def _new_student(cfg: DistillJobConfig, adapter, teacher: nn.Module, importance:
     return student
 
 
-def _write_checkpoint(directory: Path, student: nn.Module, teacher_path: Path, spec: BenchmarkSpec, state: dict) -> None:
+def _write_checkpoint(directory: Path, student: nn.Module, preprocessor: Preprocessor, data: dict, state: dict) -> None:
+    """The student as ``from_pretrained`` loads it, the teacher's pre-processing files, the data source, the train state."""
     student.save_pretrained(directory)
-    shutil.copy(teacher_path / TOKENIZER_FILE, directory / TOKENIZER_FILE)
-    (directory / names.BENCHMARK_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
+    preprocessor.save(directory)
+    (directory / names.BENCHMARK_FILE).write_text(json.dumps(data, indent=2))
     torch.save(state, directory / names.TRAIN_STATE_FILE)
 
 

@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from amad.data.benchmark import BenchmarkSpec, make_split
 from amad.data.dataset import VQASplit
-from amad.data.text import TOKENIZER_FILE, load_tokenizer
+from amad.data.preprocess import PROCESSOR_FILES, is_checkpoint_processor, load_preprocessor
+from amad.data.sources import DataSource, source_from_dict, split_for_model
+from amad.data.text import TOKENIZER_FILE
 from amad.models import ViltAdapter, shape_summary
 from pipeline import names, onnx_tools
 from pipeline.config import ConfigError
@@ -37,7 +38,7 @@ from pipeline.export_config import ExportJobConfig
 from pipeline.registry import TAG_VAL_ACCURACY, TAG_WEIGHTS_SHA, Registry, file_sha256, onnx_signature
 from pipeline.tracking import DEFAULT_ARTIFACTS, resolve_tracking_uri
 
-MODEL_FILES = ("config.json", "model.safetensors", TOKENIZER_FILE, names.BENCHMARK_FILE)
+MODEL_FILES = ("config.json", "model.safetensors")  # and the pre-processing's files, and (a student) benchmark.json
 MANIFEST = "manifest.json"
 REPORT = "report.json"
 SWEEP_BEST = "best.json"
@@ -62,11 +63,18 @@ class Source:
     sweep: dict | None  # best.json of the sweep, when the checkpoint came from one
 
 
-def check_model_dir(path: Path, what: str) -> Path:
+def check_model_dir(path: Path, what: str, *, needs_data: bool = True) -> Path:
+    """A saved model directory: weights, config, pre-processing files (our ``tokenizer.json`` or a
+    checkpoint's processor) and, with ``needs_data`` (a student checkpoint), the ``benchmark.json``
+    naming the data it was trained on. ConfigError naming what is missing."""
     path = Path(path).expanduser().resolve()
     if not path.is_dir():
         raise ConfigError(f"{what}: {path} is not a directory")
     missing = [name for name in MODEL_FILES if not (path / name).is_file()]
+    if not (path / TOKENIZER_FILE).is_file() and not is_checkpoint_processor(path):
+        missing.append(f"{TOKENIZER_FILE} or {' / '.join(PROCESSOR_FILES)}")
+    if needs_data and not (path / names.BENCHMARK_FILE).is_file():
+        missing.append(names.BENCHMARK_FILE)
     if missing:
         raise ConfigError(f"{what}: {path} is not a model saved by amad (missing {', '.join(missing)})")
     return path
@@ -114,7 +122,7 @@ def resolve_teacher(cfg: ExportJobConfig, source: Source, tracking_uri: str) -> 
             candidates.append(Path(teacher))
     for candidate in candidates:
         try:
-            return check_model_dir(candidate, "teacher")
+            return check_model_dir(candidate, "teacher", needs_data=False)
         except ConfigError:
             if cfg.teacher is not None and candidate == cfg.teacher:
                 raise
@@ -131,11 +139,17 @@ class Loaded:
     weights_sha256: str
 
 
-def load_model_and_val(directory: Path) -> Loaded:
+def load_model_and_val(directory: Path, data: DataSource | None = None) -> Loaded:
+    """The model in ``directory`` and the validation split as it reads it: its own pre-processing and
+    labels, on ``data`` (default: the data it was trained on, its ``benchmark.json``)."""
     model = ViltAdapter.load(directory).eval()
-    spec = BenchmarkSpec.from_dict(json.loads((directory / names.BENCHMARK_FILE).read_text()))
-    val = make_split(spec, "val", load_tokenizer(directory))
+    val = split_for_model(directory, "val", data)
     return Loaded(model, val, file_sha256(directory / "model.safetensors"))
+
+
+def student_data(checkpoint: Path) -> DataSource:
+    """The data source a student checkpoint was trained on (its ``benchmark.json``)."""
+    return source_from_dict(json.loads((checkpoint / names.BENCHMARK_FILE).read_text()))
 
 
 def first_examples(split: VQASplit, count: int) -> list[dict[str, torch.Tensor]]:
@@ -167,8 +181,18 @@ def describe_parity(figures: dict, cfg: ExportJobConfig) -> str:
 
 
 def ort_accuracy(session, split: VQASplit) -> float:
+    return ort_scores(session, split)["accuracy"]
+
+
+def ort_scores(session, split: VQASplit) -> dict[str, float]:
+    """Exact-match ``accuracy`` of an ONNX Runtime session on ``split``, and VQA's soft
+    ``vqa_accuracy`` (min(#humans/3, 1), leave-one-out) where the split has human answers."""
     logits = onnx_tools.ort_logits(session, split.batches(EVAL_BATCH))
-    return float((torch.from_numpy(logits).argmax(-1) == split.labels).float().mean())
+    predictions = torch.from_numpy(logits).argmax(-1)
+    scores = {"accuracy": float((predictions == split.labels).float().mean())}
+    if split.human_answers is not None:
+        scores["vqa_accuracy"] = float(split.human_answers.accuracy(predictions).mean())
+    return scores
 
 
 def ort_latency(session, split: VQASplit, repeats: int) -> dict[str, float]:
@@ -325,7 +349,7 @@ def _register(cfg, report: dict, student: Loaded, teacher_dir: Path | None, sour
     registry = Registry(uri)
     run_id = registry.start_run("amad-export", report["name"], workdir / DEFAULT_ARTIFACTS)
     try:
-        teacher = _register_teacher(cfg, registry, teacher_dir, directory.parent, run_id) if teacher_dir else None
+        teacher = _register_teacher(cfg, registry, teacher_dir, directory.parent, run_id, student_data(source.checkpoint)) if teacher_dir else None
         config = student.model.config
         example = onnx_tools.model_inputs(student.val.batch(torch.arange(min(2, len(student.val)))))
         tags = {
@@ -364,7 +388,7 @@ def _register(cfg, report: dict, student: Loaded, teacher_dir: Path | None, sour
             onnx_path=Path(report["shipped"]["file"]),
             name=cfg.registry.student_model,
             artifact_name="student",
-            signature=onnx_signature(config.num_labels, config.image_size),
+            signature=onnx_signature(config.num_labels, config.image_size, masked="pixel_mask" in example),
             input_example=example,
             providers=onnx_tools.machine_providers(),
             tags=tags,
@@ -383,8 +407,12 @@ def _register(cfg, report: dict, student: Loaded, teacher_dir: Path | None, sour
 
 
 def serving_files(model_dir: Path) -> list[Path]:
-    """The files a server needs beside the ONNX graph: tokenizer, config (labels, image size), data spec."""
-    return [model_dir / name for name in ("config.json", TOKENIZER_FILE, names.BENCHMARK_FILE)]
+    """The files a server needs beside the ONNX graph: config (labels, image size), the pre-processing's
+    files (:meth:`amad.data.preprocess.Preprocessor.files`) and the data spec, where there is one."""
+    files = [model_dir / "config.json", *load_preprocessor(model_dir).files()]
+    if (model_dir / names.BENCHMARK_FILE).is_file():
+        files.append(model_dir / names.BENCHMARK_FILE)
+    return files
 
 
 def _log_run_figures(registry: Registry, run_id: str, report: dict) -> None:
@@ -407,25 +435,26 @@ def _log_run_figures(registry: Registry, run_id: str, report: dict) -> None:
     )
 
 
-def _register_teacher(cfg: ExportJobConfig, registry: Registry, teacher_dir: Path, exports: Path, run_id: str) -> dict:
+def _register_teacher(cfg: ExportJobConfig, registry: Registry, teacher_dir: Path, exports: Path, run_id: str, data: DataSource) -> dict:
     """The teacher's registered version: found by its weights' hash, else exported, gated and registered."""
     sha = file_sha256(teacher_dir / "model.safetensors")
     name = cfg.registry.teacher_model
     found = registry.find_by_tag(name, TAG_WEIGHTS_SHA, sha)
     if found is not None:
         return {"name": name, "version": str(found.version), "new": False}
-    teacher = load_model_and_val(teacher_dir)
+    teacher = load_model_and_val(teacher_dir, data)  # validated on the student's data, as the teacher reads it
     directory = exports / f"teacher-{sha[:12]}"
     directory.mkdir(parents=True, exist_ok=True)
     path, _, figures = verified_fp32(teacher, directory, "teacher.onnx", cfg, cfg.threads)
     config = teacher.model.config
+    example = onnx_tools.model_inputs(teacher.val.batch(torch.arange(min(2, len(teacher.val)))))
     version, _ = registry.log_and_register(
         run_id=run_id,
         onnx_path=path,
         name=name,
         artifact_name="teacher",
-        signature=onnx_signature(config.num_labels, config.image_size),
-        input_example=onnx_tools.model_inputs(teacher.val.batch(torch.arange(min(2, len(teacher.val))))),
+        signature=onnx_signature(config.num_labels, config.image_size, masked="pixel_mask" in example),
+        input_example=example,
         providers=onnx_tools.machine_providers(),
         tags={
             TAG_WEIGHTS_SHA: sha,

@@ -33,15 +33,19 @@ def cache_key(teacher_path: Path, benchmark: dict, examples: int) -> str:
     return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def teacher_importance(teacher_path: Path, benchmark, examples: int, workdir: Path, log=print) -> dict:
+def teacher_importance(teacher_path: Path, data, examples: int, workdir: Path, log=print) -> dict:
     """:class:`amad.pruning.Importance` as a dict (``heads``, ``ffn``, ``examples``), cached under ``workdir``.
 
-    ``benchmark``: the job's :class:`amad.data.benchmark.BenchmarkSpec`; the first ``examples``
-    training questions score the teacher (fewer if the split is smaller).
+    ``data``: the job's data source (:mod:`amad.data.sources`: the generated benchmark's spec, or
+    VQA-v2 files); the first ``examples`` training questions score the teacher (fewer if the split
+    is smaller), pre-processed as the teacher's directory says.
     """
+    from amad.data.sources import VqaV2Source, source_to_dict
+
     teacher_path = Path(teacher_path)
-    questions = min(examples, benchmark.train_scenes * benchmark.questions_per_scene)
-    key = cache_key(teacher_path, benchmark.to_dict(), questions)
+    generated = not isinstance(data, VqaV2Source)
+    questions = min(examples, data.train_scenes * data.questions_per_scene) if generated else examples
+    key = cache_key(teacher_path, source_to_dict(data), questions)
     cache_file = Path(workdir) / CACHE_DIR / f"{key}.json"
     if cache_file.is_file():
         try:
@@ -50,14 +54,15 @@ def teacher_importance(teacher_path: Path, benchmark, examples: int, workdir: Pa
             pass  # a torn write by a killed process: score again
     import torch
 
-    from amad.data.benchmark import make_split
-    from amad.data.text import load_tokenizer
+    from amad.data.preprocess import load_preprocessor
+    from amad.data.sources import load_split, model_labels
     from amad.models import ViltAdapter
     from amad.pruning import score
 
-    # generation is sequential per split: the first scenes of a smaller spec are the job's first scenes
-    spec = dataclasses.replace(benchmark, train_scenes=math.ceil(questions / benchmark.questions_per_scene))
-    train = make_split(spec, "train", load_tokenizer(teacher_path))
+    if generated:  # generation is sequential per split: the first scenes of a smaller spec are the job's first scenes
+        data = dataclasses.replace(data, train_scenes=math.ceil(questions / data.questions_per_scene))
+    train, _ = load_split(data, "train", load_preprocessor(teacher_path), model_labels(teacher_path))
+    questions = min(questions, len(train))
     model = ViltAdapter.load(teacher_path).eval()
     importance = score(model, train.subset(torch.arange(questions)).batches(SCORE_BATCH_SIZE))
     values = {**importance.to_dict(), "teacher": str(teacher_path), "key": key}

@@ -17,6 +17,7 @@ TRAIN_LOGIT_KD_LOSS = "train_logit_kd_loss"
 TRAIN_ATTENTION_LOSS = "train_attention_loss"
 VAL_ACCURACY = "val_accuracy"  # over the whole validation split, combined across workers
 VAL_RELATIONAL_ACCURACY = "val_relational_accuracy"
+VAL_VQA_ACCURACY = "val_vqa_accuracy"  # VQA soft accuracy, for data with human answers (VQA-v2 files)
 VAL_LOSS = "val_loss"  # mean cross-entropy against the labels (as amad.training.evaluate)
 SAMPLES_PER_S = "samples_per_s"  # training examples per second, all workers together
 EPOCH_SECONDS = "epoch_seconds"  # wall time of the epoch's training steps (validation excluded)

@@ -161,8 +161,13 @@ def ort_logits(session, batches) -> np.ndarray:
 
 def torch_logits(model: nn.Module, batches) -> np.ndarray:
     model.eval()
+    outputs = []
     with torch.no_grad():
-        return np.concatenate([LogitsOnly(model)(*(batch[name] for name in INPUT_NAMES)).numpy() for batch in batches])
+        for batch in batches:
+            names = input_names(batch)
+            wrapper = MaskedLogitsOnly(model) if "pixel_mask" in names else LogitsOnly(model)
+            outputs.append(wrapper(*(batch[name] for name in names)).numpy())
+    return np.concatenate(outputs)
 
 
 def optimize_graph(src: str | Path, dst: str | Path, *, heads: int, hidden: int) -> str:

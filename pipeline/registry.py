@@ -33,20 +33,25 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def onnx_signature(num_labels: int, image_size: int):
+def onnx_signature(num_labels: int, image_size: int, masked: bool = False):
     """Inputs ``input_ids``/``attention_mask`` ``(-1, -1)`` int64, ``pixel_values`` ``(-1, 3, S, S)``
     float32; output ``logits`` ``(-1, num_labels)``. -1 marks the dynamic batch and text dims, so
-    MLflow's schema check accepts any batch size and question length."""
+    MLflow's schema check accepts any batch size and question length. ``masked``: a model fed by a
+    checkpoint's image processor: ``pixel_values`` ``(-1, 3, -1, -1)`` and ``pixel_mask``
+    ``(-1, -1, -1)`` int64 (images of any size, padded per batch)."""
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    inputs = Schema([
+    side = -1 if masked else image_size
+    specs = [
         TensorSpec(np.dtype("int64"), (-1, -1), "input_ids"),
         TensorSpec(np.dtype("int64"), (-1, -1), "attention_mask"),
-        TensorSpec(np.dtype("float32"), (-1, 3, image_size, image_size), "pixel_values"),
-    ])
+        TensorSpec(np.dtype("float32"), (-1, 3, side, side), "pixel_values"),
+    ]
+    if masked:
+        specs.append(TensorSpec(np.dtype("int64"), (-1, -1, -1), "pixel_mask"))
     outputs = Schema([TensorSpec(np.dtype("float32"), (-1, num_labels), "logits")])
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    return ModelSignature(inputs=Schema(specs), outputs=outputs)
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ class Settings:
         if cfg.teacher.path is not None:
             from pipeline.export import check_model_dir
 
-            check_model_dir(cfg.teacher.path, "teacher.path")
+            check_model_dir(cfg.teacher.path, "teacher.path", needs_data=False)
 
 
 def main(cfg: RunJobConfig, workdir: str | Path, address: str | None = None, tracking_uri: str | None = None, serve: bool = False) -> dict:
@@ -272,7 +272,7 @@ def _report(settings: Settings, workdir: Path, uri: str, results: dict, tracker:
     from pipeline import export, run_report
 
     teacher_dir, checkpoint = Path(results["teacher"]["path"]), Path(results["sweep"]["checkpoint"])
-    teacher = export.load_model_and_val(teacher_dir)
+    teacher = export.load_model_and_val(teacher_dir, export.student_data(checkpoint))  # the student's data, as the teacher reads it
     student_model = ViltAdapter.load(checkpoint).eval()
     objective = results["sweep"]["objective"]
     alignment = run_report.alignment_weights(
@@ -297,8 +297,11 @@ def _report(settings: Settings, workdir: Path, uri: str, results: dict, tracker:
     )
     for path in files:
         client.log_artifact(tracker.run_id, str(path), "report")
-    tracker.log_metrics({"teacher_test_accuracy": comparison["teacher"]["accuracy"], "student_test_accuracy": comparison["student"]["accuracy"],
-                         "speedup_b1": comparison["speedup"]}, step=0)
+    metrics = {"teacher_test_accuracy": comparison["teacher"]["accuracy"], "student_test_accuracy": comparison["student"]["accuracy"],
+               "speedup_b1": comparison["speedup"]}
+    if "vqa_accuracy" in comparison["student"]:
+        metrics.update(teacher_test_vqa_accuracy=comparison["teacher"]["vqa_accuracy"], student_test_vqa_accuracy=comparison["student"]["vqa_accuracy"])
+    tracker.log_metrics(metrics, step=0)
     return {"markdown": str(directory / "report.md"), "files": [str(p) for p in files], "comparison": comparison}
 
 
@@ -308,13 +311,12 @@ def _compare(teacher_dir: Path, checkpoint: Path, results: dict, report: ReportC
     interleaved; and whether the report's targets are met."""
     import torch
 
-    from amad.data.benchmark import BenchmarkSpec, make_split
-    from amad.data.text import load_tokenizer
+    from amad.data.sources import split_for_model
     from amad.models import ViltAdapter, head_counts
     from pipeline import export, onnx_tools
 
-    spec = BenchmarkSpec.from_dict(json.loads((teacher_dir / names.BENCHMARK_FILE).read_text()))
-    test = make_split(spec, "test", load_tokenizer(teacher_dir))
+    # the student's checkpoint records the data it was trained on, read with the teacher's pre-processing
+    test = split_for_model(checkpoint, "test")
     teacher_onnx = results["export"]["teacher_onnx"]
     if teacher_onnx is None:  # registry disabled: export the teacher here (TorchScript: seconds)
         teacher_onnx = onnx_tools.export_onnx(ViltAdapter.load(teacher_dir).eval(), workdir / "report-teacher.onnx",
@@ -326,7 +328,7 @@ def _compare(teacher_dir: Path, checkpoint: Path, results: dict, report: ReportC
         model = ViltAdapter.load(directory)
         session = onnx_tools.open_session(onnx_file, threads=report.latency_threads)
         out[label] = {
-            "accuracy": export.ort_accuracy(session, test),
+            **export.ort_scores(session, test),
             "parameters": sum(p.numel() for p in model.parameters()),
             "heads": max(head_counts(model.config)), "heads_per_layer": head_counts(model.config), "layers": model.config.num_hidden_layers,
             "hidden": model.config.hidden_size, "pruned": bool(getattr(model.config, "amad_pruning", None)),

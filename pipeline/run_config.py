@@ -15,7 +15,7 @@ from pipeline.config import Strict
 
 
 class TeacherStageConfig(Strict):
-    path: Path | None = Field(None, description="an existing teacher directory (saved by `amad teacher`)")
+    path: Path | None = Field(None, description="an existing teacher directory (saved by `amad teacher`, or a Hugging Face ViLT VQA checkpoint)")
     train_config: Path | None = Field(None, description="or: a teacher YAML to train (reused when its config has not changed)")
 
     @model_validator(mode="after")

@@ -1,9 +1,9 @@
 """The smoke test of ``amad run``: Serve the registered model on 127.0.0.1, ask real test-split
 questions over HTTP, and check every answer against an offline ONNX Runtime prediction.
 
-Offline answers come from the exported file and the training pre-processing (``amad.data``: the
-checkpoint's tokenizer and ``max_question_length``, the image decoded from the same PNG bytes the
-request carries), independently of the server's code path; the two must agree on every question.
+Offline answers come from the exported file and the training pre-processing (the checkpoint's
+:class:`amad.data.preprocess.Preprocessor`, the image decoded from the same bytes the request
+carries), called directly rather than through the server; the two must agree on every question.
 """
 
 from __future__ import annotations
@@ -12,26 +12,23 @@ import json
 import urllib.request
 from pathlib import Path
 
-import torch
-
 from pipeline import names
 
 HOST = "127.0.0.1"
 
 
 def offline_answers(onnx_file: str | Path, checkpoint: Path, examples) -> list[str]:
-    from amad.data.images import decode_image, pixels_from_uint8
-    from amad.data.text import encode_questions, load_tokenizer
-    from amad.models import ViltAdapter
+    from amad.data.preprocess import load_preprocessor
+    from amad.data.sources import model_labels
     from pipeline import onnx_tools
 
-    config = ViltAdapter.load(checkpoint).config
-    benchmark = json.loads((checkpoint / names.BENCHMARK_FILE).read_text())
-    input_ids, attention_mask = encode_questions(load_tokenizer(checkpoint), [e.question for e in examples], benchmark["max_question_length"])
-    images = torch.stack([pixels_from_uint8(decode_image(e.image_png, config.image_size)[None])[0] for e in examples])
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": images}
+    preprocessor = load_preprocessor(checkpoint)  # the training pre-processing, as the checkpoint records it
+    input_ids, attention_mask = preprocessor.encode([e.question for e in examples])
+    images = preprocessor.pixels([preprocessor.decode(e.image_png) for e in examples])
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, **images}
     logits = onnx_tools.ort_logits(onnx_tools.open_session(onnx_file, threads=1), [batch])
-    return [config.id2label[int(i)] for i in logits.argmax(-1)]
+    labels = model_labels(checkpoint)
+    return [labels[int(i)] for i in logits.argmax(-1)]
 
 
 def ask(url: str, body: bytes, timeout: float = 60.0) -> dict:

@@ -114,7 +114,7 @@ def main(cfg: SweepConfig, workdir: str | Path, address: str | None = None, trac
     sweep_dir = workdir / "sweeps" / cfg.name
     teacher = check_sweep(cfg)
     # trials run in Tune's trial directories (Ray changes the working directory): absolute paths only
-    cfg = SweepConfig.model_validate({**cfg.model_dump(mode="json"), "job": {**cfg.job.model_dump(mode="json"), "teacher": str(teacher.path)}})
+    cfg = SweepConfig.model_validate({**cfg.model_dump(mode="json"), "job": {**cfg.job.with_absolute_paths(), "teacher": str(teacher.path)}})
     check_resumable(cfg, sweep_dir, resume)
     importance = sweep_importance(cfg, teacher, workdir)
     with connected(address, object_store_memory=LOCAL_OBJECT_STORE_BYTES):
@@ -464,7 +464,7 @@ def _checkpoint_history(run_dir: Path) -> list[dict]:
 
 EPOCH_METRICS = (
     names.EPOCH, names.STEP, names.LR, names.TRAIN_LOSS, names.TRAIN_TASK_LOSS, names.TRAIN_LOGIT_KD_LOSS,
-    names.TRAIN_ATTENTION_LOSS, names.VAL_ACCURACY, names.VAL_RELATIONAL_ACCURACY, names.VAL_LOSS, names.SAMPLES_PER_S,
+    names.TRAIN_ATTENTION_LOSS, names.VAL_ACCURACY, names.VAL_RELATIONAL_ACCURACY, names.VAL_VQA_ACCURACY, names.VAL_LOSS, names.SAMPLES_PER_S,
     names.EPOCH_SECONDS,
 )
 
@@ -535,8 +535,7 @@ def measure(rows: list[dict], sweep_dir: Path, cfg: SweepConfig) -> None:
     """
     import torch
 
-    from amad.data.benchmark import BenchmarkSpec, make_split
-    from amad.data.text import load_tokenizer
+    from amad.data.sources import split_for_model
     from amad.models import get_adapter, head_counts
 
     cache_file = sweep_dir / names.MEASUREMENTS_FILE
@@ -555,7 +554,7 @@ def measure(rows: list[dict], sweep_dir: Path, cfg: SweepConfig) -> None:
                 model = adapter.load(directory).eval()
                 spec_text = (directory / names.BENCHMARK_FILE).read_text()
                 if spec_text not in batches:
-                    val = make_split(BenchmarkSpec.from_dict(json.loads(spec_text)), "val", load_tokenizer(directory))
+                    val = split_for_model(directory, "val")
                     batches[spec_text] = val.batch(torch.arange(min(cfg.selection.latency_batch_size, len(val))))
                 batch = batches[spec_text]
                 size = len(batch["labels"])

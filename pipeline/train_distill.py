@@ -28,14 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from amad.data.benchmark import BenchmarkSpec
+from amad.data.preprocess import PROCESSOR_FILES, is_checkpoint_processor
+from amad.data.sources import VQA_V2, DataSource, VqaV2Source, resolve_paths, source_from_dict, source_to_dict
 from amad.data.text import TOKENIZER_FILE
+from amad.hf_checkpoint import check_vilt_checkpoint
 from pipeline import names
 from pipeline.lean_trainer import lean_torch_trainer, preemption_watcher_env
 from pipeline.local_cluster import connected, started_here
 from pipeline.config import ConfigError, DistillJobConfig
 from pipeline.tracking import RunTracker, flatten, open_run, resolve_tracking_uri
 
-TEACHER_FILES = ("config.json", "model.safetensors", TOKENIZER_FILE, names.BENCHMARK_FILE)
+OWN_TEACHER_FILES = ("config.json", "model.safetensors", TOKENIZER_FILE)  # and benchmark.json for the generated data
 
 
 def _log(message: str) -> None:
@@ -50,13 +53,20 @@ class Teacher:
     """What the driver learns from a teacher directory without loading its weights."""
 
     path: Path
-    benchmark: BenchmarkSpec  # the teacher's spec with the job's size overrides applied
+    data: DataSource  # the generated spec with the job's size overrides, or VQA-v2 files (absolute paths)
     test_accuracy: float | None
+    checkpoint: bool = False  # a Hugging Face checkpoint (its own processor), not a teacher `amad teacher` saved
+
+    @property
+    def data_dict(self) -> dict:
+        """The data source as ``benchmark.json`` and loop configs carry it."""
+        return source_to_dict(self.data)
 
 
 def data_spec(teacher_benchmark: dict, cfg: DistillJobConfig) -> BenchmarkSpec:
     values = dict(teacher_benchmark)
-    for key, value in cfg.data.model_dump().items():
+    for key in ("train_scenes", "val_scenes"):
+        value = getattr(cfg.data, key)
         if value is not None:
             values[key] = value
     return BenchmarkSpec.from_dict(values)
@@ -65,18 +75,79 @@ def data_spec(teacher_benchmark: dict, cfg: DistillJobConfig) -> BenchmarkSpec:
 def read_teacher(cfg: DistillJobConfig) -> Teacher:
     """The job's :class:`Teacher` from the teacher directory's small JSON files; ConfigError if it is not one.
 
+    A teacher is a directory `amad teacher` saved, or a Hugging Face ViLT VQA checkpoint (``config.json``,
+    weights, the processor's and tokenizer's files), which reads VQA-v2 files (``data.source: vqa_v2``).
     Reads no weights and imports no model code: a sweep trial, whose job :func:`check_job` checked
     before Ray started, starts its run from this alone.
     """
     path = Path(cfg.teacher).expanduser().resolve()
-    missing = [name for name in TEACHER_FILES if not (path / name).is_file()]
-    if missing:
-        raise ConfigError(f"teacher: {path} is not a teacher directory saved by `amad teacher` (missing {', '.join(missing)})")
+    if not path.is_dir():
+        raise ConfigError(f"teacher: {path} is not a directory (a teacher saved by `amad teacher`, or a Hugging Face ViLT checkpoint)")
+    checkpoint = is_checkpoint_processor(path)
+    if checkpoint:
+        try:
+            check_vilt_checkpoint(path)
+        except ValueError as err:
+            raise ConfigError(f"teacher: {err}") from None
+        if cfg.data.source != VQA_V2:
+            raise ConfigError(
+                f"data.source: the teacher {path} is a Hugging Face checkpoint, which reads VQA-v2 files: set data.source: vqa_v2 "
+                "with train/val files (`amad data export-vqa-v2 --out DIR` writes the built-in benchmark in that format)"
+            )
+    else:
+        needed = OWN_TEACHER_FILES + ((names.BENCHMARK_FILE,) if cfg.data.source == "generated" else ())
+        missing = [name for name in needed if not (path / name).is_file()]
+        if missing:
+            raise ConfigError(
+                f"teacher: {path} is not a teacher directory saved by `amad teacher` (missing {', '.join(missing)}) "
+                f"nor a Hugging Face ViLT checkpoint (no {' or '.join(PROCESSOR_FILES)})"
+            )
     test_accuracy = None
     metrics_file = path / "metrics.json"
     if metrics_file.is_file():
         test_accuracy = json.loads(metrics_file.read_text()).get("test", {}).get("teacher", {}).get("accuracy")
-    return Teacher(path, data_spec(json.loads((path / names.BENCHMARK_FILE).read_text()), cfg), test_accuracy)
+    if cfg.data.source == VQA_V2:
+        data = resolve_paths(source_from_dict(cfg.data.vqa_v2_dict()), Path.cwd())
+    else:
+        data = data_spec(json.loads((path / names.BENCHMARK_FILE).read_text()), cfg)
+    return Teacher(path, data, test_accuracy, checkpoint)
+
+
+_CHECKED_DATA: dict[str, dict] = {}
+
+
+def check_data(teacher: Teacher, splits: tuple[str, ...] = ("train", "val")) -> dict[str, dict[str, int]]:
+    """Counts per split (``questions``, ``kept``, ``dropped_*``) of the job's data as the teacher reads it.
+
+    VQA-v2 files are read once here, before Ray starts, so a missing file, a mismatched annotation
+    file or answers outside the teacher's labels are reported now, with the dropped counts; images
+    are only listed, not decoded. The generated benchmark is counted from its spec. Remembered per
+    process (a sweep checks every trial's job against the same data).
+    """
+    if not isinstance(teacher.data, VqaV2Source):
+        spec = teacher.data
+        return {split: {"questions": getattr(spec, f"{split}_scenes") * spec.questions_per_scene} for split in splits}
+    key = json.dumps({"teacher": str(teacher.path), "data": teacher.data_dict, "splits": splits}, sort_keys=True)
+    if key not in _CHECKED_DATA:
+        from amad.data.preprocess import load_preprocessor
+        from amad.data.sources import load_split, model_labels
+
+        try:
+            preprocessor = load_preprocessor(teacher.path)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"teacher: {err}") from None
+        counts = {}
+        for split in splits:
+            try:
+                counts[split] = load_split(teacher.data, split, preprocessor, model_labels(teacher.path))[1]
+            except (ValueError, FileNotFoundError) as err:
+                raise ConfigError(f"data.{split}: {err}") from None
+        for split, count in counts.items():
+            dropped = {k: v for k, v in count.items() if k.startswith("dropped_")}
+            _log(f"data.{split}: {count['kept']} of {count['questions']} questions usable"
+                 + (f" (dropped: {', '.join(f'{k[8:]} {v}' for k, v in dropped.items())})" if dropped else ""))
+        _CHECKED_DATA[key] = counts
+    return _CHECKED_DATA[key]
 
 
 def check_job(cfg: DistillJobConfig) -> Teacher:
@@ -124,12 +195,14 @@ def check_job(cfg: DistillJobConfig) -> Teacher:
     if unknown_kinds:
         raise ConfigError(f"objective.kinds: {sorted(unknown_kinds)} are not attention kinds of {adapter.family} (it has {list(adapter.kinds)})")
 
-    benchmark = teacher.benchmark
-    questions = benchmark.train_scenes * benchmark.questions_per_scene
+    if cfg.objective.task_loss == "vqa_bce" and cfg.data.source != VQA_V2:
+        raise ConfigError("objective.task_loss: vqa_bce trains on the human answers of VQA-v2 files; set data.source: vqa_v2")
+    counts = check_data(teacher)
+    questions = counts["train"].get("kept", counts["train"]["questions"])
     if questions // cfg.scaling.num_workers < cfg.train.batch_size:
         raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size}: {benchmark.train_scenes} train scenes x {benchmark.questions_per_scene} "
-            f"questions over scaling.num_workers={cfg.scaling.num_workers} leave fewer than one batch per worker"
+            f"train.batch_size={cfg.train.batch_size}: {questions} train questions over scaling.num_workers="
+            f"{cfg.scaling.num_workers} leave fewer than one batch per worker"
         )
     return teacher
 
@@ -154,7 +227,7 @@ def pruning_importance(cfg: DistillJobConfig, teacher: Teacher, workdir: Path) -
         return None
     from pipeline.importance import teacher_importance
 
-    return teacher_importance(teacher.path, teacher.benchmark, cfg.student.importance_examples, workdir, log=_log)
+    return teacher_importance(teacher.path, teacher.data, cfg.student.importance_examples, workdir, log=_log)
 
 
 def check_placement(cfg: DistillJobConfig) -> bool:
@@ -254,7 +327,7 @@ def _open_tracking(cfg, teacher: Teacher, workdir: Path, run_dir: Path, uri: str
     tracker = open_run(tracking_uri=uri, experiment=names.DISTILL_EXPERIMENT, run_name=cfg.run_name, run_dir=run_dir, workdir=workdir)
     params = flatten(cfg.model_dump(mode="json"))
     params["resolved.use_gpu"] = str(use_gpu)
-    params["resolved.data"] = json.dumps({"train_scenes": teacher.benchmark.train_scenes, "val_scenes": teacher.benchmark.val_scenes})
+    params["resolved.data"] = json.dumps(_data_summary(teacher.data))
     tracker.log_params(params)
     tracker.set_tags({
         names.TAG_TEACHER_PATH: str(teacher.path),
@@ -262,6 +335,12 @@ def _open_tracking(cfg, teacher: Teacher, workdir: Path, run_dir: Path, uri: str
         names.TAG_RUN_DIR: str(run_dir),
     })
     return tracker
+
+
+def _data_summary(data: DataSource) -> dict:
+    if isinstance(data, VqaV2Source):
+        return {"source": VQA_V2, **{split: files["questions"] for split, files in data.splits.items()}}
+    return {"train_scenes": data.train_scenes, "val_scenes": data.val_scenes}
 
 
 def _fit(
@@ -295,7 +374,7 @@ def _fit(
         train_loop_config={
             "job": cfg.model_dump(mode="json"),
             "teacher": str(teacher.path),
-            "benchmark": teacher.benchmark.to_dict(),
+            "data": teacher.data_dict,
             "run_dir": str(run_dir),
             "tracker": tracker,
             "use_gpu": use_gpu,

@@ -28,12 +28,16 @@ class Example:
 
 
 def test_examples(benchmark: dict, count: int) -> list[Example]:
-    """The first ``count`` questions of the benchmark's test split (its first scenes only: generation is sequential)."""
+    """The first ``count`` questions of the model's test data: for the generated benchmark its test
+    split (first scenes only: generation is sequential), each image as PNG bytes; for VQA-v2 files
+    the ``test`` split (else ``val``), each image file's own bytes."""
     from PIL import Image
 
     from amad.data import benchmark as bench
     from amad.data.scenes import generate
 
+    if (benchmark or {}).get("source") == "vqa_v2":
+        return _vqa_v2_examples(benchmark, count)
     spec = bench.BenchmarkSpec.from_dict(benchmark) if benchmark else bench.BenchmarkSpec()
     scenes = min(spec.test_scenes, max(1, -(-count // spec.questions_per_scene)))
     # The test split's seed, as make_split derives it (private there; the offsets never change).
@@ -44,6 +48,21 @@ def test_examples(benchmark: dict, count: int) -> list[Example]:
         Image.fromarray(image).save(buffer, format="PNG")
         pngs.append(buffer.getvalue())
     return [Example(pngs[q.scene], q.text, q.answer) for q in questions[:count]]
+
+
+def _vqa_v2_examples(benchmark: dict, count: int) -> list[Example]:
+    from pathlib import Path
+
+    from amad.data.vqa_v2 import index_images
+
+    files = benchmark.get("test") or benchmark["val"]
+    questions = json.loads(Path(files["questions"]).read_text())["questions"]
+    answers = {a["question_id"]: a["multiple_choice_answer"] for a in json.loads(Path(files["annotations"]).read_text())["annotations"]}
+    images = index_images(Path(files["images"]))
+    chosen = [q for q in questions if q["image_id"] in images and q["question_id"] in answers][:count]
+    if not chosen:
+        raise ValueError(f"{files['questions']}: no question with an annotation and an image file")
+    return [Example(images[q["image_id"]].read_bytes(), q["question"], answers[q["question_id"]]) for q in chosen]
 
 
 def json_body(example: Example, top_k: int = 1) -> bytes:

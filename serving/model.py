@@ -2,12 +2,14 @@
 
 :class:`Predictor` is plain Python (no Ray): ``predict(images, questions)`` is what the Serve
 deployment calls per batch and what tests call directly. Pre-processing is the training code's own
-(:func:`amad.data.images.decode_image` / :func:`~amad.data.images.pixels_from_uint8`,
-:func:`amad.data.text.encode_questions`), so served and offline logits agree.
+(:func:`amad.data.preprocess.load_preprocessor` on the model's files: our word-level tokenizer and
+square images, or a Hugging Face checkpoint's tokenizer and image processor with pixel masks), so
+served and offline logits agree.
 
 A registered model version (``amad export``) is an MLflow ONNX-flavour directory: ``*.onnx`` plus
-``extra_files/`` holding ``config.json`` (answer labels, image size), ``tokenizer.json`` and
-``benchmark.json`` (the question length used in training).
+``extra_files/`` holding ``config.json`` (answer labels, image size), the pre-processing's files
+(``tokenizer.json``, or the checkpoint's processor and tokenizer files) and ``benchmark.json`` (the
+data it was trained on, with the question length).
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from amad.data.images import decode_image, pixels_from_uint8
-from amad.data.text import count_words, encode_questions, load_tokenizer
+from amad.data.preprocess import load_preprocessor
 from serving.config import Limits, parse_model_uri
 from serving.inputs import BadInput
 
@@ -38,7 +39,7 @@ class Bundle:
     version: str
     alias: str | None
     onnx_path: Path
-    directory: Path  # the extra files: config.json, tokenizer.json, benchmark.json
+    directory: Path  # the extra files: config.json, the pre-processing's files, benchmark.json
     tags: dict = field(default_factory=dict)
 
     def config(self) -> dict:
@@ -82,8 +83,8 @@ def load_bundle(model_uri: str, tracking_uri: str, version: str | None = None, c
     extra = local / "extra_files"
     if not onnx_files:
         raise ValueError(f"{name} v{version}: no .onnx file in {source}")
-    if not (extra / "tokenizer.json").is_file() or not (extra / "config.json").is_file():
-        raise ValueError(f"{name} v{version}: no extra_files/tokenizer.json and config.json (registered before serving support? re-run amad export)")
+    if not (extra / "config.json").is_file():
+        raise ValueError(f"{name} v{version}: no extra_files/config.json (registered before serving support? re-run amad export)")
     return Bundle(name, str(version), alias, onnx_files[0], extra, tags)
 
 
@@ -96,7 +97,7 @@ class Answer:
 
 @dataclass(frozen=True)
 class Prepared:
-    """One validated request: ``image`` ``(S, S, 3)`` uint8, the question, how many answers to return."""
+    """One validated request: ``image`` ``(H, W, 3)`` uint8 as the pre-processing keeps it, the question, how many answers to return."""
 
     image: np.ndarray
     question: str
@@ -114,8 +115,11 @@ class Predictor:
         config = bundle.config()
         self.labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
         self.image_size = int(config["image_size"])
-        self.max_length = int(bundle.benchmark().get("max_question_length", config.get("max_position_embeddings", 40)))
-        self.tokenizer = load_tokenizer(bundle.directory)
+        try:
+            self.preprocessor = load_preprocessor(bundle.directory)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{bundle.name} v{bundle.version}: its pre-processing files are not usable ({err}); re-run amad export") from None
+        self.max_length = self.preprocessor.max_text_length
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
@@ -133,18 +137,18 @@ class Predictor:
 
     def prepare(self, image: bytes | np.ndarray, question: str, top_k: int = 1) -> Prepared:
         """Decode and check one request; BadInput (4xx) naming the problem."""
-        words = count_words(self.tokenizer, question)
+        words = self.preprocessor.count_tokens(question)
         if words == 0:
             raise BadInput(422, "question has no words")
         if words > self.max_length - 2:  # [CLS] and [SEP] take two of the model's positions
-            raise BadInput(422, f"question has {words} words; this model reads at most {self.max_length - 2}")
+            raise BadInput(422, f"question has {words} tokens; this model reads at most {self.max_length - 2}")
         if top_k > len(self.labels):
             raise BadInput(422, f"top_k={top_k} is more than the model's {len(self.labels)} answers")
         if isinstance(image, np.ndarray):
             pixels = image
         else:
             try:
-                pixels = decode_image(image, self.image_size, max_pixels=self.limits.max_image_pixels)
+                pixels = self.preprocessor.decode(image, max_pixels=self.limits.max_image_pixels)
             except Image.DecompressionBombError as err:  # PIL's own limit, hit before ours for huge headers
                 raise BadInput(413, f"image is too large: {err}") from None
             except ValueError as err:
@@ -154,9 +158,10 @@ class Predictor:
 
     def logits(self, items: list[Prepared]) -> np.ndarray:
         """``(B, num_labels)`` float32 logits for ``B`` prepared requests (one ORT call)."""
-        input_ids, attention_mask = encode_questions(self.tokenizer, [item.question for item in items], self.max_length)
-        pixel_values = pixels_from_uint8(np.stack([item.image for item in items]))  # (B, 3, S, S)
-        feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(), "pixel_values": pixel_values.numpy()}
+        input_ids, attention_mask = self.preprocessor.encode([item.question for item in items])
+        images = self.preprocessor.pixels([item.image for item in items])  # pixel_values (B, 3, H, W)[, pixel_mask]
+        feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(),
+                **{name: tensor.numpy() for name, tensor in images.items()}}
         return self.session.run(["logits"], feed)[0]
 
     def answer(self, items: list[Prepared]) -> list[Answer]:
@@ -171,7 +176,7 @@ class Predictor:
         return answers
 
     def predict(self, images: list[bytes | np.ndarray], questions: list[str], top_k: int = 1) -> list[Answer]:
-        """Answers for ``images`` (encoded bytes, or ``(S, S, 3)`` uint8 arrays) and their questions."""
+        """Answers for ``images`` (encoded bytes, or uint8 arrays as :meth:`Preprocessor.image_array` makes them) and their questions."""
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
         return self.answer([self.prepare(image, question, top_k) for image, question in zip(images, questions)])
@@ -190,6 +195,7 @@ class Predictor:
             "labels": self.labels,
             "image_size": self.image_size,
             "max_question_length": self.max_length,
+            "preprocessing": self.preprocessor.describe(),
             "parity": {k.split(".", 1)[1]: float(v) for k, v in tags.items() if k.startswith("parity.")},
             "val_accuracy": float(tags["val_accuracy"]) if "val_accuracy" in tags else None,
             "providers": self.providers,

@@ -311,3 +311,34 @@ def test_pruning_frontier_quick_run_writes_every_start_and_the_plot(tmp_path):
     pruned = {(r["layers"], r["ffn_keep"]): r["parameters"] for r in results["rows"] if r["start"] == "pruned"}
     assert pruned[(1, 0.5)] < pruned[(1, 1.0)] < pruned[(2, 1.0)] < results["teacher"]["parameters"]
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.integration
+def test_real_size_quick_run_goes_through_the_pipeline_and_writes_complete_results(tmp_path):
+    """The bring-your-own path on a (shrunk) ViLT-B/32-shaped checkpoint: amad run in a subprocess of
+    the script, then the in-process step, export and parity figures."""
+    out = tmp_path / "real_size.json"
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "RAY_TMPDIR", "MLFLOW_TRACKING_URI")}
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "real_size.py"), "--quick", "--workdir", str(tmp_path / "work"), "--out", str(out), "--port", "8478"],
+        cwd=BENCHMARKS.parent, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    results = json.loads(out.read_text())
+    assert results["command"].startswith("python benchmarks/real_size.py --quick")
+    shape = results["teacher_shape"]
+    assert shape["answers"] == 3129 and shape["image_size"] == 384 and shape["patch_size"] == 32 and shape["max_text_tokens"] == 40
+    pipeline = results["pipeline"]
+    assert pipeline["serve"]["agreed"] == pipeline["serve"]["questions"] == 4
+    assert pipeline["parity_gate"]["max_abs_logit_diff"] <= 1e-4 and pipeline["parity_gate"]["top1_agreement"] == 1.0
+    comparison = pipeline["comparison"]
+    assert comparison["student"]["layers"] == 2 and comparison["student"]["heads"] == 6
+    assert math.isclose(comparison["latency_ratio"], comparison["student"]["p50_ms"] / comparison["teacher"]["p50_ms"])
+    in_process = results["in_process"]
+    assert len(in_process["photo_shapes_after_processing"]) == 2  # landscape and portrait photos
+    for label in ("teacher", "student"):
+        assert in_process[label]["parity_max_abs_logit_diff"] <= 1e-4 and in_process[label]["parity_top1_agreement"] == 1.0
+        assert positive_finite(in_process[label]["export_seconds"])
+    assert positive_finite(in_process["step_seconds_median"]) and positive_finite(in_process["peak_rss_gib"])
+    assert results["targets"]["parity"]["met"] is True
+    assert results["targets"]["latency_ratio"]["met"] is (comparison["latency_ratio"] <= 0.5)

@@ -18,9 +18,10 @@ from pipeline.sweep_config import SweepConfig
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "tune_configs").rglob("*.yaml"))
 JOB_MODELS = {"teacher.yaml": TeacherJobConfig, "distill.yaml": DistillJobConfig, "distill-from-teacher.yaml": DistillJobConfig, "sweep.yaml": SweepConfig, "export.yaml": ExportJobConfig,
-              "default.yaml": RunJobConfig, "run.yaml": RunJobConfig, "quality.yaml": RunJobConfig}
+              "default.yaml": RunJobConfig, "run.yaml": RunJobConfig, "quality.yaml": RunJobConfig, "vilt-vqa.yaml": RunJobConfig,
+              "demo-hf.yaml": RunJobConfig}
 FULL_NAME_OF_TINY = {"run.yaml": "default.yaml"}  # `amad run`'s full preset is the README's tune_configs/default.yaml
-FULL_ONLY = {"quality.yaml"}  # the same stages as default.yaml, longer: tiny/run.yaml tests both
+FULL_ONLY = {"quality.yaml", "demo-hf.yaml"}  # default.yaml's stages, longer / from VQA-v2 files: tiny/run.yaml and tiny/vilt-vqa.yaml test them
 
 
 def test_there_are_configs_and_each_has_a_known_job():
@@ -51,6 +52,24 @@ def test_each_sweep_job_matches_the_distill_preset_of_its_folder():
         distill = load_config(folder / "distill.yaml", DistillJobConfig).model_dump()
         differing = sorted(key for key in distill if job[key] != distill[key])
         assert set(differing) <= {"run_name", "checkpoints_to_keep", "max_failures", "train"}, (folder, differing)
+
+
+@pytest.mark.parametrize("run_yaml", ["vilt-vqa.yaml", "demo-hf.yaml", "tiny/vilt-vqa.yaml"])
+def test_the_bring_your_own_configs_read_vqa_v2_files_with_the_run_teacher(run_yaml):
+    """The sweep of each bring-your-own job reads VQA-v2 files (train, val and the report's test split) and
+    distils the run's own teacher; the twin YAMLs differ only in scale."""
+    run = load_config(ROOT / "tune_configs" / run_yaml, RunJobConfig)
+    sweep = load_config(ROOT / run.sweep, SweepConfig)
+    assert Path(sweep.job.teacher) == Path(run.teacher.path)
+    data = sweep.job.data
+    assert data.source == "vqa_v2" and data.train and data.val and data.test
+    for split in (data.train, data.val, data.test):
+        assert Path(split.questions).name.startswith("v2_OpenEnded_mscoco_") and Path(split.annotations).name.startswith("v2_mscoco_")
+
+
+def test_the_real_vilt_job_uses_vilts_own_loss_and_the_tiny_twin_too():
+    for path in ("vilt-vqa/sweep.yaml", "tiny/vilt-vqa/sweep.yaml"):
+        assert load_config(ROOT / "tune_configs" / path, SweepConfig).job.objective.task_loss == "vqa_bce", path
 
 
 def test_every_tiny_config_has_a_full_twin():

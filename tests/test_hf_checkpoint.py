@@ -131,6 +131,25 @@ def test_export_takes_the_pixel_mask_and_any_image_size(checkpoint, tmp_path, ex
         assert np.abs(got - expected).max() <= 1e-4
 
 
+def test_head_and_neuron_importance_ignore_padding_patches(checkpoint):
+    """Michel importance on a padded batch of photos of different shapes equals the importance of each
+    photo scored alone: per-example gradients and FFN activations over real tokens only."""
+    from amad.pruning import score
+
+    preprocessor = load_preprocessor(checkpoint)
+    model = ViltAdapter.load(checkpoint)
+    photos = _photos(3)
+    batch = {**_batch(preprocessor, photos), "labels": torch.tensor([0, 1, 2, 3])}
+    alone = [{**_batch(preprocessor, [photo], [question]), "labels": torch.tensor([label])}
+             for photo, question, label in zip(photos, QUESTIONS, range(4))]
+    assert batch["pixel_mask"].float().mean() < 1  # the batch really is padded
+    together, separate = score(model, [batch]), score(model, alone)
+    assert together.examples == separate.examples == 4
+    torch.testing.assert_close(together.heads, separate.heads, atol=1e-5, rtol=1e-4)
+    # FFN scores are mean |activation| per real token: the same tokens whichever way they are batched
+    torch.testing.assert_close(together.ffn, separate.ffn, atol=1e-5, rtol=1e-4)
+
+
 def test_our_own_teachers_keep_their_word_level_square_preprocessing(tiny_teacher):
     preprocessor = load_preprocessor(tiny_teacher)
     assert isinstance(preprocessor, WordLevelSquare) and not preprocessor.masked

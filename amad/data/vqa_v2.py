@@ -78,8 +78,12 @@ def load_vqa_v2(
     *,
     preprocessor: Preprocessor,
     answers: tuple[str, ...],
+    max_questions: int | None = None,
 ) -> tuple[VQASplit, dict[str, int]]:
     """Load one VQA-v2 split. Returns the split and counts (``questions``, ``kept``, ``dropped_*``).
+
+    ``max_questions`` keeps the first that many usable questions in the file's order (a training
+    subset, or a validation split small enough to evaluate every epoch).
 
     Question types are VQA's ``answer_type`` (``yes/no``, ``number``, ``other``).
     """
@@ -92,6 +96,8 @@ def load_vqa_v2(
     stats: Counter[str] = Counter()
     mismatched = []
     for number, question in enumerate(questions):
+        if max_questions is not None and len(labels) >= max_questions:
+            break
         try:
             question_id, image_id, text = question["question_id"], question["image_id"], question["question"]
         except (KeyError, TypeError):
