@@ -11,12 +11,38 @@ benchmarks and users who want to try the path without a download.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
 from amad.data.preprocess import PROCESSOR_FILES, is_checkpoint_processor
 
 VQA_ARCHITECTURE = "ViltForQuestionAnswering"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # owner/name, as the Hugging Face hub names repositories
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]  # config, weights, tokenizer and processor files; no other formats
+
+
+def locate_teacher(value: str | Path) -> Path:
+    """The local directory of a teacher given as a path or, when no such path exists, as a Hugging Face
+    hub name (``owner/name``: downloaded once into the hub's cache with ``snapshot_download``, only the
+    config, safetensors weights, tokenizer and processor files). A local path always wins.
+
+    ValueError naming both readings when the value is neither an existing directory nor downloadable
+    (no network, no such repository, ``HF_HUB_OFFLINE=1`` with nothing cached).
+    """
+    path = Path(value).expanduser()
+    if path.exists() or not HUB_ID.match(str(value)):
+        return path.resolve()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=str(value), allow_patterns=HUB_FILES))
+    except Exception as err:  # network, authentication, missing repository: all end the same way for the user
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{value}: no such local directory ({path.resolve()}), and downloading it from the Hugging Face hub as a model "
+            f"name failed ({type(err).__name__}: {reason}); give the directory the checkpoint was saved to"
+        ) from None
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int = 1000):

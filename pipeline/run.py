@@ -74,10 +74,16 @@ class Settings:
         self.export = load_config(cfg.export, ExportJobConfig)
         if self.export.checkpoint is not None or self.export.sweep is not None:
             raise ConfigError(f"{cfg.export}: leave checkpoint/sweep unset: amad run exports the sweep's choice")
+        self.teacher_dir: Path | None = None
         if cfg.teacher.path is not None:
+            from amad.hf_checkpoint import locate_teacher
             from pipeline.export import check_model_dir
 
-            check_model_dir(cfg.teacher.path, "teacher.path", needs_data=False)
+            try:
+                self.teacher_dir = locate_teacher(cfg.teacher.path)  # a directory, or a hub name downloaded into the hub's cache
+            except ValueError as err:
+                raise ConfigError(f"teacher.path: {err}") from None
+            check_model_dir(self.teacher_dir, "teacher.path", needs_data=False)
 
 
 def main(cfg: RunJobConfig, workdir: str | Path, address: str | None = None, tracking_uri: str | None = None, serve: bool = False) -> dict:
@@ -139,7 +145,7 @@ def _key(stage: str, settings: Settings, results: dict, serve: bool) -> str:
             return stage_key("train", settings.teacher_job.model_dump(mode="json"))
         from pipeline.registry import file_sha256
 
-        path = Path(cfg.teacher.path).resolve()
+        path = settings.teacher_dir
         return stage_key("path", str(path), file_sha256(path / "model.safetensors"))
     if stage == "sweep":
         return stage_key(settings.sweep.model_dump(mode="json", exclude={"job": {"teacher"}}), results["teacher"]["key"])
@@ -175,7 +181,7 @@ def _teacher(settings: Settings, workdir: Path, uri: str, results: dict, tracker
         path = output
         accuracy = metrics["test"]["teacher"]["accuracy"]
     else:
-        path = Path(settings.cfg.teacher.path).resolve()
+        path = settings.teacher_dir
         metrics_file = path / "metrics.json"
         accuracy = json.loads(metrics_file.read_text())["test"]["teacher"]["accuracy"] if metrics_file.is_file() else None
     tracker.set_tags({names.TAG_TEACHER_PATH: str(path)})

@@ -31,7 +31,7 @@ from amad.data.benchmark import BenchmarkSpec
 from amad.data.preprocess import PROCESSOR_FILES, is_checkpoint_processor
 from amad.data.sources import VQA_V2, DataSource, VqaV2Source, resolve_paths, source_from_dict, source_to_dict
 from amad.data.text import TOKENIZER_FILE
-from amad.hf_checkpoint import check_vilt_checkpoint
+from amad.hf_checkpoint import check_vilt_checkpoint, locate_teacher
 from pipeline import names
 from pipeline.lean_trainer import lean_torch_trainer, preemption_watcher_env
 from pipeline.local_cluster import connected, started_here
@@ -76,11 +76,15 @@ def read_teacher(cfg: DistillJobConfig) -> Teacher:
     """The job's :class:`Teacher` from the teacher directory's small JSON files; ConfigError if it is not one.
 
     A teacher is a directory `amad teacher` saved, or a Hugging Face ViLT VQA checkpoint (``config.json``,
-    weights, the processor's and tokenizer's files), which reads VQA-v2 files (``data.source: vqa_v2``).
+    weights, the processor's and tokenizer's files; a local directory or a hub name), which reads
+    VQA-v2 files (``data.source: vqa_v2``).
     Reads no weights and imports no model code: a sweep trial, whose job :func:`check_job` checked
     before Ray started, starts its run from this alone.
     """
-    path = Path(cfg.teacher).expanduser().resolve()
+    try:
+        path = locate_teacher(cfg.teacher)  # a directory, or a hub name downloaded into the hub's cache
+    except ValueError as err:
+        raise ConfigError(f"teacher: {err}") from None
     if not path.is_dir():
         raise ConfigError(f"teacher: {path} is not a directory (a teacher saved by `amad teacher`, or a Hugging Face ViLT checkpoint)")
     checkpoint = is_checkpoint_processor(path)

@@ -9,6 +9,7 @@ message and no traceback.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -175,3 +176,27 @@ def test_to_hf_refuses_a_pruned_teacher(tmp_path, tiny_teacher):
     with pytest.raises(ValueError, match="pruned model"):
         teacher_to_hf_checkpoint(target, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_local_directory_wins_over_a_hub_name(tmp_path, monkeypatch):
+    from amad.hf_checkpoint import locate_teacher
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dandelin" / "vilt-b32-finetuned-vqa").mkdir(parents=True)
+    assert locate_teacher("dandelin/vilt-b32-finetuned-vqa") == tmp_path / "dandelin" / "vilt-b32-finetuned-vqa"
+    assert locate_teacher("runs/a/b") == tmp_path / "runs" / "a" / "b"  # not a hub name: a path, even if missing
+
+
+def test_a_hub_name_that_cannot_be_downloaded_is_named_before_ray_starts(tmp_path):
+    """Offline (no cache, HF_HUB_OFFLINE=1, a hub cache under tmp_path): exit 2 naming both readings of the value."""
+    values = yaml.safe_load(TINY_DISTILL.read_text())
+    values["teacher"] = "nobody-here/no-such-vilt"
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(values))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "distill", "--config", str(config), "--workdir", str(tmp_path / "work")],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "teacher: nobody-here/no-such-vilt: no such local directory" in result.stderr
+    assert "Hugging Face hub" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "work").exists()
