@@ -86,7 +86,7 @@ def read_teacher(cfg: DistillJobConfig) -> Teacher:
     except ValueError as err:
         raise ConfigError(f"teacher: {err}") from None
     if not path.is_dir():
-        raise ConfigError(f"teacher: {path} is not a directory (a teacher saved by `amad teacher`, or a Hugging Face ViLT checkpoint)")
+        raise ConfigError(f"teacher: {path} is not a teacher directory saved by `amad teacher` nor a Hugging Face ViLT checkpoint (no such directory)")
     checkpoint = is_checkpoint_processor(path)
     if checkpoint:
         try:

@@ -270,7 +270,7 @@ def test_bad_sources_are_clear_errors_before_anything_is_written(student_checkpo
     partial = tmp_path / "partial"
     partial.mkdir()
     (partial / "config.json").write_text("{}")
-    with pytest.raises(ConfigError, match=r"missing model.safetensors, tokenizer.json, benchmark.json"):
+    with pytest.raises(ConfigError, match=r"missing model.safetensors, tokenizer.json or preprocessor_config.json / processor_config.json, benchmark.json"):
         export.main(export_config(partial), tmp_path / "work")
     sweep = parse_config({"sweep": "nosuch"}, ExportJobConfig, "x")
     with pytest.raises(ConfigError, match=r"sweep: no .*sweeps/nosuch/best.json"):
