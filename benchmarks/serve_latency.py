@@ -88,9 +88,9 @@ def register_models(workdir: Path) -> str:
 def ort_p50(uri: str, model: str, examples, repeats: int) -> dict:
     import numpy as np
 
-    from serving.model import Predictor, load_bundle
+    from serving.model import open_predictor
 
-    predictor = Predictor(load_bundle(model, uri), threads=1)
+    predictor = open_predictor(model, uri, threads=1)
     example = examples[0]
     for _ in range(10):
         predictor.predict([example.image_png], [example.question])

@@ -103,7 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
         values = {"model": args.model, "tracking_uri": resolve_tracking_uri(args.workdir, args.tracking_uri), "host": args.host,
                   "port": args.port, "replicas": args.replicas, "replica_cpus": args.replica_cpus,
                   "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
-                  "direct_ingress": not args.no_direct_ingress}
+                  "direct_ingress": not args.no_direct_ingress, "cache_dir": args.cache_dir}
         if args.autoscale:
             values["autoscale"] = parse_autoscale(args.autoscale)
         cfg = ServeConfig.model_validate(values)
@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--blocking", action="store_true", help="serve until Ctrl-C, following the alias (always so without --address)")
     serve_cmd.add_argument("--poll-s", type=float, default=30.0, help="how often --blocking re-reads the alias (default: %(default)s)")
     serve_cmd.add_argument("--address", default=None, help="deploy onto this Ray cluster (default: $RAY_ADDRESS, else a local one)")
+    serve_cmd.add_argument("--cache-dir", default=None,
+                           help="where replicas download a model version before loading it; each load gets its own directory, "
+                                "deleted once the model is in memory (default: $AMAD_SERVE_CACHE, else the system temp dir)")
     serve_cmd.add_argument("--workdir", type=Path, default=Path("runs/sweep"), help="where the default MLflow store is (default: %(default)s)")
     serve_cmd.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
     serve_cmd.set_defaults(handler=_serve)

@@ -18,6 +18,15 @@ Champion changes: the model version is part of the Serve *user config*. :func:`d
 alias to a version and (re)deploys; when only the user config changed Serve calls ``reconfigure`` on
 the live replicas, which load the new version beside the old one and swap it in between batches:
 requests in flight finish on the old session, none is dropped, no replica restarts.
+
+That needs a fixed code version. Serve restarts replicas whenever the deployment's code version
+changes, and an imperative ``serve.run`` draws a random one each time (Ray 2.60:
+``ServeControllerClient.deploy_applications`` uses ``deployment._version or get_random_string()``; the
+public ``version=`` option was removed). :func:`build` pins it to a digest of what a replica is made
+of -- its constructor settings, its actor options and the source of the code it runs -- through the
+``_internal`` form of ``Deployment.options``. Serve does not compare constructor arguments itself, so
+the settings must be in the digest: a new token or limit then restarts the replicas, a new model
+version does not. ``GET /v1/model`` reports the replica's process id, which the tests watch.
 """
 
 # No `from __future__ import annotations` here: Serve re-wraps the ingress methods, and FastAPI then
@@ -25,6 +34,8 @@ requests in flight finish on the old session, none is dropped, no replica restar
 import asyncio
 import hashlib
 import hmac
+import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -82,10 +93,10 @@ class AnswerService:
     """One replica: the model loaded in ``__init__``, batches of prepared requests answered on a worker thread."""
 
     def __init__(self, settings: dict):
-        from serving.model import Predictor, load_bundle
+        from serving.model import open_predictor
 
         self.settings = ReplicaSettings.model_validate(settings)
-        self._load_bundle, self._predictor_cls = load_bundle, Predictor
+        self._open_predictor = open_predictor
         # What the URI names now; reconfigure (called right after, with the user config) pins the version
         # the driver resolved -- normally the same one, so nothing is loaded twice. The version is not a
         # constructor argument: a changed argument would make Serve restart replicas instead of reconfiguring.
@@ -94,8 +105,8 @@ class AnswerService:
         self._waiting = 0  # prepared requests of this replica waiting for an answer
 
     def _open(self, version: str | None):
-        bundle = self._load_bundle(self.settings.model_uri, self.settings.tracking_uri, version)
-        return self._predictor_cls(bundle, threads=self.settings.threads, limits=self.settings.limits)
+        return self._open_predictor(self.settings.model_uri, self.settings.tracking_uri, version, cache_dir=self.settings.cache_dir,
+                                    threads=self.settings.threads, limits=self.settings.limits)
 
     def reconfigure(self, user_config: dict) -> None:
         """Batching knobs and the model version; a new version is loaded first, then swapped in."""
@@ -173,11 +184,12 @@ class AnswerService:
 
     @api.get("/healthz", summary="Liveness")
     async def healthz(self):
-        return {"status": "ok", "model": {"name": self.predictor.bundle.name, "version": self.predictor.bundle.version}}
+        return {"status": "ok", "model": {"name": self.predictor.bundle.name, "version": self.predictor.bundle.version},
+                "replica": {"pid": os.getpid()}}
 
     @api.get("/v1/model", summary="The model being served")
     async def model(self):
-        return self.predictor.describe()
+        return {**self.predictor.describe(), "replica": {"pid": os.getpid()}}
 
 
 def build(cfg: ServeConfig, version: str, token: str | None = None):
@@ -185,7 +197,7 @@ def build(cfg: ServeConfig, version: str, token: str | None = None):
     from serving.config import token_hash
 
     settings = ReplicaSettings(model_uri=cfg.model, tracking_uri=cfg.tracking_uri, limits=cfg.limits,
-                               token_sha256=token_hash(token), threads=cfg.threads, batching=cfg.batching)
+                               token_sha256=token_hash(token), threads=cfg.threads, batching=cfg.batching, cache_dir=cfg.cache_dir)
     user_config = UserConfig(model_version=version, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms)
     options = dict(
         user_config=user_config.model_dump(),
@@ -198,7 +210,34 @@ def build(cfg: ServeConfig, version: str, token: str | None = None):
                                          "target_ongoing_requests": max(2, cfg.max_batch_size)}
     else:
         options["num_replicas"] = cfg.replicas
-    return AnswerService.options(**options).bind(settings.model_dump(mode="json"))
+    init = settings.model_dump(mode="json")
+    deployment = AnswerService.options(**options)
+    # See the module docstring: without a fixed code version every deploy restarts the replicas.
+    deployment = deployment.options(version=code_version(init, options["ray_actor_options"]), _internal=True)
+    return deployment.bind(init)
+
+
+def code_version(init: dict, ray_actor_options: dict) -> str:
+    """A digest of what a replica is made of: constructor settings, actor options, the source it runs."""
+    digest = hashlib.sha256(json.dumps({"init": init, "actor": ray_actor_options}, sort_keys=True).encode())
+    digest.update(source_digest().encode())
+    return digest.hexdigest()[:20]
+
+
+def source_digest() -> str:
+    """SHA-256 over the Python sources of the packages a replica runs (``serving`` and ``amad``)."""
+    from pathlib import Path
+
+    import amad
+    import serving
+
+    digest = hashlib.sha256()
+    for package in (serving, amad):
+        root = Path(package.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root.parent)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def deploy(cfg: ServeConfig, token: str | None = None) -> str:

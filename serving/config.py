@@ -52,6 +52,7 @@ class ReplicaSettings(Strict):
     token_sha256: str | None = None  # the token's hash, never the token itself: Serve's config is readable
     threads: int = Field(1, ge=1, le=256)
     batching: bool = True  # False: one ORT call per request (the benchmark's "batching off")
+    cache_dir: str | None = None  # where each load downloads (then deletes) its files; see serving.model.cache_root
 
 
 class ServeConfig(Strict):
@@ -69,6 +70,7 @@ class ServeConfig(Strict):
     batching: bool = True
     limits: Limits = Limits()
     app_name: str = "amad"
+    cache_dir: str | None = None  # replicas' download directory root (default: $AMAD_SERVE_CACHE, else the temp dir)
     # Replicas answer HTTP themselves too (one hop instead of proxy + actor call; see serving.ingress).
     # Takes effect on a Ray cluster this command starts; a joined cluster keeps its own setting.
     direct_ingress: bool = True

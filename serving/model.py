@@ -10,12 +10,20 @@ A registered model version (``amad export``) is an MLflow ONNX-flavour directory
 ``extra_files/`` holding ``config.json`` (answer labels, image size), the pre-processing's files
 (``tokenizer.json``, or the checkpoint's processor and tokenizer files) and ``benchmark.json`` (the
 data it was trained on, with the question length).
+
+Where the files go: :func:`open_predictor` (what a replica calls) downloads a version into a fresh
+directory of its own under the cache root (``cache_dir``, else ``$AMAD_SERVE_CACHE``, else the
+system temporary directory, which honours ``TMPDIR``), builds the session and the pre-processing, and
+removes the directory before it returns: a replica keeps the model in memory only, two replicas or
+two versions never share a directory, and a reused process id cannot find old files.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,13 +49,19 @@ class Bundle:
     onnx_path: Path
     directory: Path  # the extra files: config.json, the pre-processing's files, benchmark.json
     tags: dict = field(default_factory=dict)
+    _config: dict | None = field(default=None, repr=False)
+    _benchmark: dict | None = field(default=None, repr=False)
 
     def config(self) -> dict:
-        return json.loads((self.directory / "config.json").read_text())
+        if self._config is None:
+            self._config = json.loads((self.directory / "config.json").read_text())
+        return self._config
 
     def benchmark(self) -> dict:
-        path = self.directory / "benchmark.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        if self._benchmark is None:
+            path = self.directory / "benchmark.json"
+            self._benchmark = json.loads(path.read_text()) if path.is_file() else {}
+        return self._benchmark
 
 
 def resolve_version(model_uri: str, tracking_uri: str) -> tuple[str, str, str | None, dict]:
@@ -64,8 +78,16 @@ def resolve_version(model_uri: str, tracking_uri: str) -> tuple[str, str, str | 
     return name, str(found.version), alias, dict(found.tags)
 
 
-def load_bundle(model_uri: str, tracking_uri: str, version: str | None = None, cache: str | Path | None = None) -> Bundle:
-    """Download (or find) the files of ``model_uri``, pinned to ``version`` when given."""
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """Where replicas download model versions: ``cache_dir``, else ``$AMAD_SERVE_CACHE``, else the system temp directory."""
+    return Path(cache_dir or os.environ.get("AMAD_SERVE_CACHE") or tempfile.gettempdir())
+
+
+def load_bundle(model_uri: str, tracking_uri: str, version: str | None = None, *, cache: str | Path) -> Bundle:
+    """Download the files of ``model_uri`` (pinned to ``version`` when given) into ``cache``, which the caller owns.
+
+    ``config.json`` and ``benchmark.json`` are read before returning, so the bundle's metadata stays
+    usable after the caller removes the files (see :func:`open_predictor`)."""
     import mlflow.artifacts
     from mlflow.tracking import MlflowClient
 
@@ -76,7 +98,7 @@ def load_bundle(model_uri: str, tracking_uri: str, version: str | None = None, c
         tags = dict(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).get_model_version(name, version).tags)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     source = client.get_model_version_download_uri(name, version)
-    dst = Path(cache or os.environ.get("AMAD_SERVE_CACHE", "/tmp/amad-serve-cache")) / f"{name}-v{version}-{os.getpid()}"
+    dst = Path(cache)
     dst.mkdir(parents=True, exist_ok=True)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri))
     onnx_files = sorted(local.glob("*.onnx"))
@@ -85,7 +107,25 @@ def load_bundle(model_uri: str, tracking_uri: str, version: str | None = None, c
         raise ValueError(f"{name} v{version}: no .onnx file in {source}")
     if not (extra / "config.json").is_file():
         raise ValueError(f"{name} v{version}: no extra_files/config.json (registered before serving support? re-run amad export)")
-    return Bundle(name, str(version), alias, onnx_files[0], extra, tags)
+    bundle = Bundle(name, str(version), alias, onnx_files[0], extra, tags)
+    bundle.config(), bundle.benchmark()
+    return bundle
+
+
+def open_predictor(model_uri: str, tracking_uri: str, version: str | None = None, *, cache_dir: str | Path | None = None,
+                   **predictor_options) -> "Predictor":
+    """A :class:`Predictor` for ``model_uri`` whose downloaded files are already deleted (see the module docstring).
+
+    The download goes to a new directory under :func:`cache_root` named after the model, version and
+    process; it is removed whether loading succeeds or fails."""
+    name, _, _ = parse_model_uri(model_uri)
+    root = cache_root(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f"amad-serve-{name}-v{version or 'alias'}-{os.getpid()}-", dir=root)
+    try:
+        return Predictor(load_bundle(model_uri, tracking_uri, version, cache=staging), **predictor_options)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @dataclass(frozen=True)

@@ -18,33 +18,19 @@ from serving.config import TOKEN_ENV, ServeConfig
 from serving.ingress import enable_direct_ingress, replica_urls
 
 
+SERVE_OBJECT_STORE_BYTES = 100 * 1024 * 1024  # requests are small; the model lives in each replica
+
+
 def _log(message: str) -> None:
     print(f"amad serve: {message}", flush=True)
 
 
-def start(cfg: ServeConfig, address: str | None = None) -> str:
-    """Connect to (or start) Ray, start Serve on ``cfg.host:cfg.port`` and deploy; returns the version."""
-    import ray
+def start(cfg: ServeConfig) -> str:
+    """Start Serve on ``cfg.host:cfg.port`` in the connected Ray cluster and deploy; returns the version."""
     from ray import serve
 
     from serving.app import deploy
 
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            if cfg.direct_ingress:
-                enable_direct_ingress()
-            for attempt in (1, 2):
-                try:
-                    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
-                             object_store_memory=100 * 1024 * 1024)
-                    break
-                except Exception as err:  # noqa: BLE001 -- Ray gives its raylet a fixed 30 s; a loaded machine can miss it
-                    ray.shutdown()
-                    if attempt == 2:
-                        raise RuntimeError(f"could not start a local Ray cluster: {err}") from None
-                    _log(f"Ray did not start ({str(err)[:120]}); trying once more")
     serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})
     return deploy(cfg, os.environ.get(TOKEN_ENV) or None)
 
@@ -55,47 +41,47 @@ def urls(cfg: ServeConfig) -> tuple[str, list[str]]:
     return f"http://{cfg.host}:{cfg.port}{route}", [base + route for base in replica_urls(cfg.app_name, cfg.port)]
 
 
-def stop() -> None:
-    import ray
-    from ray import serve
-
-    try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
-
-
 def main(cfg: ServeConfig, *, address: str | None = None, blocking: bool = False, poll_s: float = 30.0) -> int:
+    from pipeline.local_cluster import connected
     from serving.model import resolve_version
 
     _, version, _, _ = resolve_version(cfg.model, cfg.tracking_uri)  # fails clearly before Ray starts
     address = address or os.environ.get("RAY_ADDRESS")
-    if not address and not blocking:
-        _log("no --address: the local Ray cluster ends with this command, so it serves until Ctrl-C (as --blocking)")
-        blocking = True
+    if not address:
+        if not blocking:
+            _log("no --address: the local Ray cluster ends with this command, so it serves until Ctrl-C (as --blocking)")
+            blocking = True
+        if cfg.direct_ingress:
+            enable_direct_ingress()
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        version = start(cfg, address)
-        proxy, direct = urls(cfg)
-        _log(f"serving {cfg.model} (v{version}) at {proxy} (Serve's proxy, load-balanced; docs: /docs)")
-        for url in direct:
-            _log(f"  direct to a replica (lowest latency): {url}")
-        if not blocking:
-            return 0
-        while True:
-            time.sleep(poll_s)
-            _, now, _, _ = resolve_version(cfg.model, cfg.tracking_uri)
-            if now != version:
-                from serving.app import deploy
+        # The same private local cluster as every other command (never a bare ray.init(), which in Ray
+        # 2.60 turns on token auth and writes ~/.ray/auth_token for every later Ray on the machine).
+        with connected(address, object_store_memory=SERVE_OBJECT_STORE_BYTES):
+            try:
+                version = start(cfg)
+                proxy, direct = urls(cfg)
+                _log(f"serving {cfg.model} (v{version}) at {proxy} (Serve's proxy, load-balanced; docs: /docs)")
+                for url in direct:
+                    _log(f"  direct to a replica (lowest latency): {url}")
+                if not blocking:
+                    return 0
+                while True:
+                    time.sleep(poll_s)
+                    _, now, _, _ = resolve_version(cfg.model, cfg.tracking_uri)
+                    if now != version:
+                        from serving.app import deploy
 
-                version = deploy(cfg, os.environ.get(TOKEN_ENV) or None)
-                _log(f"{cfg.model} moved: now serving v{version} (replicas reconfigured in place)")
+                        version = deploy(cfg, os.environ.get(TOKEN_ENV) or None)
+                        _log(f"{cfg.model} moved: now serving v{version} (replicas reconfigured in place)")
+            finally:
+                if blocking:
+                    from ray import serve
+
+                    serve.shutdown()
     except KeyboardInterrupt:
         _log("shutting down")
         return 0
     except RuntimeError as err:
         print(f"amad serve: error: {err}", file=sys.stderr, flush=True)
         return 1
-    finally:
-        if blocking:
-            stop()

@@ -1,8 +1,10 @@
 """``amad serve``: the Predictor without Ray, and the real Serve app on 127.0.0.1 over a tiny exported model.
 
 Serve is started once for the module (on the session's two-node loopback cluster) and always shut
-down. The clean-shutdown test runs ``amad serve --blocking`` as a subprocess with its own Ray and
-checks that every process it started is gone after Ctrl-C.
+down. The module registers two versions of one student (``versions``); tests that move the
+``champion`` alias say which version they expect instead of assuming an order. The CLI test runs
+``amad serve --blocking`` as a subprocess with its own Ray and a bearer token, follows the alias
+and checks that every process it started is gone after Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import io
 import json
 import os
 import shutil
+import pickle
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,18 +34,13 @@ from pipeline import export
 from serving import loadtest
 from serving.config import Limits, ServeConfig
 from serving.inputs import BadInput, parse_json
-from serving.model import SPIN_ENTRY, Predictor, load_bundle
+from pipeline.local_cluster import free_port
+from serving.model import SPIN_ENTRY, Predictor, load_bundle, open_predictor, resolve_version
 from test_export import export_config, train_tiny_student
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = Limits(max_body_bytes=64 * 1024, max_image_bytes=32 * 1024, max_image_pixels=256 * 256, max_question_chars=200, max_top_k=5)
 MODEL = "models:/amad-student@champion"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def png(image: Image.Image) -> bytes:
@@ -63,12 +60,37 @@ def registered(tiny_teacher, tmp_path_factory) -> dict:
     checkpoint = train_tiny_student(tiny_teacher, root / "run" / "epoch_0002")
     workdir = root / "work"
     report = export.main(export_config(checkpoint, tiny_teacher), workdir)
-    return {"checkpoint": checkpoint, "workdir": workdir, "teacher": tiny_teacher, "uri": report["registry"]["tracking_uri"]}
+    uri = report["registry"]["tracking_uri"]
+    files = load_bundle(MODEL, uri, cache=root / "files").directory  # for the offline reference only
+    return {"checkpoint": checkpoint, "workdir": workdir, "teacher": tiny_teacher, "uri": uri, "files": files,
+            "cache": root / "serve-cache"}
+
+
+@pytest.fixture(scope="module")
+def versions(registered) -> tuple[str, str]:
+    """Two registered versions of the student (the second from a second export of the same checkpoint),
+    with ``champion`` left on the first."""
+    from mlflow.tracking import MlflowClient
+
+    first = resolve_version(MODEL, registered["uri"])[1]
+    report = export.main(export_config(registered["checkpoint"], registered["teacher"]), registered["workdir"])
+    second = report["registry"]["version"]
+    assert second != first
+    MlflowClient(tracking_uri=registered["uri"], registry_uri=registered["uri"]).set_registered_model_alias("amad-student", "champion", first)
+    return first, second
+
+
+def move_champion(registered, version: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=registered["uri"], registry_uri=registered["uri"]).set_registered_model_alias("amad-student", "champion", version)
 
 
 @pytest.fixture(scope="module")
 def predictor(registered) -> Predictor:
-    return Predictor(load_bundle(MODEL, registered["uri"], cache=registered["workdir"] / "cache"), threads=1, limits=LIMITS)
+    predictor = open_predictor(MODEL, registered["uri"], cache_dir=registered["cache"], threads=1, limits=LIMITS)
+    assert list(registered["cache"].iterdir()) == [], "open_predictor left its download behind"
+    return predictor
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +98,10 @@ def examples(predictor) -> list:
     return loadtest.test_examples(predictor.bundle.benchmark(), 24)
 
 
-def offline_answers(predictor: Predictor, count: int) -> list[str]:
+def offline_answers(predictor: Predictor, count: int, files: Path) -> list[str]:
     """ORT on the offline test batch exactly as training/eval build it (make_split -> batch)."""
     spec = BenchmarkSpec.from_dict(predictor.bundle.benchmark())
-    batch = make_split(spec, "test", load_tokenizer(predictor.bundle.directory)).batch(torch.arange(count))
+    batch = make_split(spec, "test", load_tokenizer(files)).batch(torch.arange(count))
     feed = {k: batch[k].numpy() for k in ("input_ids", "attention_mask", "pixel_values")}
     logits = predictor.session.run(["logits"], feed)[0]
     return [predictor.labels[i] for i in logits.argmax(-1)]
@@ -88,17 +110,19 @@ def offline_answers(predictor: Predictor, count: int) -> list[str]:
 # ------------------------------------------------------------------ without Ray
 
 
-def test_predict_without_ray_matches_offline_ort(predictor, examples):
+def test_predict_without_ray_matches_offline_ort(predictor, examples, registered):
+    """The predictor's downloaded files are already deleted (open_predictor): it answers from memory."""
     got = predictor.predict([e.image_png for e in examples], [e.question for e in examples], top_k=3)
-    assert [a.answer for a in got] == offline_answers(predictor, len(examples))
+    assert [a.answer for a in got] == offline_answers(predictor, len(examples), registered["files"])
+    assert not predictor.bundle.directory.exists() and predictor.describe()["labels"] == predictor.labels
     for answer in got:
         assert len(answer.top_k) == 3 and answer.top_k[0] == (answer.answer, answer.score)
         assert 0 < answer.score <= 1 and answer.top_k[0][1] >= answer.top_k[1][1] >= answer.top_k[2][1]
 
 
-def test_predictor_threads_do_not_spin(predictor):
+def test_predictor_threads_do_not_spin(predictor, registered):
     """ORT's pool threads would otherwise busy-wait between runs on the cores the replica's event loop needs."""
-    two = Predictor(predictor.bundle, threads=2, limits=LIMITS)  # the same downloaded files, a second session
+    two = open_predictor(MODEL, registered["uri"], cache_dir=registered["cache"], threads=2, limits=LIMITS)
     for session in (predictor.session, two.session):
         assert session.get_session_options().get_session_config_entry(SPIN_ENTRY) == "0"
     assert two.session.get_session_options().intra_op_num_threads == 2
@@ -150,6 +174,23 @@ def test_bearer_token_check():
     assert not cls._authorised(Stub(), FakeRequest("Basic s3cret"))
 
 
+def test_replicas_receive_only_the_token_hash_and_a_new_version_keeps_the_code_version():
+    """What Serve stores and ships to replicas (the bound deployment, pickled) never holds the token;
+    a new model version changes only the user config (reconfigure in place), a new token restarts."""
+    from serving.app import build
+    from serving.config import token_hash
+
+    token = "s3cret-token-4f1c9a"
+    cfg = ServeConfig(model=MODEL, tracking_uri="sqlite:///x.db")
+    v1, v2, other_token = build(cfg, "1", token), build(cfg, "2", token), build(cfg, "1", "another-token")
+    shipped = pickle.dumps((v1._bound_deployment._replica_config.init_args, v1._bound_deployment._deployment_config.user_config))
+    assert token.encode() not in shipped and token_hash(token).encode() in shipped
+    assert token.encode() not in pickle.dumps(v1._bound_deployment._deployment_config)
+    assert v1._bound_deployment._deployment_config.user_config["model_version"] == "1"
+    assert v1._bound_deployment.version == v2._bound_deployment.version, "a new model version must not restart replicas"
+    assert v1._bound_deployment.version != other_token._bound_deployment.version, "new constructor settings must restart replicas"
+
+
 # ------------------------------------------------------------------ real Serve
 
 
@@ -163,13 +204,14 @@ def served(registered, ray_cluster):
 
     port = free_port()
     cfg = ServeConfig(model=MODEL, tracking_uri=registered["uri"], port=port, replica_cpus=0.5,
-                      max_batch_size=16, batch_wait_ms=20, limits=LIMITS)
+                      max_batch_size=16, batch_wait_ms=20, limits=LIMITS, cache_dir=str(registered["cache"]))
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     try:
-        deploy(cfg)
+        version = deploy(cfg)
         session = requests.Session()
         session.trust_env = False  # loopback only; never a proxy
-        yield {"base": f"http://127.0.0.1:{port}", "cfg": cfg, "http": session}
+        # "version": what the replicas serve now; a test that deploys another one updates it.
+        yield {"base": f"http://127.0.0.1:{port}", "cfg": cfg, "http": session, "version": version}
     finally:
         serve.shutdown()
 
@@ -185,14 +227,14 @@ def good_request_succeeds(served, example) -> None:
 
 
 @pytest.mark.integration
-def test_served_answers_equal_offline_ort(served, predictor, examples):
-    expected = offline_answers(predictor, len(examples))
+def test_served_answers_equal_offline_ort(served, predictor, examples, registered):
+    expected = offline_answers(predictor, len(examples), registered["files"])
     for example, answer in zip(examples, expected):
         response = post(served, json={"image": b64(example.image_png), "question": example.question, "top_k": 2})
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["answer"] == answer
-        assert body["model"] == {"name": "amad-student", "version": "1"} and len(body["top_k"]) == 2 and body["latency_ms"] > 0
+        assert body["model"] == {"name": "amad-student", "version": served["version"]} and len(body["top_k"]) == 2 and body["latency_ms"] > 0
     multipart = post(served, files={"image": ("x.png", examples[0].image_png, "image/png")}, data={"question": examples[0].question})
     assert multipart.status_code == 200, multipart.text
     assert multipart.json()["answer"] == expected[0]
@@ -201,9 +243,11 @@ def test_served_answers_equal_offline_ort(served, predictor, examples):
 @pytest.mark.integration
 def test_model_health_and_docs(served):
     model = served["http"].get(served["base"] + "/v1/model", timeout=30).json()
-    assert (model["name"], model["version"], model["alias"], model["heads"], model["layers"]) == ("amad-student", "1", "champion", 2, 1)
+    assert (model["name"], model["version"], model["alias"], model["heads"], model["layers"]) == ("amad-student", served["version"], "champion", 2, 1)
     assert model["labels"] and "max_abs_logit_diff" in model["parity"]
-    assert served["http"].get(served["base"] + "/healthz", timeout=30).json()["status"] == "ok"
+    health = served["http"].get(served["base"] + "/healthz", timeout=30).json()
+    assert health["status"] == "ok" and health["replica"]["pid"] == model["replica"]["pid"] > 0
+    assert list(Path(served["cfg"].cache_dir).iterdir()) == [], "a replica left its download behind"
     schema = served["http"].get(served["base"] + "/openapi.json", timeout=30).json()
     assert "/v1/answer" in schema["paths"] and served["http"].get(served["base"] + "/docs", timeout=30).status_code == 200
 
@@ -282,25 +326,88 @@ def test_500_requests_at_concurrency_32_without_errors(served, examples):
     assert summary["ok"] == 500 and summary["errors_by_status"] == {}, summary
 
 
+class SteadyLoad:
+    """Clients that keep posting until stopped, recording each response's status and model version.
+
+    ``wait_for(predicate)`` blocks until a response satisfies it (an event, not a sleep)."""
+
+    def __init__(self, url: str, bodies: list[bytes], clients: int = 4, headers: dict | None = None):
+        import requests
+
+        self.url, self.bodies, self.headers = url, bodies, {"Content-Type": "application/json", **(headers or {})}
+        self.results: list[tuple[int, str | None]] = []  # (status, version) in completion order
+        self._stop, self._changed = threading.Event(), threading.Condition()
+        self._sessions = [requests.Session() for _ in range(clients)]
+        for session in self._sessions:
+            session.trust_env = False
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+
+    def _client(self, index: int) -> None:
+        session, sent = self._sessions[index], 0
+        while not self._stop.is_set():
+            body = self.bodies[(index + sent) % len(self.bodies)]
+            sent += 1
+            try:
+                response = session.post(self.url, data=body, headers=self.headers, timeout=60)
+                version = response.json().get("model", {}).get("version") if response.status_code == 200 else None
+                result = (response.status_code, version)
+            except Exception as err:  # noqa: BLE001 -- a dropped connection is a failure to count, not a test crash
+                result = (-1, type(err).__name__)
+            with self._changed:
+                self.results.append(result)
+                self._changed.notify_all()
+
+    def __enter__(self) -> "SteadyLoad":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def wait_for(self, predicate, timeout_s: float, what: str) -> None:
+        with self._changed:
+            if not self._changed.wait_for(lambda: predicate(self.results), timeout=timeout_s):
+                raise AssertionError(f"no {what} within {timeout_s} s; responses so far: {self.summary()}")
+
+    def summary(self) -> dict:
+        from collections import Counter
+
+        return dict(Counter(self.results))
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+
+
+def replica_pid(http, base: str, headers: dict | None = None) -> tuple[int, str]:
+    model = http.get(base + "/v1/model", headers=headers or {}, timeout=30).json()
+    return model["replica"]["pid"], model["version"]
+
+
 @pytest.mark.integration
-def test_a_new_champion_is_picked_up_without_dropping_requests(served, registered, examples):
+def test_a_new_champion_is_swapped_in_place_without_dropping_requests(served, registered, versions, examples):
+    """Load runs before, during and after the redeploy until the new version has answered: every
+    request succeeds, both versions answer, and the same replica process serves both."""
     from serving.app import deploy
 
-    bodies = [loadtest.json_body(e) for e in examples]
-    result = {}
-    load = threading.Thread(target=lambda: result.update(loadtest.run(served["base"] + "/v1/answer", 8, 400, duration_s=120, bodies=bodies)))
-    load.start()
-    report = export.main(export_config(registered["checkpoint"], registered["teacher"]), registered["workdir"])
-    assert (report["registry"]["version"], report["registry"]["alias"]) == ("2", "champion")
-    assert deploy(served["cfg"]) == "2"
-    load.join()
-    assert result["errors_by_status"] == {}, result
-    deadline = time.time() + 60
-    while served["http"].get(served["base"] + "/v1/model", timeout=30).json()["version"] != "2":
-        assert time.time() < deadline, "the replica never switched to version 2"
-        time.sleep(0.5)
-    response = post(served, json={"image": b64(examples[0].image_png), "question": examples[0].question})
-    assert response.json()["model"]["version"] == "2"
+    old = served["version"]
+    new = next(v for v in versions if v != old)
+    pid_before, serving_now = replica_pid(served["http"], served["base"])
+    assert serving_now == old
+    move_champion(registered, new)
+    with SteadyLoad(served["base"] + "/v1/answer", [loadtest.json_body(e) for e in examples]) as load:
+        load.wait_for(lambda r: len(r) >= 8, 60, "answers before the redeploy")
+        assert deploy(served["cfg"]) == new
+        served["version"] = new
+        load.wait_for(lambda r: sum(v == new for _, v in r) >= 16, 120, f"16 answers from version {new}")
+    statuses = {status for status, _ in load.results}
+    assert statuses == {200}, load.summary()
+    assert {v for _, v in load.results} == {old, new}, load.summary()
+    # after the first answer from the new version, no request was answered by the old one again
+    first_new = next(i for i, (_, v) in enumerate(load.results) if v == new)
+    late_old = [i for i, (_, v) in enumerate(load.results[first_new:]) if v == old]
+    assert len(late_old) <= 4, f"old version still answering after the swap: {late_old}"  # at most the requests already in flight
+    pid_after, serving_now = replica_pid(served["http"], served["base"])
+    assert (pid_after, serving_now) == (pid_before, new), "the replica restarted instead of reconfiguring in place"
 
 
 # ------------------------------------------------------------------ the CLI, and a clean shutdown
@@ -334,21 +441,49 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.integration
-def test_cli_serves_answers_loadtests_and_shuts_down_cleanly(registered, examples, tmp_path):
+def test_cli_serves_with_a_token_follows_the_alias_loadtests_and_shuts_down_cleanly(registered, versions, examples, tmp_path):
+    """``amad serve --blocking`` with AMAD_SERVE_TOKEN: 401 without the token; ``amad loadtest`` exits 1
+    when its requests fail and 0 when they succeed; moving the alias swaps the model in the same
+    replica process within ``--poll-s``; downloads are deleted; Ctrl-C leaves no process behind and
+    nothing was written to ~/.ray (no bare ray.init())."""
     import requests
 
+    first, second = versions
+    move_champion(registered, first)
+    token = "cli-token-7d2e"
+    auth = {"Authorization": f"Bearer {token}"}
+    home_token = Path.home() / ".ray" / "auth_token"
+    home_token_existed = home_token.exists()
+    cache = tmp_path / "serve-cache"
     port = free_port()
     ray_tmp = tempfile.mkdtemp(prefix="amad-serve-", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONWARNINGS": "ignore", "AMAD_SERVE_TOKEN": token}
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "-m", "pipeline.cli", "serve", "--model", MODEL, "--tracking-uri", registered["uri"],
-               "--port", str(port), "--replica-cpus", "0.5", "--blocking", "--poll-s", "2"]
+               "--port", str(port), "--replica-cpus", "0.5", "--blocking", "--poll-s", "2", "--cache-dir", str(cache)]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
+    printed = threading.Condition()
 
     def read_output() -> None:  # line by line, so the test can wait for one while the command runs
         for line in process.stdout:
-            lines.append(line)
+            with printed:
+                lines.append(line)
+                printed.notify_all()
+        with printed:
+            printed.notify_all()
+
+    def wait_for_line(text: str, timeout_s: float) -> str:
+        with printed:
+            found = printed.wait_for(lambda: any(text in line for line in lines) or process.poll() is not None, timeout=timeout_s)
+        assert found and process.poll() is None, f"amad serve printed no {text!r} in {timeout_s} s:\n" + "".join(lines)[-3000:]
+        return next(line for line in lines if text in line)
+
+    def loadtest_cli(url: str, with_token: bool, out: Path) -> subprocess.CompletedProcess:
+        load_env = dict(env) if with_token else {k: v for k, v in env.items() if k != "AMAD_SERVE_TOKEN"}
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", "loadtest", "--url", url,
+                               "--concurrency", "4", "--requests", "40", "--out", str(out)],
+                              cwd=ROOT, env=load_env, capture_output=True, text=True, timeout=300)
 
     reader = threading.Thread(target=read_output, daemon=True)
     reader.start()
@@ -356,29 +491,39 @@ def test_cli_serves_answers_loadtests_and_shuts_down_cleanly(registered, example
     try:
         http = requests.Session()
         http.trust_env = False
-        deadline = time.time() + 180
-        while not any("direct to a replica" in line for line in lines):
-            assert process.poll() is None, "".join(lines)[-3000:]
-            assert time.time() < deadline, "amad serve printed no direct replica URL in 180 s:\n" + "".join(lines)[-3000:]
-            started_here |= descendants(process.pid)
-            time.sleep(1)
+        direct = wait_for_line("direct to a replica", 180).split()[-1]
         started_here |= descendants(process.pid)
-        direct = next(line for line in lines if "direct to a replica" in line).split()[-1]
         assert direct.startswith("http://127.0.0.1:") and direct.endswith("/v1/answer") and f":{port}/" not in direct, direct
-        # The proxy and the replica's own server answer the same question the same way.
+        proxy, base = f"http://127.0.0.1:{port}/v1/answer", f"http://127.0.0.1:{port}"
         ask = {"image": b64(examples[0].image_png), "question": examples[0].question}
-        via_proxy = http.post(f"http://127.0.0.1:{port}/v1/answer", json=ask, timeout=60)
-        via_replica = http.post(direct, json=ask, timeout=60)
+        # The token is required on both ways in, and the proxy and the replica answer alike.
+        for url in (proxy, direct):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": token}):
+                refused = http.post(url, json=ask, headers=headers, timeout=60)
+                assert refused.status_code == 401 and "bearer token" in refused.json()["error"], (url, headers, refused.text)
+        via_proxy = http.post(proxy, json=ask, headers=auth, timeout=60)
+        via_replica = http.post(direct, json=ask, headers=auth, timeout=60)
         assert via_proxy.status_code == via_replica.status_code == 200, (via_proxy.text, via_replica.text)
         assert via_proxy.json()["answer"] == via_replica.json()["answer"]
-        out = tmp_path / "load.json"
-        load = subprocess.run([sys.executable, "-m", "pipeline.cli", "loadtest", "--url", direct,
-                               "--concurrency", "4", "--requests", "40", "--out", str(out)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert via_proxy.json()["model"]["version"] == first
+        pid, serving_now = replica_pid(http, base)
+        assert serving_now == first and token not in http.get(base + "/v1/model", timeout=30).text
+        # amad loadtest: exit status 1 when requests fail (here: no token -> 401s), 0 when all succeed.
+        failed = loadtest_cli(direct, with_token=False, out=tmp_path / "failed.json")
+        assert failed.returncode == 1, failed.stdout + failed.stderr
+        assert json.loads((tmp_path / "failed.json").read_text())["errors_by_status"] == {"401": 40}
+        load = loadtest_cli(direct, with_token=True, out=tmp_path / "load.json")
         assert load.returncode == 0, load.stdout + load.stderr
         assert "p50" in load.stdout and "p99" in load.stdout
-        summary = json.loads(out.read_text())
+        summary = json.loads((tmp_path / "load.json").read_text())
         assert summary["ok"] == 40 and summary["errors_by_status"] == {}
+        # Follow the alias: the command re-reads it every --poll-s and reconfigures the same replica.
+        move_champion(registered, second)
+        wait_for_line(f"now serving v{second}", 60)
+        answer = http.post(proxy, json=ask, headers=auth, timeout=60)
+        assert answer.status_code == 200 and answer.json()["model"]["version"] == second, answer.text
+        assert replica_pid(http, base) == (pid, second), "the replica restarted instead of reconfiguring in place"
+        assert list(cache.iterdir()) == [], "a replica left its download behind"
     finally:
         started_here |= descendants(process.pid)
         process.send_signal(signal.SIGINT)
@@ -389,6 +534,8 @@ def test_cli_serves_answers_loadtests_and_shuts_down_cleanly(registered, example
             process.wait()
         reader.join(timeout=10)
         output = "".join(lines)
+        left_in_ray_tmp = sorted(os.listdir(ray_tmp))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert process.returncode == 0, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     assert started_here, "amad serve started no processes?"
@@ -396,5 +543,6 @@ def test_cli_serves_answers_loadtests_and_shuts_down_cleanly(registered, example
     while any(alive(pid) for pid in started_here) and time.time() < deadline:
         time.sleep(0.5)
     left = [pid for pid in started_here if alive(pid)]
-    shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not left, f"processes left behind: {left}"
+    assert home_token.exists() == home_token_existed, "amad serve wrote ~/.ray/auth_token (a bare ray.init())"
+    assert left_in_ray_tmp == [], f"amad serve left files in its RAY_TMPDIR: {left_in_ray_tmp}"
