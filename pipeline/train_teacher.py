@@ -10,6 +10,7 @@ config that produced it).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -71,6 +72,9 @@ def train_model(
 
     With ``checkpoint_dir``, state is saved at every evaluation and an existing checkpoint for the
     same config is resumed (so an interrupted multi-hour CPU run loses at most ``eval_every`` steps).
+    A resumed run takes the steps an uninterrupted one takes: the checkpoint holds the data
+    generator as it was when the current epoch's order was drawn and how many of that epoch's
+    batches are done, so the epoch is redrawn and continued rather than replaced by a new order.
     """
     adapter = get_adapter(cfg.model.family)
     opt_cfg = cfg.train
@@ -79,6 +83,8 @@ def train_model(
         optimizer, lambda s: warmup_cosine(s, opt_cfg.warmup_steps, steps, opt_cfg.min_lr_ratio)
     )
     generator = torch.Generator().manual_seed(opt_cfg.seed)
+    # The generator before the current epoch's order was drawn, and the batches of it already done.
+    epoch_start, epoch_done = generator.get_state(), 0
     step, history = 0, []
     checkpoint = checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir else None
     fingerprint = cfg.model_dump_json()
@@ -89,6 +95,11 @@ def train_model(
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])
             generator.set_state(state["generator"])
+            # Checkpoints from before these keys resume with a fresh epoch order.
+            epoch_start = state.get("epoch_generator", generator.get_state())
+            epoch_done = state.get("epoch_batches", 0)
+            if "torch_rng" in state:  # dropout draws from the global generator
+                torch.set_rng_state(state["torch_rng"])
             step, history = state["step"], state["history"]
             _log(f"[{name}] resumed from {checkpoint} at step {step}/{steps}")
         else:
@@ -97,7 +108,9 @@ def train_model(
     model.train()
     started, seen, running_loss = time.perf_counter(), 0, 0.0
     while step < steps:
-        for batch in train.batches(opt_cfg.batch_size, shuffle=True, generator=generator, drop_last=True):
+        generator.set_state(epoch_start)
+        epoch = train.batches(opt_cfg.batch_size, shuffle=True, generator=generator, drop_last=True)
+        for batch in itertools.islice(epoch, epoch_done, None):
             if blank_images:
                 batch["pixel_values"] = torch.zeros_like(batch["pixel_values"])
             logits = adapter.forward(model, batch, need_attentions=False).logits
@@ -108,6 +121,7 @@ def train_model(
             optimizer.step()
             schedule.step()
             step += 1
+            epoch_done += 1
             seen += batch["labels"].shape[0]
             running_loss += loss.item()
             if step % cfg.eval_every == 0 or step == steps:
@@ -132,14 +146,21 @@ def train_model(
                 running_loss = 0.0
                 model.train()
                 if checkpoint:
-                    _save_checkpoint(checkpoint, model, optimizer, schedule, generator, step, history, fingerprint)
+                    _save_checkpoint(
+                        checkpoint, model, optimizer, schedule, generator, step, history, fingerprint,
+                        epoch=(epoch_start, epoch_done),
+                    )
             if step >= steps:
                 break
+        else:  # the epoch ran out: the next one's order is drawn from where this one's left it
+            epoch_start, epoch_done = generator.get_state(), 0
     return history
 
 
-def _save_checkpoint(path: Path, model, optimizer, schedule, generator, step, history, fingerprint) -> None:
-    """Write to a temporary file then rename, so a kill mid-write never leaves a corrupt checkpoint."""
+def _save_checkpoint(path: Path, model, optimizer, schedule, generator, step, history, fingerprint, *, epoch) -> None:
+    """Write to a temporary file then rename, so a kill mid-write never leaves a corrupt checkpoint.
+
+    ``epoch``: ``(generator state before the epoch's order was drawn, batches of it done)``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     torch.save(
@@ -148,6 +169,9 @@ def _save_checkpoint(path: Path, model, optimizer, schedule, generator, step, hi
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
             "generator": generator.get_state(),
+            "epoch_generator": epoch[0],
+            "epoch_batches": epoch[1],
+            "torch_rng": torch.get_rng_state(),
             "step": step,
             "history": history,
             "config": fingerprint,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from amad.data.benchmark import BenchmarkSpec, make_split
+from amad.data.benchmark import BenchmarkSpec, benchmark_tokenizer, make_split
 from amad.data.text import load_tokenizer
 from amad.models import ViltAdapter
 from amad.training import evaluate
@@ -50,21 +50,71 @@ def test_metrics_hold_the_baselines_and_per_type_accuracy(tiny_run):
     assert [entry["step"] for entry in metrics["history"]] == [20, 40]
 
 
-def test_training_resumes_from_its_checkpoint(tmp_path):
-    cfg = load_config(TINY, TeacherJobConfig)
-    tokenizer_spec = cfg.data.benchmark_spec()
-    from amad.data.benchmark import benchmark_tokenizer
+class Crash(Exception):
+    """Stands in for the process dying mid-run."""
 
+
+def _count_training_steps(model: torch.nn.Module, crash_after: int | None = None) -> list[int]:
+    """Counts the model's training-mode forwards (one per optimizer step; evaluation runs in eval
+    mode); with ``crash_after``, the forward after that many steps raises :class:`Crash`."""
+    count = [0]
+
+    def hook(module, args, kwargs):
+        if module.training:
+            if crash_after is not None and count[0] == crash_after:
+                raise Crash(f"crashed before step {count[0] + 1}")
+            count[0] += 1
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return count
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(tmp_path):
+    cfg = load_config(TINY, TeacherJobConfig)
+    torch.set_num_threads(cfg.threads)  # as main() does: the comparison below is bit for bit
+    spec = cfg.data.benchmark_spec()
     tokenizer = benchmark_tokenizer()
-    train, val = make_split(tokenizer_spec, "train", tokenizer), make_split(tokenizer_spec, "val", tokenizer)
-    first = train_teacher.build_model(cfg, train.answers, tokenizer.get_vocab_size(), seed=0)
-    history = train_teacher.train_model(cfg, first, train, val, steps=cfg.train.steps, blank_images=False, checkpoint_dir=tmp_path, name="t")
-    assert (tmp_path / train_teacher.CHECKPOINT_FILE).is_file()
-    # a fresh process would rebuild the model from scratch: it must pick the finished state up, not retrain
-    second = train_teacher.build_model(cfg, train.answers, tokenizer.get_vocab_size(), seed=0)
-    resumed = train_teacher.train_model(cfg, second, train, val, steps=cfg.train.steps, blank_images=False, checkpoint_dir=tmp_path, name="t")
-    assert resumed == history
-    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    train, val = make_split(spec, "train", tokenizer), make_split(spec, "val", tokenizer)
+    steps, every = cfg.train.steps, cfg.eval_every
+    crash_at = every + every // 2  # between the first checkpoint and the next one
+    assert every < crash_at < steps
+
+    def run(model, checkpoint_dir):
+        return train_teacher.train_model(
+            cfg, model, train, val, steps=steps, blank_images=False, checkpoint_dir=checkpoint_dir, name="t"
+        )
+
+    def fresh():  # what a restarted process builds before it looks for a checkpoint
+        return train_teacher.build_model(cfg, train.answers, tokenizer.get_vocab_size(), seed=cfg.train.seed)
+
+    straight = fresh()
+    want = run(straight, None)
+
+    scratch = tmp_path / "teacher"
+    first = fresh()
+    first_steps = _count_training_steps(first, crash_after=crash_at)
+    with pytest.raises(Crash):
+        run(first, scratch)
+    assert first_steps[0] == crash_at
+    # The crash lost the steps after the last checkpoint; the run is not finished.
+    saved = torch.load(scratch / train_teacher.CHECKPOINT_FILE, weights_only=False)
+    assert saved["step"] == every and [e["step"] for e in saved["history"]] == [every]
+
+    second = fresh()
+    second_steps = _count_training_steps(second)
+    got = run(second, scratch)
+    # It continued from the checkpoint (only the remaining steps ran) and finished...
+    assert second_steps[0] == steps - every
+    assert [e["step"] for e in got] == list(range(every, steps + 1, every))
+    assert torch.load(scratch / train_teacher.CHECKPOINT_FILE, weights_only=False)["step"] == steps
+    # ...exactly where the uninterrupted run ended: same weights, same evaluations (timing aside).
+    for (name, a), b in zip(straight.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    timing = {"samples_per_s"}
+    assert [{k: v for k, v in e.items() if k not in timing} for e in got] == [
+        {k: v for k, v in e.items() if k not in timing} for e in want
+    ]
+    assert not torch.equal(next(iter(fresh().parameters())), next(iter(second.parameters())))
 
 
 def test_committed_default_teacher_uses_the_image():
