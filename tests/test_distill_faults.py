@@ -1,5 +1,5 @@
 """``amad distill`` under faults (issue 3): a worker process that dies mid-run, a driver killed mid-run,
-and the same seed run twice.
+the same seed run twice, and an interrupted run that must end with an uninterrupted run's weights.
 
 Runs use the tiny preset against the session's two-node loopback cluster, except the driver test,
 which runs the real CLI as a subprocess that starts its own local Ray (as a user's ``amad distill``
@@ -273,19 +273,81 @@ def test_a_killed_driver_is_resumed_by_running_the_same_command_again(tiny_teach
 
 # ---------------------------------------------------------------- reproducibility
 
+ONE_WORKER = {"scaling.num_workers": 1, "scaling.cpus_per_worker": 1, "seed": 3}
+TIMING = {names.SAMPLES_PER_S, names.EPOCH_SECONDS}  # wall-clock figures: differ between any two runs
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_one_worker(ray_cluster, tiny_teacher, tmp_path_factory) -> dict:
+    """The reference: the tiny preset on one worker, seed 3, run straight through (its summary)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        return train_distill.main(tiny_config(tiny_teacher, run_name="seed-a", **ONE_WORKER), tmp_path_factory.mktemp("straight"))
+
+
+def final_weights(summary: dict, epochs: int) -> dict[str, torch.Tensor]:
+    return load_file(Path(summary["run_dir"]) / f"epoch_{epochs:04d}" / "model.safetensors")
+
+
+def untimed(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in history]
+
 
 @pytest.mark.integration
-def test_the_same_seed_on_one_worker_gives_identical_losses_and_weights_twice(ray_cluster, tiny_teacher, tmp_path, monkeypatch):
+def test_the_same_seed_on_one_worker_gives_identical_losses_and_weights_twice(uninterrupted_one_worker, tiny_teacher, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    changes = {"scaling.num_workers": 1, "scaling.cpus_per_worker": 1, "seed": 3}
-    first = train_distill.main(tiny_config(tiny_teacher, run_name="seed-a", **changes), tmp_path)
-    second = train_distill.main(tiny_config(tiny_teacher, run_name="seed-b", **changes), tmp_path)
+    first = uninterrupted_one_worker
+    second = train_distill.main(tiny_config(tiny_teacher, run_name="seed-b", **ONE_WORKER), tmp_path)
 
     assert first["run_dir"] != second["run_dir"] and first["mlflow"]["run_id"] != second["mlflow"]["run_id"]
     assert len(first["history"]) == 2
     for key in (names.TRAIN_LOSS, names.TRAIN_TASK_LOSS, names.TRAIN_LOGIT_KD_LOSS, names.TRAIN_ATTENTION_LOSS,
                 names.VAL_LOSS, names.VAL_ACCURACY, names.STEP):
         assert [m[key] for m in first["history"]] == [m[key] for m in second["history"]], key  # exact
-    weights = [load_file(Path(run["run_dir"]) / "epoch_0002" / "model.safetensors") for run in (first, second)]
+    weights = [final_weights(run, 2) for run in (first, second)]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("interruption", ["worker dies", "driver run again"])
+def test_an_interrupted_run_ends_with_the_weights_of_an_uninterrupted_one(uninterrupted_one_worker, tiny_teacher, tmp_path, monkeypatch, interruption):
+    """README: "Data order and seeds depend only on (seed, epoch), so resumed steps are the ones an
+    uninterrupted run takes."
+
+    Rank 0 exits four steps into epoch 2, after epoch 1's checkpoint is committed. "worker dies":
+    ``max_failures=1``, Ray Train restarts the worker from that checkpoint within the same ``fit``.
+    "driver run again": ``max_failures=0``, the run fails, and the same job is run again and resumes
+    it. Either way the final weights must equal the uninterrupted run's *exactly*: one worker, fp32,
+    one thread, so an uninterrupted run is bitwise reproducible (the test above), and any difference
+    is the resume's (optimizer or schedule state lost, a step repeated or skipped, another data order).
+    """
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    straight = uninterrupted_one_worker
+    base = tiny_config(tiny_teacher, **ONE_WORKER)
+    per_epoch = steps_per_epoch(base, tiny_teacher)
+    fail_at = per_epoch + 4
+    retries = 1 if interruption == "worker dies" else 0
+    cfg = tiny_config(tiny_teacher, run_name="interrupted", fail_at_step=fail_at, max_failures=retries, **ONE_WORKER)
+    run_dir = tmp_path / "ray" / cfg.run_name
+    if retries:
+        summary = train_distill.main(cfg, tmp_path)
+    else:
+        from ray.train import TrainingFailedError
+
+        with pytest.raises(TrainingFailedError):
+            train_distill.main(cfg, tmp_path)
+        assert committed(run_dir) == ["epoch_0001"]  # interrupted, not finished
+        summary = train_distill.main(cfg, tmp_path)
+
+    marker = run_dir / f".fail_at_step_{fail_at}"
+    assert marker.is_file(), "the fault was not injected"
+    # Continued from epoch 1's checkpoint (written before the fault and never again), and finished.
+    written = {path.name: (path / names.TRAIN_STATE_FILE).stat().st_mtime for path in run_dir.glob("epoch_*")}
+    assert written["epoch_0001"] < marker.stat().st_mtime < written["epoch_0002"], written
+    assert summary["latest"][names.STEP] == cfg.train.epochs * per_epoch
+    got, want = final_weights(summary, cfg.train.epochs), final_weights(straight, cfg.train.epochs)
+    assert got.keys() == want.keys()
+    differ = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not differ, f"{len(differ)} of {len(want)} tensors differ from the uninterrupted run's, e.g. {differ[:3]}"
+    assert untimed(summary["history"]) == untimed(straight["history"])  # exact: losses, accuracies, lr, steps

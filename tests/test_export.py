@@ -224,6 +224,48 @@ def test_int8_is_gated_on_accuracy_and_reported(student_checkpoint, tiny_teacher
 
 
 
+@pytest.mark.integration
+def test_an_optimised_graph_that_fails_the_parity_gate_is_not_shipped(student_checkpoint, tiny_teacher, tmp_path, monkeypatch):
+    import hashlib
+
+    import mlflow
+
+    real_optimize = onnx_tools.optimize_graph
+    optimized_files = []
+
+    def optimize_then_damage(src, dst, **kwargs):  # the optimiser's output, with one weight off
+        how = real_optimize(src, dst, **kwargs)
+        tamper_first_initializer(Path(dst))
+        optimized_files.append(Path(dst))
+        return how
+
+    monkeypatch.setattr(onnx_tools, "optimize_graph", optimize_then_damage)
+    workdir = tmp_path / "work"
+    report = export.main(export_config(student_checkpoint, tiny_teacher, optimize=True), workdir)
+
+    directory = workdir / "exports" / report["name"]
+    plain, optimized = directory / "student.onnx", directory / "student.opt.onnx"
+    assert optimized_files == [optimized] and optimized.is_file()  # the optimiser really ran
+    gate = report["gates"]["parity_optimized"]
+    assert gate["kept"] is False
+    assert gate["max_abs_logit_diff"] > 1e-4 or gate["top1_agreement"] < 1.0
+    assert gate["reason"].startswith("not kept: failed the parity gate") and "max |logit diff|" in gate["reason"]
+    assert "p50_ms_optimized" not in gate  # a graph that failed parity is not even timed
+    # The plain graph, which passed, ships and is the registered artefact; the job as a whole passed.
+    assert report["passed"] is True and report["gates"]["parity_fp32"]["max_abs_logit_diff"] <= 1e-4
+    assert report["shipped"]["file"] == str(plain) and report["shipped"]["precision"] == "fp32"
+    assert json.loads((directory / "report.json").read_text())["gates"]["parity_optimized"] == gate
+
+    def sha(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    uri, registered = report["registry"]["tracking_uri"], report["registry"]
+    source = Registry(uri).client.get_model_version_download_uri(registered["model"], registered["version"])
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp_path / "download"), tracking_uri=uri))
+    shipped = [sha(f) for f in local.rglob("*.onnx")]
+    assert shipped == [sha(plain)] and sha(optimized) not in shipped
+
+
 @pytest.mark.parametrize(("fp32", "int8", "allowed", "passes"), [
     (0.80, 0.795, 0.01, True), (0.80, 0.79, 0.01, True), (0.80, 0.785, 0.01, False), (0.80, 0.81, 0.0, True), (0.5, 0.49, 0.0, False),
 ])
@@ -252,10 +294,48 @@ def test_dynamo_export_matches_pytorch_for_other_batch_sizes_and_text_lengths(st
         assert np.abs(got - expected).max() <= 1e-4
 
 
-def test_providers_are_chosen_for_this_machine():
-    providers = onnx_tools.machine_providers()
-    assert providers[-1] == onnx_tools.CPU
-    assert (onnx_tools.CUDA in providers) == (torch.cuda.is_available() and onnx_tools.CUDA in __import__("onnxruntime").get_available_providers())
+TENSORRT, OPENVINO = "TensorrtExecutionProvider", "OpenVINOExecutionProvider"
+
+
+@pytest.mark.parametrize(("available", "gpu", "chosen"), [
+    # plain onnxruntime: CPU whether or not a GPU is there
+    ([onnx_tools.CPU], False, [onnx_tools.CPU]),
+    ([onnx_tools.CPU], True, [onnx_tools.CPU]),
+    # onnxruntime-gpu lists CUDA and TensorRT even without a GPU: asking for CUDA there would fail
+    ([TENSORRT, onnx_tools.CUDA, onnx_tools.CPU], False, [onnx_tools.CPU]),
+    # ...and with one, CUDA first with CPU as the fallback; TensorRT is never asked for
+    ([TENSORRT, onnx_tools.CUDA, onnx_tools.CPU], True, [onnx_tools.CUDA, onnx_tools.CPU]),
+    ([onnx_tools.CUDA, onnx_tools.CPU], True, [onnx_tools.CUDA, onnx_tools.CPU]),
+    # other accelerators' providers are not used
+    ([OPENVINO, onnx_tools.CPU], True, [onnx_tools.CPU]),
+    ([TENSORRT, onnx_tools.CPU], True, [onnx_tools.CPU]),
+    (["AzureExecutionProvider", onnx_tools.CPU], False, [onnx_tools.CPU]),  # what onnxruntime 1.32 lists here
+], ids=["cpu-build", "cpu-build-gpu", "gpu-build-no-gpu", "gpu-build-gpu", "cuda-only-gpu", "openvino", "tensorrt-only", "azure"])
+def test_providers_are_chosen_from_what_onnxruntime_offers_and_the_machine_has(monkeypatch, available, gpu, chosen):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: list(available))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    assert onnx_tools.machine_providers() == chosen
+
+
+def test_a_session_opened_without_providers_uses_the_chosen_ones(monkeypatch, tmp_path):
+    # The real machine's session: whatever this build of onnxruntime lists, a machine without a GPU
+    # gets a CPU-only session (and no failed CUDA load on the way).
+    import onnxruntime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        ),
+        opset_imports=[onnx.helper.make_opsetid("", 17)],
+    )
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    assert onnx_tools.CPU in onnxruntime.get_available_providers()
+    assert onnx_tools.open_session(tmp_path / "m.onnx").get_providers() == [onnx_tools.CPU]
 
 
 def test_bad_sources_are_clear_errors_before_anything_is_written(student_checkpoint, tmp_path):
