@@ -24,13 +24,18 @@ Every cluster started here gets its dashboard on a free port (:func:`free_port`)
 8265: when 8265 is taken (another Ray cluster on the machine, a test's session cluster) Ray starts the
 new head without a dashboard and only logs an error; Ray Train's placement-group cleaner then cannot
 reach the State API, the placement groups of trials that ASHA stopped are never released, and the
-remaining trials wait for CPUs until the sweep's time budget ends it.
+remaining trials wait for CPUs until the sweep's time budget ends it. A head whose dashboard still
+did not start is started again on another port (:func:`add_head`).
+
+Ray's files go under a private directory made where Ray would put them (``$RAY_TMPDIR``, else
+``$TMPDIR``, else /tmp: :func:`private_ray_tmpdir`), removed when the cluster ends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import socket
 import sys
@@ -69,32 +74,132 @@ def apply_loopback_env(environ: MutableMapping[str, str] | None = None) -> None:
         sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
 
 
+# Ports handed out by free_port(): a port nothing listens on now, but not one the kernel may give an
+# outgoing connection (its ephemeral range) nor one ``ray start`` gives workers (10002-19999), so that
+# nothing else takes it between the check and the bind by Ray or Serve.
+PORT_FLOOR = 20000
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+DASHBOARD_ATTEMPTS = 3
+_handed_out: set[int] = set()  # never the same port twice in one process (two clusters, or a cluster and Serve)
+
+
+def ephemeral_port_range(path: Path = EPHEMERAL_RANGE_FILE) -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux default 32768-60999 if unreadable)."""
+    try:
+        low, high = (int(part) for part in path.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
+def port_candidates(ephemeral: tuple[int, int] | None = None) -> range:
+    """Where :func:`free_port` looks: from ``PORT_FLOOR`` up to the ephemeral range, else above it.
+
+    Empty (``range(0)``) when neither side has 1,000 ports; the OS then picks one (see :func:`free_port`).
+    """
+    low, high = ephemeral or ephemeral_port_range()
+    below, above = range(PORT_FLOOR, low), range(max(high + 1, PORT_FLOOR), 65536)
+    best = max(below, above, key=len)
+    return best if len(best) >= 1000 else range(0)
+
+
+def _bindable(port: int) -> bool:
+    """Nothing listens on ``port`` on loopback or on any IPv4 interface right now."""
+    for host in (LOOPBACK, ""):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
 def free_port() -> int:
-    """A TCP port nothing on this machine listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
+    """A TCP port nothing on this machine listens on right now, chosen to stay free until Ray or Serve binds it.
+
+    The probe socket is closed before the caller binds, so the port must be one that nobody else is
+    handed in between: it is drawn at random (not from :mod:`random`'s seeded generator: two processes
+    seeded alike would draw alike) from :func:`port_candidates`, outside the kernel's ephemeral range
+    (outgoing connections and other ``bind(0)`` callers get ports only from that range), and never
+    handed out twice by one process. Free means bindable on 127.0.0.1 and on all interfaces.
+    """
+    candidates = port_candidates()
+    for _ in range(200 if candidates else 0):
+        port = candidates[secrets.randbelow(len(candidates))]
+        if port not in _handed_out and _bindable(port):
+            _handed_out.add(port)
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:  # no room outside the ephemeral range
+        probe.bind((LOOPBACK, 0))
+        port = probe.getsockname()[1]
+    _handed_out.add(port)
+    return port
 
 
-def add_head(cluster, **node_args) -> None:
+def add_head(cluster, attempts: int = DASHBOARD_ATTEMPTS, **node_args) -> None:
     """Start the head of ``cluster`` (a ``ray.cluster_utils.Cluster``) with its dashboard on a free port,
     or raise: Ray only logs an error when the dashboard cannot start, and without it a sweep would
-    stall later (see the module docstring), so the cluster is refused at once instead."""
-    cluster.add_node(**node_args, dashboard_port=free_port())
-    if not cluster.head_node.address_info.get("webui_url"):
-        raise RuntimeError(
-            "the local Ray cluster started without its dashboard (its port was taken?); Ray Train needs the "
-            "dashboard's State API to release the CPUs of stopped trials. See Ray's error above for the cause."
-        )
+    stall later (see the module docstring). A head whose dashboard did not start (its port taken
+    after all) is stopped and started again on another port, ``attempts`` times in all."""
+    for attempt in range(1, attempts + 1):
+        port = free_port()
+        cluster.add_node(**node_args, dashboard_port=port)
+        if cluster.head_node.address_info.get("webui_url"):
+            return
+        cluster.remove_node(cluster.head_node, allow_graceful=False)
+        print(f"[local cluster] the dashboard did not start on port {port} (attempt {attempt} of {attempts})", file=sys.stderr, flush=True)
+    raise RuntimeError(
+        f"the local Ray cluster started without its dashboard {attempts} times (its port was taken?); Ray Train needs the "
+        "dashboard's State API to release the CPUs of stopped trials. See Ray's error above for the cause."
+    )
+
+
+# Ray puts Unix sockets under its session directory, at most this many bytes below the directory that
+# RAY_TMPDIR names: "/ray/session_<date and microseconds>_<pid up to 7 digits>/sockets/dash_TaskEventsHead"
+# (the longest socket name in Ray 2.60) is 75; 70 were seen with 5-digit pids. A socket path may have
+# 107 bytes (108 with the terminating NUL), so the private directory may have 32.
+SOCKET_PATH_LIMIT = 107
+RAY_SOCKET_SUFFIX_BYTES = 75
+SHORT_PREFIX = "r"
+DEFAULT_PARENT = Path("/tmp")
+
+
+def private_dir_parent(prefix: str = "amad-ray-", environ: MutableMapping[str, str] | None = None) -> tuple[Path, str, str | None]:
+    """Where :func:`private_ray_tmpdir` makes its directory: ``(parent, prefix, why /tmp)``.
+
+    The directory Ray itself would use (``ray._common.utils.get_default_system_temp_dir``):
+    ``$RAY_TMPDIR`` when set, else ``$TMPDIR``, else /tmp. Ray's socket paths under the private
+    directory (``parent/<prefix>XXXXXXXX``, 8 random characters) must stay within the 107-byte limit:
+    when ``prefix`` makes it too long the one-letter ``SHORT_PREFIX`` is used, and when even that does
+    not fit the parent falls back to /tmp, with the reason as the third value (``None`` otherwise).
+    """
+    environ = os.environ if environ is None else environ
+    variable = next((name for name in ("RAY_TMPDIR", "TMPDIR") if environ.get(name)), None)
+    parent = Path(os.path.abspath(environ[variable])) if variable else DEFAULT_PARENT
+    room = SOCKET_PATH_LIMIT - RAY_SOCKET_SUFFIX_BYTES - len(os.fsencode(parent)) - 1 - 8  # bytes left for the prefix
+    for candidate in (prefix, SHORT_PREFIX):
+        if len(os.fsencode(candidate)) <= room:
+            return parent, candidate, None
+    longest = SOCKET_PATH_LIMIT - RAY_SOCKET_SUFFIX_BYTES - 1 - 8 - len(SHORT_PREFIX)
+    why = (f"{variable}={environ[variable]} is {len(os.fsencode(parent))} bytes long: Ray's socket paths under a private "
+           f"directory in it would pass the {SOCKET_PATH_LIMIT}-byte Unix limit (keep it to {longest} bytes); "
+           f"using {DEFAULT_PARENT} instead")
+    return DEFAULT_PARENT, prefix, why
 
 
 @contextlib.contextmanager
 def private_ray_tmpdir(prefix: str = "amad-ray-") -> Iterator[Path]:
     """A fresh ``RAY_TMPDIR`` for the duration (restored and removed after); yields Ray's session root in it.
 
-    Short path under /tmp: Ray's socket paths under it must stay below the 107-byte Unix limit.
+    Made where Ray would put its files (the ``RAY_TMPDIR`` or ``TMPDIR`` the user set, else /tmp), short
+    enough for Ray's socket paths (:func:`private_dir_parent`, which says when a long one makes it fall
+    back to /tmp).
     """
-    temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    parent, prefix, fallback = private_dir_parent(prefix)
+    if fallback and os.environ.get("RAY_TMPDIR"):  # said when the user named a directory for Ray (a long TMPDIR is common)
+        print(f"[local cluster] {fallback}", file=sys.stderr, flush=True)
+    parent.mkdir(parents=True, exist_ok=True)  # as Ray itself creates the RAY_TMPDIR it is given
+    temp_dir = tempfile.mkdtemp(prefix=prefix, dir=parent)
     previous = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = temp_dir
     session_root = Path(temp_dir) / "ray"  # = Ray's default temp dir under RAY_TMPDIR
@@ -107,6 +212,31 @@ def private_ray_tmpdir(prefix: str = "amad-ray-") -> Iterator[Path]:
         else:
             os.environ["RAY_TMPDIR"] = previous
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _node_temp_files(session_root: Path) -> Iterator[None]:
+    """Ray processes started meanwhile keep their temporary files (``TMPDIR``) in the private directory.
+
+    They are often killed rather than stopped (a cluster's shutdown, ASHA stopping a trial), so what
+    they would remove at exit stays: the dashboard's multiprocessing forkserver leaves a ``pymp-*``
+    directory in /tmp per cluster, a Train worker killed while writing a checkpoint its
+    ``TemporaryDirectory``. Under the private directory, they go with it. Only the node processes
+    (and the workers they start) get it: this process's temporary directory is fixed first
+    (:mod:`tempfile` keeps the first one it finds) and ``TMPDIR`` is restored once the nodes are up.
+    """
+    tempfile.gettempdir()
+    directory = session_root.parent / "tmp"
+    directory.mkdir(exist_ok=True)
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(directory)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous
 
 
 @contextlib.contextmanager
@@ -132,9 +262,10 @@ def local_cluster(
     with private_ray_tmpdir(prefix) as session_root:
         cluster = Cluster()
         try:
-            add_head(cluster, **node, temp_dir=str(session_root))  # with the dashboard: Train V2 queries the State API
-            for _ in range(nodes - 1):
-                cluster.add_node(**node)
+            with _node_temp_files(session_root):
+                add_head(cluster, **node, temp_dir=str(session_root))  # with the dashboard: Train V2 queries the State API
+                for _ in range(nodes - 1):
+                    cluster.add_node(**node)
             cluster.wait_for_nodes()
             if not cluster.address.startswith(f"{LOOPBACK}:"):
                 raise RuntimeError(f"the local Ray cluster is at {cluster.address}, not on {LOOPBACK}: call apply_loopback_env() before importing ray")
@@ -149,7 +280,7 @@ def local_cluster(
 
 
 @contextlib.contextmanager
-def connected(address: str | None = None, object_store_memory: int | None = None) -> Iterator[None]:
+def connected(address: str | None = None, object_store_memory: int | None = None, log_to_driver: bool = True) -> Iterator[None]:
     """Connect this process to Ray for a job: the cluster already connected, else ``address`` /
     ``$RAY_ADDRESS``, else a new one-node cluster on this machine (all its CPUs), shut down on exit.
 
@@ -166,7 +297,7 @@ def connected(address: str | None = None, object_store_memory: int | None = None
         return
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
-        ray.init(address=target)
+        ray.init(address=target, log_to_driver=log_to_driver)
         try:
             yield
         finally:
@@ -179,9 +310,10 @@ def connected(address: str | None = None, object_store_memory: int | None = None
         cluster = Cluster()
         try:
             options = {"object_store_memory": object_store_memory} if object_store_memory else {}
-            add_head(cluster, num_cpus=os.cpu_count() or 1, temp_dir=str(session_root), **options)
+            with _node_temp_files(session_root):
+                add_head(cluster, num_cpus=os.cpu_count() or 1, temp_dir=str(session_root), **options)
             cluster.wait_for_nodes()
-            ray.init(address=cluster.address)
+            ray.init(address=cluster.address, log_to_driver=log_to_driver)
             _OWN_CLUSTER = True
             with _started_here(True):
                 yield

@@ -23,6 +23,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from pipeline import names
 from pipeline.config import ConfigError, TeacherJobConfig, load_config, parse_config
@@ -188,17 +189,35 @@ def _teacher(settings: Settings, workdir: Path, uri: str, results: dict, tracker
     return {"path": str(path), "test_accuracy": accuracy, "key": key}
 
 
-def _sweep(settings: Settings, workdir: Path, uri: str, results: dict, tracker: RunTracker, serve: bool) -> dict:
-    from pipeline import sweep
-    from pipeline.registry import file_sha256
+class SweepPlan(NamedTuple):
+    key: str
+    cfg: SweepConfig
+    directory: Path
+    resume: bool
 
-    key = _key("sweep", settings, results, serve)
+
+def sweep_plan(settings: Settings, workdir: Path, results: dict) -> SweepPlan:
+    """The sweep the sweep stage runs, and whether it resumes one.
+
+    Named after the stage key (``<sweep name>-<key[:8]>``; the key hashes the sweep config and the
+    teacher): a changed config, or a new teacher, gets a directory of its own and a new sweep, and
+    never adds trials to another config's. The same config finds its directory again and resumes
+    the sweep in it (an interrupted run).
+    """
+    key = _key("sweep", settings, results, serve=False)
     values = settings.sweep.model_dump(mode="json")
     values["name"] = f"{settings.sweep.name}-{key[:8]}"
     values["job"]["teacher"] = results["teacher"]["path"]
     cfg = parse_config(values, SweepConfig, f"{settings.cfg.sweep} (teacher: {results['teacher']['path']})")
-    sweep_dir = workdir / "sweeps" / cfg.name
-    resume = (sweep_dir / names.SWEEP_JOB_FILE).is_file()
+    directory = Path(workdir) / "sweeps" / cfg.name
+    return SweepPlan(key, cfg, directory, (directory / names.SWEEP_JOB_FILE).is_file())
+
+
+def _sweep(settings: Settings, workdir: Path, uri: str, results: dict, tracker: RunTracker, serve: bool) -> dict:
+    from pipeline import sweep
+    from pipeline.registry import file_sha256
+
+    key, cfg, sweep_dir, resume = sweep_plan(settings, workdir, results)
     if resume:
         _log(f"[run {settings.cfg.name}] sweep {cfg.name} exists: resuming it")
     summary = sweep.main(cfg, workdir, tracking_uri=uri, resume=resume)

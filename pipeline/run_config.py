@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.config import Strict
 
@@ -28,7 +28,14 @@ class TeacherStageConfig(Strict):
 class SmokeConfig(Strict):
     enabled: bool = Field(True, description="start Ray Serve on the champion, ask test questions over HTTP, compare, stop")
     questions: int = Field(8, ge=1, le=256, description="test-split questions asked")
-    port: int = Field(8471, ge=1024, le=65535, description="the port Serve listens on (127.0.0.1)")
+    port: int = Field(8471, ge=0, le=65535, description="the port Serve listens on (127.0.0.1); 0: any free port, chosen when the test starts")
+
+    @field_validator("port")
+    @classmethod
+    def _not_privileged(cls, port: int) -> int:
+        if 0 < port < 1024:
+            raise ValueError(f"port {port} is privileged: give 0 (any free port) or a port in 1024-65535")
+        return port
 
 
 class ReportConfig(Strict):

@@ -42,11 +42,13 @@ def ask(url: str, body: bytes, timeout: float = 60.0) -> dict:
 def check(*, model_uri: str, tracking_uri: str, onnx_file: str, checkpoint: str, questions: int, port: int, keep_running: bool) -> dict:
     """Serve ``model_uri``, compare ``questions`` served answers with offline ones; returns the figures.
 
-    Needs a connected Ray cluster (``amad run`` holds one). Serve is shut down afterwards unless
-    ``keep_running``.
+    Needs a connected Ray cluster (``amad run`` holds one). ``port`` 0 means any free port
+    (:func:`pipeline.local_cluster.free_port`); the URL returned says which. Serve is shut down
+    afterwards unless ``keep_running``.
     """
     from ray import serve
 
+    from pipeline.local_cluster import free_port
     from serving.config import ServeConfig
     from serving.loadtest import json_body, test_examples
     from serving.server import start
@@ -54,6 +56,7 @@ def check(*, model_uri: str, tracking_uri: str, onnx_file: str, checkpoint: str,
     checkpoint = Path(checkpoint)
     examples = test_examples(json.loads((checkpoint / names.BENCHMARK_FILE).read_text()), questions)
     expected = offline_answers(onnx_file, checkpoint, examples)
+    port = port or free_port()
     cfg = ServeConfig(model=model_uri, tracking_uri=tracking_uri, host=HOST, port=port, replica_cpus=0.5, max_batch_size=8, batch_wait_ms=2.0)
     version = start(cfg)
     url = f"http://{HOST}:{port}/v1/answer"
@@ -66,5 +69,5 @@ def check(*, model_uri: str, tracking_uri: str, onnx_file: str, checkpoint: str,
     example = json.loads(json_body(examples[0]))
     curl = (f"curl -s -X POST {url} -H 'Content-Type: application/json' "
             f"-d '{{\"image\": \"<base64 PNG>\", \"question\": \"{example['question']}\", \"top_k\": 3}}'")
-    return {"questions": len(examples), "agreed": agreed, "served": served, "offline": expected, "version": version,
+    return {"questions": len(examples), "agreed": agreed, "served": served, "offline": expected, "version": version, "port": port,
             "url": url if keep_running else None, "curl": curl if keep_running else None}

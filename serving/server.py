@@ -57,7 +57,8 @@ def main(cfg: ServeConfig, *, address: str | None = None, blocking: bool = False
     try:
         # The same private local cluster as every other command (never a bare ray.init(), which in Ray
         # 2.60 turns on token auth and writes ~/.ray/auth_token for every later Ray on the machine).
-        with connected(address, object_store_memory=SERVE_OBJECT_STORE_BYTES):
+        # log_to_driver=False: replicas' per-request access logs stay in Ray's log files, not this console.
+        with connected(address, object_store_memory=SERVE_OBJECT_STORE_BYTES, log_to_driver=False):
             try:
                 version = start(cfg)
                 proxy, direct = urls(cfg)

@@ -7,9 +7,19 @@ it is always shut down (only the processes it started; never ``ray stop``).
 Loopback only: test clusters bind to 127.0.0.1 and no test traffic may leave it (traffic to this
 machine's own interface address is flagged too). The environment below is set before anything
 imports Ray, and every process a test starts (Ray's nodes and workers, the CLI) inherits it.
+
+The sandbox (``tests/sandbox.py``) comes first: variables that would point tests at the developer's
+registry, cluster or caches are removed, and anything the session leaves in /tmp or the home
+directory fails it.
 """
 
 from __future__ import annotations
+
+# The sandbox, before anything imports Ray or MLflow: the environment every test and every process
+# it starts sees (its hooks are registered in pytest_configure below).
+import sandbox
+
+sandbox.start()
 
 # The loopback environment (why each variable: pipeline/local_cluster.py), set before anything imports
 # Ray; the benchmarks use the same helper. Importing pipeline.local_cluster does not import Ray.
@@ -24,6 +34,11 @@ import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TEACHER_CONFIG = ROOT / "tune_configs" / "tiny" / "teacher.yaml"
+
+
+def pytest_configure(config):
+    if not config.pluginmanager.is_registered(sandbox):
+        config.pluginmanager.register(sandbox, "amad-sandbox")
 
 
 @pytest.fixture(scope="session")

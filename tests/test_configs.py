@@ -169,3 +169,24 @@ def test_every_subcommand_has_help():
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args([name, "--help"])
         assert exit_info.value.code == 0
+
+
+@pytest.mark.parametrize("port, message", [(80, "smoke.port: port 80 is privileged: give 0"), (70000, "smoke.port: Input should be less than or equal to 65535"),
+                                           (-1, "smoke.port: Input should be greater than or equal to 0")])
+def test_the_smoke_port_is_0_for_any_free_port_or_an_unprivileged_one(tmp_path, port, message):
+    values = yaml.safe_load((ROOT / "tune_configs" / "tiny" / "run.yaml").read_text())
+    values["smoke"]["port"] = port
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, values), RunJobConfig)
+    for accepted in (0, 1024, 65535):
+        values["smoke"]["port"] = accepted
+        assert load_config(_write(tmp_path, values), RunJobConfig).smoke.port == accepted
+
+
+def test_the_tiny_runs_take_any_free_port_and_the_full_ones_a_fixed_one():
+    """Tests run the tiny presets beside other servers (and each other): a fixed port could be taken.
+    A user's `make demo` prints a URL that stays the same from run to run."""
+    for tiny in ("tiny/run.yaml", "tiny/vilt-vqa.yaml"):
+        assert load_config(ROOT / "tune_configs" / tiny, RunJobConfig).smoke.port == 0, tiny
+    for full in ("default.yaml", "quality.yaml", "vilt-vqa.yaml", "demo-hf.yaml"):
+        assert load_config(ROOT / "tune_configs" / full, RunJobConfig).smoke.port == 8471, full

@@ -32,6 +32,8 @@ PROBE = textwrap.dedent(
     split = make_split(dataclasses.replace(spec, train_scenes=20), "train", benchmark_tokenizer())
     batch = split.batch(torch.arange(64))
 
+    attention_bytes = []
+
     def faults_per_forward(warmup=3, steps=9):
         # The teacher's half of a distillation step: its attention maps (8.6 MB per layer at
         # batch 64) stay alive until the forward returns. Returns the fault count of each
@@ -41,6 +43,7 @@ PROBE = textwrap.dedent(
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             with torch.no_grad():
                 out = ViltAdapter.forward(teacher, batch, need_attentions=True)
+            attention_bytes.append(sum(a.numel() * a.element_size() for maps in out.attentions.values() for a in maps))
             del out
             counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         return counts[warmup:]
@@ -49,6 +52,7 @@ PROBE = textwrap.dedent(
     result["applied"], result["message"] = retain_freed_memory()
     result["again"] = retain_freed_memory()[0]
     result["retained"] = faults_per_forward()
+    result["attention_pages"] = max(attention_bytes) // resource.getpagesize()
     print(json.dumps(result))
     """
 )
@@ -69,21 +73,24 @@ def run_probe(**env) -> dict:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_retained_memory_stops_the_page_faults_of_every_step():
+    """Relative to the same process's own forwards before the setting, and to the size of what a
+    forward allocates: fault counts differ between machines (6,300-21,000 per forward were counted
+    with glibc's defaults, up to 636 once retained on one CI run), their ratios much less."""
     result = run_probe()
     assert result["applied"] and result["again"], result
     assert "mmap threshold 32 MiB" in result["message"]
     default, retained = median(result["default"]), median(result["retained"])
-    # Measured here: a median of 6,300-21,000 faults per forward with glibc's defaults; once
-    # memory is kept, most forwards take none. One CI run saw a median of 636 retained (2.5 MB;
-    # not reproduced here, under load or not), so the bound is a 10x cut and at least one
-    # fault-free forward rather than an exact zero.
-    assert default > 2_000, result
-    assert retained < default / 10, result
-    assert min(result["retained"]) < 100, result
+    pages = result["attention_pages"]  # the attention maps of one forward, in pages
+    assert default >= pages / 4, result  # the premise: with glibc's defaults a forward faults in a good part of them
+    assert retained < default / 10, result  # a 10x cut
+    assert min(result["retained"]) <= pages / 100, result  # and at least one forward that (almost) faults no page
 
 
 def test_can_be_turned_off_by_environment():
     result = run_probe(AMAD_RETAIN_FREED_MEMORY="0")
     assert result["applied"] is False and "AMAD_RETAIN_FREED_MEMORY=0" in result["message"]
     if platform.libc_ver()[0] == "glibc":
-        assert median(result["retained"]) > 2_000, result
+        # nothing changed: the forwards after the (refused) setting fault as much as those before it
+        default, retained = median(result["default"]), median(result["retained"])
+        assert default >= result["attention_pages"] / 4, result
+        assert retained >= default / 3, result

@@ -1,7 +1,8 @@
 """`amad run` end to end on the tiny preset: real Ray (local), real MLflow (SQLite), real Serve on 127.0.0.1.
 
 One pipeline run per module (a few minutes on 2 cores) is shared by the tests that read its outputs;
-the interrupt test runs the CLI in a subprocess of its own.
+the interrupt test runs the CLI in a subprocess of its own. Which sweep a run starts or resumes is
+also tested without Ray (``sweep_plan``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,8 +28,6 @@ from pipeline.run_config import RunJobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ROOT / "tune_configs" / "tiny" / "run.yaml"
-
-pytestmark = pytest.mark.integration
 
 
 def tiny_run_config(**changes) -> RunJobConfig:
@@ -79,6 +79,7 @@ def finished_run(tmp_path_factory):
     return {"workdir": workdir, "first": first, "second": second, "state": state_after_first}
 
 
+@pytest.mark.integration
 def test_the_tiny_pipeline_registers_a_champion_and_writes_the_report(finished_run):
     from pipeline.registry import CHAMPION, Registry
 
@@ -127,6 +128,7 @@ def test_the_tiny_pipeline_registers_a_champion_and_writes_the_report(finished_r
     assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} >= {"report/report.md", "report/alignment_heatmap.png"}
 
 
+@pytest.mark.integration
 def test_running_the_finished_command_again_trains_nothing(finished_run):
     second = finished_run["second"].stdout
     for stage in ("teacher", "sweep", "export", "smoke", "report"):
@@ -140,6 +142,7 @@ def test_running_the_finished_command_again_trains_nothing(finished_run):
     assert len(versions) == 1
 
 
+@pytest.mark.integration
 def test_the_heatmap_numbers_are_align_weights_on_the_same_data(finished_run):
     from amad.losses import align_weights
     from amad.models import ViltAdapter, head_counts
@@ -163,6 +166,7 @@ def test_the_heatmap_numbers_are_align_weights_on_the_same_data(finished_run):
         np.testing.assert_allclose(weights.sum(1), 1.0, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_an_interrupted_run_resumes_at_the_sweep(tmp_path):
     workdir = tmp_path / "work"
     config = tmp_path / "run.yaml"
@@ -195,3 +199,110 @@ def test_an_interrupted_run_resumes_at_the_sweep(tmp_path):
     assert "[run tiny] teacher: reused" in again.stdout
     assert "exists: resuming it" in again.stdout
     assert set(json.loads((workdir / "pipeline_state.json").read_text())) == {"teacher", "sweep", "export", "smoke", "report"}
+
+
+# ---------------------------------------------------------------- a changed config starts a new sweep (README: "Reuse and resume")
+
+
+def _settings(tmp_path: Path, **sweep_changes):
+    """``amad run``'s settings for the tiny run with its sweep YAML changed (dotted keys)."""
+    from pipeline.config import with_overrides
+    from pipeline.run import Settings
+
+    sweep = with_overrides(yaml.safe_load((ROOT / "tune_configs" / "tiny" / "demo" / "sweep.yaml").read_text()), sweep_changes)
+    path = tmp_path / f"sweep-{len(list(tmp_path.glob('sweep-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    values = yaml.safe_load(TINY_RUN.read_text())
+    values.update(sweep=str(path), export=str(ROOT / values["export"]))
+    values["teacher"]["train_config"] = str(ROOT / values["teacher"]["train_config"])
+    values["smoke"]["enabled"] = False
+    return Settings(parse_config(values, RunJobConfig, "tiny run"))
+
+
+def _started(plan) -> None:
+    """What the sweep stage leaves once its sweep has started: the directory and the sweep's job file."""
+    plan.directory.mkdir(parents=True)
+    (plan.directory / "sweep_job.json").write_text(json.dumps(plan.cfg.model_dump(mode="json")))
+
+
+def test_a_changed_config_starts_a_new_sweep_and_the_same_config_resumes_its_own(tmp_path):
+    """No Ray: the decision itself (``pipeline.run.sweep_plan``), for each kind of change."""
+    from pipeline.run import _key, sweep_plan
+
+    workdir = tmp_path / "work"
+    original = _settings(tmp_path)
+    teacher = {"teacher": {"path": str(tmp_path / "teacher"), "key": _key("teacher", original, {}, serve=False)}}
+    first = sweep_plan(original, workdir, teacher)
+    assert first.cfg.name.startswith("tiny-demo-") and first.directory == workdir / "sweeps" / first.cfg.name
+    assert not first.resume
+    _started(first)
+
+    # the same config, again (also with another job.teacher in the YAML, which the run replaces by its own teacher): resumed
+    for same in (_settings(tmp_path), _settings(tmp_path, **{"job.teacher": "elsewhere/teacher"})):
+        again = sweep_plan(same, workdir, teacher)
+        assert (again.directory, again.resume, again.key) == (first.directory, True, first.key)
+
+    # any change to the sweep's settings, or a new teacher: a directory of its own, not resumed
+    changed = {
+        "the search space": _settings(tmp_path, space={"student.heads": {"grid": [2]}}),
+        "a training setting": _settings(tmp_path, **{"job.train.lr": 2.0e-3}),
+        "the scheduler": _settings(tmp_path, **{"scheduler.max_epochs": 2}),
+        "the search seed": _settings(tmp_path, **{"search.seed": 1}),
+        "the selection budget": _settings(tmp_path, **{"selection.max_params": 1000}),
+    }
+    directories = {first.directory}
+    for what, settings in changed.items():
+        plan = sweep_plan(settings, workdir, teacher)
+        assert plan.directory not in directories and not plan.resume, what
+        directories.add(plan.directory)
+    retrained = {"teacher": {**teacher["teacher"], "key": "another teacher"}}
+    plan = sweep_plan(original, workdir, retrained)
+    assert plan.directory not in directories and not plan.resume, "a new teacher"
+
+
+@pytest.mark.integration
+def test_the_cli_starts_a_new_sweep_beside_the_finished_one_when_the_config_changes(finished_run, tmp_path):
+    """The finished run's sweep is where ``sweep_plan`` says; the CLI, given a changed sweep in a
+    workdir holding that sweep, starts a new one beside it (stopped as soon as it has started: the
+    decision is made by then) and leaves the finished one alone."""
+    from pipeline.run import Settings, sweep_plan
+
+    state = finished_run["state"]
+    teacher = {"teacher": state["teacher"]["result"]}
+    with contextlib.chdir(ROOT):  # the tiny YAML's paths are relative to the repository
+        finished = sweep_plan(Settings(tiny_run_config()), finished_run["workdir"], teacher)
+    assert (finished.directory.name, finished.resume) == (state["sweep"]["result"]["name"], True)
+
+    workdir = tmp_path / "work"
+    (workdir / "sweeps").mkdir(parents=True)
+    shutil.copytree(finished.directory, workdir / "sweeps" / finished.directory.name, symlinks=True)
+    if (finished_run["workdir"] / "importance").is_dir():  # the teacher's scores, computed once per workdir
+        shutil.copytree(finished_run["workdir"] / "importance", workdir / "importance")
+    (workdir / "pipeline_state.json").write_text(json.dumps({"teacher": state["teacher"]}))
+    old = workdir / "sweeps" / finished.directory.name
+    old_files = {path: path.stat().st_mtime_ns for path in old.rglob("*")}
+
+    changed = _settings(tmp_path, space={"student.heads": {"grid": [2]}})
+    new = sweep_plan(changed, workdir, teacher)
+    assert new.directory != old and not new.resume
+    config = tmp_path / "changed-run.yaml"
+    config.write_text(yaml.safe_dump(changed.cfg.model_dump(mode="json")))
+    log_path = tmp_path / "changed.log"
+    command = [sys.executable, "-m", "pipeline.cli", "run", "--config", str(config), "--workdir", str(workdir)]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=cli_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while f"[sweep {new.cfg.name}] " not in log_path.read_text() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=300)
+    text = log_path.read_text()
+    assert "[run tiny] teacher: reused" in text, text[-3000:]
+    assert f"[sweep {new.cfg.name}] starting" in text, text[-3000:]
+    assert "exists: resuming it" not in text and f"[sweep {new.cfg.name}] resuming" not in text, text[-3000:]
+    assert json.loads((new.directory / "sweep_job.json").read_text())["space"]["student.heads"]["grid"] == [2]
+    assert {path: path.stat().st_mtime_ns for path in old.rglob("*")} == old_files, "the finished sweep was touched"
+    assert json.loads((workdir / "pipeline_state.json").read_text()) == {"teacher": state["teacher"]}
