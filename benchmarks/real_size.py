@@ -37,9 +37,11 @@ prints a table. Nothing asserts on time.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -233,11 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--importance-examples", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30, help="interleaved ORT calls per model in the report")
-    parser.add_argument("--port", type=int, default=8477)
+    parser.add_argument("--port", type=int, default=0, help="the smoke test's Serve port (default 0: any free port)")
     args = parser.parse_args(argv)
     if args.quick:  # the quick teacher has 4 layers
         args.student_layers = min(args.student_layers, 2)
     root = args.workdir or Path(tempfile.mkdtemp(prefix="amad-real-size-"))
+    if args.workdir is None:  # a directory of our own: gone when the script ends (give --workdir to keep the files)
+        atexit.register(shutil.rmtree, root, True)
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     _log(f"writing the teacher checkpoint and VQA-v2 files under {root}")

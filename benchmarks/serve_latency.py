@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -49,18 +48,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.local_cluster import apply_loopback_env  # noqa: E402
+from pipeline.local_cluster import apply_loopback_env, free_port  # noqa: E402
 
 apply_loopback_env()
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "serve_latency.json"
 TEACHER = ROOT / "weights" / "teacher-default"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def register_models(workdir: Path) -> str:

@@ -320,7 +320,7 @@ def test_real_size_quick_run_goes_through_the_pipeline_and_writes_complete_resul
     out = tmp_path / "real_size.json"
     env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "RAY_TMPDIR", "MLFLOW_TRACKING_URI")}
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "real_size.py"), "--quick", "--workdir", str(tmp_path / "work"), "--out", str(out), "--port", "8478"],
+        [sys.executable, str(BENCHMARKS / "real_size.py"), "--quick", "--workdir", str(tmp_path / "work"), "--out", str(out)],
         cwd=BENCHMARKS.parent, env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]

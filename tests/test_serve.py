@@ -456,7 +456,8 @@ def test_cli_serves_with_a_token_follows_the_alias_loadtests_and_shuts_down_clea
     home_token_existed = home_token.exists()
     cache = tmp_path / "serve-cache"
     port = free_port()
-    ray_tmp = tempfile.mkdtemp(prefix="amad-serve-", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
+    # short enough for the command's private Ray directory to nest inside (Ray's socket paths: <= 107 bytes)
+    ray_tmp = tempfile.mkdtemp(prefix="as-", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONWARNINGS": "ignore", "AMAD_SERVE_TOKEN": token}
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "-m", "pipeline.cli", "serve", "--model", MODEL, "--tracking-uri", registered["uri"],
