@@ -89,8 +89,9 @@ def test_retained_memory_stops_the_page_faults_of_every_step():
 def test_can_be_turned_off_by_environment():
     result = run_probe(AMAD_RETAIN_FREED_MEMORY="0")
     assert result["applied"] is False and "AMAD_RETAIN_FREED_MEMORY=0" in result["message"]
-    if platform.libc_ver()[0] == "glibc":
-        # nothing changed: the forwards after the (refused) setting fault as much as those before it
-        default, retained = median(result["default"]), median(result["retained"])
-        assert default >= result["attention_pages"] / 4, result
-        assert retained >= default / 3, result
+    assert result["again"] is False, result
+    # No fault-count check here: glibc raises its own mmap threshold each time a mapped chunk is freed
+    # (the dynamic threshold), so a process left at the defaults can settle into reusing memory after
+    # some forwards by itself. Measured with the setting off: medians of 8,395 / 16,822 / 12,608 faults
+    # in the first nine forwards, then 10,501 / 16,822 / 6,289 in the next nine, the last run ending
+    # with fault-free forwards. A ">= 1/3 of before" bound failed once in CI for that reason.
