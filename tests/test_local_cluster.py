@@ -78,7 +78,7 @@ def _fits(parent: Path, prefix: str) -> bool:
     return len(os.fsencode(parent / (prefix + "x" * 8))) + RAY_SOCKET_SUFFIX_BYTES <= SOCKET_PATH_LIMIT
 
 
-def test_the_private_directory_goes_where_ray_would_put_its_files_if_the_socket_paths_fit():
+def test_the_private_directory_goes_where_ray_would_put_its_files_if_the_socket_paths_fit(monkeypatch):
     assert private_dir_parent("amad-ray-", {}) == (Path("/tmp"), "amad-ray-", None)
     assert private_dir_parent("amad-ray-", {"TMPDIR": "/var/tmp"}) == (Path("/var/tmp"), "amad-ray-", None)
     assert private_dir_parent("amad-ray-", {"RAY_TMPDIR": "/scratch", "TMPDIR": "/var/tmp"}) == (Path("/scratch"), "amad-ray-", None)
@@ -90,7 +90,10 @@ def test_the_private_directory_goes_where_ray_would_put_its_files_if_the_socket_
     # too long even so: /tmp, saying why
     parent, prefix, why = private_dir_parent("amad-ray-", {"RAY_TMPDIR": longest + "d"})
     assert (parent, prefix) == (Path("/tmp"), "amad-ray-") and "RAY_TMPDIR=" in why and "107-byte" in why and "using /tmp" in why
-    assert private_dir_parent("amad-ray-", {"RAY_TMPDIR": "relative"})[0] == Path.cwd() / "relative"
+    # a relative RAY_TMPDIR is taken from the working directory (a short one here: a clone's own path
+    # can be too long for the socket paths, which would send it to /tmp)
+    monkeypatch.chdir("/")
+    assert private_dir_parent("amad-ray-", {"RAY_TMPDIR": "relative"}) == (Path("/relative"), "amad-ray-", None)
 
 
 def test_private_ray_tmpdir_goes_under_the_users_ray_tmpdir_and_leaves_nothing(short_dir, monkeypatch):
