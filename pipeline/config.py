@@ -279,6 +279,16 @@ class ScalingSettings(Strict):
     )
 
 
+class StorageConfig(Strict):
+    """Where Ray Train and Tune write checkpoints and results (:mod:`pipeline.storage`, docs/storage.md)."""
+
+    path: str | None = Field(
+        None,
+        description="a directory or a pyarrow.fs URI (s3://bucket/prefix, gs://bucket/prefix, file:///nfs/amad) that every node "
+        "of the cluster sees; default: the job's --workdir (right on one machine)",
+    )
+
+
 class DistillJobConfig(Strict):
     """``amad distill``: distil a saved teacher into a smaller student with Ray Train (DDP)."""
 
@@ -291,6 +301,7 @@ class DistillJobConfig(Strict):
     objective: ObjectiveConfig = ObjectiveConfig()
     train: DistillOptimConfig
     scaling: ScalingSettings = ScalingSettings()
+    storage: StorageConfig = Field(StorageConfig(), description="checkpoints go to <storage.path>/ray/<run_name>/")
     run_name: str = Field("distill", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
     checkpoints_to_keep: int = Field(2, ge=1, description="best by val_accuracy; the latest is always kept too")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint; -1: unlimited")

@@ -29,7 +29,7 @@ from amad.data.sources import load_split, model_labels, source_from_dict
 from amad.models import StudentSpec, get_adapter
 from amad.objective import DistillationObjective
 from amad.training import make_optimizer, warmup_cosine
-from pipeline import names
+from pipeline import names, storage
 from pipeline.config import DistillJobConfig
 from pipeline.cpu_allocator import retain_freed_memory
 from pipeline.tracking import RunTracker
@@ -128,7 +128,7 @@ def train_loop(loop_config: dict) -> dict:
 
     transformers_logging.disable_progress_bar()  # one bar per from_pretrained/save_pretrained: noise in Ray logs
     cfg = DistillJobConfig.model_validate(loop_config["job"])
-    teacher_path, run_dir = Path(loop_config["teacher"]), Path(loop_config["run_dir"])
+    teacher_path, run_dir = Path(loop_config["teacher"]), loop_config["run_dir"]  # run_dir: in the storage, a path or a URI
     tracker: RunTracker | None = loop_config["tracker"]  # None in a sweep trial: the sweep's driver logs its epochs
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -277,7 +277,7 @@ def _backfill(tracker: RunTracker, history: list[dict]) -> None:
             tracker.log_metrics(metrics, step=metrics[names.EPOCH])
 
 
-def _fail_once(run_dir: Path, step: int, committed: str | None, timeout_s: float = 300.0) -> None:
+def _fail_once(run_dir: str, step: int, committed: str | None, timeout_s: float = 300.0) -> None:
     """TEST-ONLY (``fail_at_step``): kill this worker process once, as a crash would.
 
     First waits until Ray has committed checkpoint ``committed`` (the previous epoch's; None: none yet)
@@ -286,10 +286,10 @@ def _fail_once(run_dir: Path, step: int, committed: str | None, timeout_s: float
     the run restarts from the checkpoint before it. Waiting makes the injected fault land where the
     test expects it, after the latest checkpoint, whatever the machine's load.
     """
-    marker = run_dir / f".fail_at_step_{step}"
-    if marker.exists():
+    marker = storage.join(run_dir, f".fail_at_step_{step}")  # in the run's storage: the restarted worker may be on another node
+    if storage.is_file(marker):
         return
-    marker.touch()
+    storage.write_text(marker, "")
     deadline = time.monotonic() + timeout_s
     while committed is not None and _latest_committed(run_dir) != committed:
         if time.monotonic() > deadline:
@@ -299,10 +299,10 @@ def _fail_once(run_dir: Path, step: int, committed: str | None, timeout_s: float
     os._exit(1)
 
 
-def _latest_committed(run_dir: Path) -> str | None:
+def _latest_committed(run_dir: str) -> str | None:
     """The directory name of the latest checkpoint in Ray Train's snapshot of the run (None if none or mid-write)."""
     try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        snapshot = json.loads(storage.read_text(storage.join(run_dir, "checkpoint_manager_snapshot.json")))
         return (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
     except (OSError, ValueError):
         return None

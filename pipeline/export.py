@@ -3,7 +3,9 @@
 Steps (each gate stops the job with :class:`GateFailed`, a non-zero exit and the figures; nothing
 is registered and no alias moves):
 
-1. The checkpoint: ``checkpoint`` directly, or the one a sweep chose (``<workdir>/sweeps/<name>/best.json``).
+1. The checkpoint: ``checkpoint`` directly, or the one a sweep chose (``<workdir>/sweeps/<name>/best.json``):
+   a local directory, or a location in the job's storage (any ``pyarrow.fs`` URI, :mod:`pipeline.storage`),
+   copied once to ``<workdir>/checkpoint_cache``.
 2. Export to ``<workdir>/exports/<name>/student.onnx`` (dynamic batch and text length,
    ``onnx.checker``). A file already exported from the same checkpoint bytes with the same exporter
    and opset is reused (``force_export`` re-exports); the gate below checks it either way.
@@ -32,7 +34,7 @@ from amad.data.preprocess import PROCESSOR_FILES, is_checkpoint_processor, load_
 from amad.data.sources import DataSource, source_from_dict, split_for_model
 from amad.data.text import TOKENIZER_FILE
 from amad.models import ViltAdapter, shape_summary
-from pipeline import names, onnx_tools
+from pipeline import names, onnx_tools, storage
 from pipeline.config import ConfigError
 from pipeline.export_config import ExportJobConfig
 from pipeline.registry import TAG_VAL_ACCURACY, TAG_WEIGHTS_SHA, Registry, file_sha256, onnx_signature
@@ -58,9 +60,32 @@ def _log(message: str) -> None:
 
 @dataclass(frozen=True)
 class Source:
-    checkpoint: Path
-    run_dir: Path  # the Ray Train run (or sweep trial) directory holding the checkpoint
+    checkpoint: Path  # a local directory with the checkpoint's files (a copy, for a checkpoint in URI storage)
+    location: str  # where the checkpoint is: a local path or a URI in the training job's storage
     sweep: dict | None  # best.json of the sweep, when the checkpoint came from one
+    records: tuple[str, ...] = ()  # more directories that may hold the run's job.json / mlflow_run.json
+
+    @property
+    def run_dir(self) -> str:
+        """The Ray Train run (or sweep trial) directory holding the checkpoint: a path or a URI."""
+        return storage.parent(self.location)
+
+    @property
+    def run_dirs(self) -> tuple[str, ...]:
+        """Where the training run's records may be: its directory in the storage, then the others."""
+        return (self.run_dir, *(d for d in self.records if d != self.run_dir))
+
+
+def run_record(source: Source, filename: str) -> dict | None:
+    """The first readable ``filename`` (JSON) among the source's run directories, or None."""
+    for directory in source.run_dirs:
+        text = storage.read_text_or_none(storage.join(directory, filename))
+        if text is not None:
+            try:
+                return json.loads(text)
+            except ValueError:
+                continue
+    return None
 
 
 def check_model_dir(path: Path, what: str, *, needs_data: bool = True) -> Path:
@@ -81,8 +106,9 @@ def check_model_dir(path: Path, what: str, *, needs_data: bool = True) -> Path:
 
 
 def resolve_source(cfg: ExportJobConfig, workdir: Path) -> Source:
-    """The checkpoint to export; ConfigError naming the problem if there is none."""
-    sweep = None
+    """The checkpoint to export; ConfigError naming the problem if there is none. A checkpoint given by
+    a URI is read through the filesystem that opens it (copied once under ``<workdir>``)."""
+    sweep, records = None, ()
     if cfg.checkpoint is None and cfg.sweep is None:
         raise ConfigError("nothing to export: give a checkpoint (--checkpoint DIR) or a sweep (--sweep NAME)")
     if cfg.sweep is not None:
@@ -94,32 +120,34 @@ def resolve_source(cfg: ExportJobConfig, workdir: Path) -> Source:
         if not chosen.get("checkpoint"):
             reason = sweep.get("reason") or ("the sweep was interrupted: finish it with --resume" if sweep.get("interrupted") else "no trial was chosen")
             raise ConfigError(f"sweep: {best_file} names no checkpoint ({reason})")
-        checkpoint = check_model_dir(Path(chosen["checkpoint"]), f"sweep {cfg.sweep}'s checkpoint")
+        location, what = chosen["checkpoint"], f"sweep {cfg.sweep}'s checkpoint"
+        # the trial's child MLflow record stays with the driver when the storage is elsewhere
+        records = (str(workdir / "sweeps" / cfg.sweep / "trials" / str(chosen.get("trial_id"))),)
     else:
-        checkpoint = check_model_dir(cfg.checkpoint, "checkpoint")
-    return Source(checkpoint, checkpoint.parent, sweep)
+        location, what = cfg.checkpoint, "checkpoint"
+    checkpoint = check_model_dir(storage.local_checkpoint(location, workdir, what), what)
+    if not storage.is_uri(location):
+        location = str(checkpoint)
+    return Source(checkpoint, location, sweep, records)
 
 
 def resolve_teacher(cfg: ExportJobConfig, source: Source, tracking_uri: str) -> Path | None:
     """The teacher that taught the checkpoint: ``cfg.teacher``, else the training run's MLflow tag, else
     its job file (``teacher`` resolved from the current directory); None if none of them is a teacher."""
     candidates = [cfg.teacher] if cfg.teacher is not None else []
-    record = source.run_dir / names.MLFLOW_RUN_FILE
-    if record.is_file():
+    saved = run_record(source, names.MLFLOW_RUN_FILE)
+    if saved:
         try:
             from mlflow.tracking import MlflowClient
 
-            saved = json.loads(record.read_text())
             run = MlflowClient(saved.get("tracking_uri") or tracking_uri).get_run(saved["run_id"])
             if run.data.tags.get(names.TAG_TEACHER_PATH):
                 candidates.append(Path(run.data.tags[names.TAG_TEACHER_PATH]))
         except Exception:  # noqa: BLE001 -- a store that moved or was deleted: try the job file
             pass
-    job = source.run_dir / names.JOB_FILE
-    if job.is_file():
-        teacher = json.loads(job.read_text()).get("teacher")
-        if teacher:
-            candidates.append(Path(teacher))
+    job = run_record(source, names.JOB_FILE)
+    if job and job.get("teacher"):
+        candidates.append(Path(job["teacher"]))
     for candidate in candidates:
         try:
             return check_model_dir(candidate, "teacher", needs_data=False)
@@ -265,14 +293,14 @@ def main(cfg: ExportJobConfig, workdir: str | Path, tracking_uri: str | None = N
     uri = resolve_tracking_uri(workdir, tracking_uri)
     source = resolve_source(cfg, workdir)
     teacher_dir = resolve_teacher(cfg, source, uri)
-    name = cfg.name or f"{source.run_dir.name}-{source.checkpoint.name}"
+    name = cfg.name or f"{storage.name(source.run_dir)}-{storage.name(source.location)}"
     directory = workdir / "exports" / name
     directory.mkdir(parents=True, exist_ok=True)
     student = load_model_and_val(source.checkpoint)
     config = student.model.config
     report: dict = {
         "name": name,
-        "checkpoint": str(source.checkpoint),
+        "checkpoint": source.location,
         "teacher": str(teacher_dir) if teacher_dir else None,
         **shape_summary(config),
         "parameters": sum(p.numel() for p in student.model.parameters()),
@@ -375,9 +403,9 @@ def _register(cfg, report: dict, student: Loaded, teacher_dir: Path | None, sour
             tags["int8.accuracy_drop"] = f"{report['gates']['int8_accuracy']['drop']:.6f}"
         if teacher:
             tags.update({"teacher.model": teacher["name"], "teacher.version": teacher["version"]})
-        training_run = source.run_dir / names.MLFLOW_RUN_FILE
-        if training_run.is_file():
-            tags["training_run_id"] = json.loads(training_run.read_text())["run_id"]
+        training_run = run_record(source, names.MLFLOW_RUN_FILE)
+        if training_run and training_run.get("run_id"):
+            tags["training_run_id"] = training_run["run_id"]
         if source.sweep:
             chosen = source.sweep["best"]
             tags["sweep.name"] = str(source.sweep.get("sweep"))

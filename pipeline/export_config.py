@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.config import Strict
 
@@ -30,7 +31,9 @@ class RegistryConfig(Strict):
 class ExportJobConfig(Strict):
     """One export: a student checkpoint (or a sweep's choice) -> ONNX, gated, registered."""
 
-    checkpoint: Path | None = Field(None, description="a student checkpoint directory (epoch_NNNN)")
+    checkpoint: str | None = Field(
+        None, description="a student checkpoint directory (epoch_NNNN): a path, or a URI in the training job's storage (s3://..., gs://..., file:///...)"
+    )
     sweep: str | None = Field(None, description="a sweep name: its <workdir>/sweeps/<name>/best.json picks the checkpoint")
     teacher: Path | None = Field(None, description="the teacher directory (default: the one the training run recorded)")
     name: str | None = Field(None, min_length=1, description="export directory name under <workdir>/exports (default: from the checkpoint)")
@@ -43,6 +46,18 @@ class ExportJobConfig(Strict):
     latency_repeats: int = Field(50, ge=1, description="batch-1 runs timed for the latency tags")
     threads: int | None = Field(None, ge=1, description="torch and ONNX Runtime threads; default: all cores")
     force_export: bool = Field(False, description="export again even if the export directory holds a file made from the same checkpoint")
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _uri_intact(cls, value):
+        """A URI that went through ``Path`` (``s3://b/x`` -> ``s3:/b/x``) gets its ``//`` back."""
+        if value is None:
+            return value
+        text = str(value)
+        scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)", text)
+        if scheme and scheme.group(1).lower() != "file":  # file:/path is a valid local URI as it is
+            text = f"{scheme.group(1)}://{text[scheme.end():]}"
+        return text
 
     @model_validator(mode="after")
     def _one_source(self) -> "ExportJobConfig":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.config import Strict
+from pipeline.config import StorageConfig, Strict
 
 
 class TeacherStageConfig(Strict):
@@ -55,3 +55,6 @@ class RunJobConfig(Strict):
     export: Path = Field(..., description="the export settings YAML (the source is the sweep's choice)")
     smoke: SmokeConfig = SmokeConfig()
     report: ReportConfig = ReportConfig()
+    storage: StorageConfig = Field(
+        StorageConfig(), description="replaces the sweep YAML's storage: checkpoints go to <storage.path>/sweeps/<sweep>/ (default: the sweep's, else --workdir)"
+    )

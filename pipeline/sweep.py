@@ -4,15 +4,20 @@ setup (validate every combination against the teacher, before Ray) -> tune (one 
 ``TorchTrainer`` fit of :func:`pipeline.train_distill.train_loop`) -> report (per-trial outcome,
 measured size and CPU latency, Pareto front, selection, CSV + plots, ``best.json``).
 
-Layout under ``<workdir>/sweeps/<name>/``::
+Layout under ``<workdir>/sweeps/<name>/`` (the driver's files)::
 
     sweep_job.json        the validated config (a resumed sweep must match it)
     mlflow_run.json       the parent MLflow run (re-opened on --resume)
-    tune/                 Ray Tune's experiment (Tuner.restore reads it)
-    trials/<trial_id>/    each trial's Ray Train run: epoch_NNNN checkpoints, its child mlflow_run.json
-                          (kept by the driver), trial_error.txt when it crashed
+    trials/<trial_id>/    each trial's child mlflow_run.json (kept by the driver)
     measurements.json     params and latency per checkpoint (measured once, reused on re-selection)
     trials.csv, plots/, best.json
+
+and under ``<storage>/sweeps/<name>/`` (``storage.path`` / ``--storage-path``, default the workdir, so
+the same directory; any ``pyarrow.fs`` URI every node sees, see :mod:`pipeline.storage`)::
+
+    tune/                 Ray Tune's experiment (Tuner.restore reads it)
+    trials/<trial_id>/    each trial's Ray Train run: epoch_NNNN checkpoints, job.json,
+                          trial_error.txt when it crashed
 
 Train V2 inside Tune (Ray 2.60): the Tune trainable is a plain function that builds and fits a
 ``TorchTrainer`` whose ``RunConfig`` carries ``TuneReportCallback``; the workers' per-epoch
@@ -34,7 +39,7 @@ from typing import Any
 
 from ray.tune import Callback  # Progress subclasses it; importers of this module use Ray anyway
 
-from pipeline import names, sweep_report
+from pipeline import names, storage, sweep_report
 from pipeline.config import ConfigError, DistillJobConfig, parse_config
 from pipeline.local_cluster import connected, started_here
 from pipeline.sweep_config import SweepConfig
@@ -77,20 +82,24 @@ def check_sweep(cfg: SweepConfig):
     return teacher
 
 
-def check_resumable(cfg: SweepConfig, sweep_dir: Path, resume: bool) -> None:
-    """--resume needs a sweep started by the same settings; a new sweep needs a free name."""
+def check_resumable(cfg: SweepConfig, sweep_dir: Path, resume: bool, results: str | None = None) -> None:
+    """--resume needs a sweep started by the same settings; a new sweep needs a free name.
+
+    ``results``: the sweep's directory in the storage (default: ``sweep_dir``), where Tune's experiment is.
+    """
     from ray.tune import Tuner
 
     job_file = sweep_dir / names.SWEEP_JOB_FILE
-    tune_dir = sweep_dir / TUNE_DIR
+    tune_dir = storage.join(results or sweep_dir, TUNE_DIR)
     if not resume:
         if job_file.exists():
             raise ConfigError(f"sweep {cfg.name!r} already exists in {sweep_dir}: pass --resume to continue it, or choose another name")
         return
-    if not job_file.is_file() or not Tuner.can_restore(str(tune_dir)):
-        raise ConfigError(f"--resume: no sweep {cfg.name!r} to resume in {sweep_dir}")
-    previous = {k: v for k, v in json.loads(job_file.read_text()).items() if k not in SweepConfig.RESUMABLE_CHANGES}
-    current = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in SweepConfig.RESUMABLE_CHANGES}
+    if not job_file.is_file() or not Tuner.can_restore(tune_dir):
+        raise ConfigError(f"--resume: no sweep {cfg.name!r} to resume in {sweep_dir} (Tune's experiment: {tune_dir})")
+    recorded = storage.without_default_storage(json.loads(job_file.read_text()))
+    previous = {k: v for k, v in recorded.items() if k not in SweepConfig.RESUMABLE_CHANGES}
+    current = {k: v for k, v in storage.without_default_storage(cfg.model_dump(mode="json")).items() if k not in SweepConfig.RESUMABLE_CHANGES}
     changed = [key for key in sorted(set(previous) | set(current)) if previous.get(key) != current.get(key)]
     if changed:
         raise ConfigError(
@@ -107,18 +116,23 @@ def main(cfg: SweepConfig, workdir: str | Path, address: str | None = None, trac
 
     Joins the Ray cluster already initialised in this process, else ``address`` / ``$RAY_ADDRESS``,
     else starts a local one (shut down at the end). A bad config raises :class:`ConfigError` before
-    anything is written. ``summary["interrupted"]`` is True when the driver was stopped (Ctrl-C)
-    before every trial ended: nothing is selected, and ``--resume`` continues.
+    anything is written (a storage no filesystem opens included). ``summary["interrupted"]`` is True
+    when the driver was stopped (Ctrl-C) before every trial ended: nothing is selected, and ``--resume``
+    continues.
     """
     workdir = Path(workdir).resolve()
     sweep_dir = workdir / "sweeps" / cfg.name
+    store = storage.resolve(cfg.storage.path, workdir)
     teacher = check_sweep(cfg)
     # trials run in Tune's trial directories (Ray changes the working directory): absolute paths only
-    cfg = SweepConfig.model_validate({**cfg.model_dump(mode="json"), "job": {**cfg.job.with_absolute_paths(), "teacher": str(teacher.path)}})
-    check_resumable(cfg, sweep_dir, resume)
+    cfg = SweepConfig.model_validate({
+        **cfg.model_dump(mode="json"), "job": {**cfg.job.with_absolute_paths(), "teacher": str(teacher.path)},
+        "storage": {"path": store.root if cfg.storage.path is not None else None},
+    })
+    check_resumable(cfg, sweep_dir, resume, store.location("sweeps", cfg.name))
     importance = sweep_importance(cfg, teacher, workdir)
     with connected(address, object_store_memory=LOCAL_OBJECT_STORE_BYTES):
-        return _run(cfg, sweep_dir, workdir, teacher, tracking_uri, resume, importance)
+        return _run(cfg, sweep_dir, workdir, teacher, tracking_uri, resume, importance, store)
 
 
 def sweep_importance(cfg: SweepConfig, teacher, workdir: Path) -> dict | None:
@@ -132,10 +146,14 @@ def sweep_importance(cfg: SweepConfig, teacher, workdir: Path) -> dict | None:
     return train_distill.pruning_importance(job, teacher, workdir)
 
 
-def _run(cfg: SweepConfig, sweep_dir: Path, workdir: Path, teacher, tracking_uri: str | None, resume: bool, importance: dict | None = None) -> dict:
+def _run(cfg: SweepConfig, sweep_dir: Path, workdir: Path, teacher, tracking_uri: str | None, resume: bool, importance: dict | None = None,
+         store: storage.Storage | None = None) -> dict:
     """:func:`main` once Ray is connected."""
     from pipeline import train_distill
 
+    store = store or storage.resolve(cfg.storage.path, workdir)
+    results = store.location("sweeps", cfg.name)  # Tune's experiment and the trials' runs (sweep_dir itself by default)
+    storage.warn_if_not_shared(store)
     use_gpu = train_distill.check_placement(cfg.job)
     # -- nothing above writes; from here on the sweep exists
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -147,12 +165,12 @@ def _run(cfg: SweepConfig, sweep_dir: Path, workdir: Path, teacher, tracking_uri
     _log(f"[sweep {cfg.name}] {'resuming' if resume else 'starting'}: {_describe(cfg)}; MLflow run {parent.run_id} ({uri})")
     started = time.perf_counter()
     try:
-        _tune(cfg, sweep_dir, workdir, parent, use_gpu, resume, importance)
-        rows = collect(cfg, sweep_dir, workdir, parent)
+        _tune(cfg, sweep_dir, workdir, parent, use_gpu, resume, importance, results)
+        rows = collect(cfg, sweep_dir, workdir, parent, store)
     except BaseException:
         parent.finish("KILLED")
         raise
-    summary = report(cfg, sweep_dir, parent, rows, time.perf_counter() - started)
+    summary = report(cfg, sweep_dir, parent, rows, time.perf_counter() - started, store)
     parent.finish("KILLED" if summary["interrupted"] else "FINISHED")
     return summary
 
@@ -167,19 +185,21 @@ def _describe(cfg: SweepConfig) -> str:
     )
 
 
-def _tune(cfg: SweepConfig, sweep_dir: Path, workdir: Path, parent: RunTracker, use_gpu: bool, resume: bool, importance: dict | None = None) -> None:
+def _tune(cfg: SweepConfig, sweep_dir: Path, workdir: Path, parent: RunTracker, use_gpu: bool, resume: bool, importance: dict | None = None,
+          results: str | None = None) -> None:
+    """Run Tune; ``results``: the sweep's directory in the storage (a path or a URI; default ``sweep_dir``)."""
     from ray import tune
 
+    results = results or str(sweep_dir)
     context = {
-        "sweep": cfg.model_dump(mode="json"), "sweep_dir": str(sweep_dir), "workdir": str(workdir), "parent": parent, "use_gpu": use_gpu,
+        "sweep": cfg.model_dump(mode="json"), "results": results, "workdir": str(workdir), "parent": parent, "use_gpu": use_gpu,
         "local_cluster": started_here(),  # the trial actors cannot tell: they only joined it
         "importance": importance,
     }
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": 0, "memory": TRIAL_MEMORY_BYTES})
-    tune_dir = sweep_dir / TUNE_DIR
     if resume:
         # finished and failed trials stay as they are; interrupted ones start again (their Train run resumes)
-        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+        tuner = tune.Tuner.restore(storage.join(results, TUNE_DIR), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -198,7 +218,7 @@ def _tune(cfg: SweepConfig, sweep_dir: Path, workdir: Path, parent: RunTracker, 
             ),
             run_config=tune.RunConfig(
                 name=TUNE_DIR,
-                storage_path=str(sweep_dir),
+                storage_path=results,
                 failure_config=tune.FailureConfig(max_failures=0),  # a crashed trial is recorded, not retried
                 callbacks=[Progress(cfg.name, cfg.max_epochs), TrialRuns(cfg, parent, sweep_dir, workdir)],
                 verbose=0,  # Progress prints one line per event instead of Tune's tables
@@ -304,17 +324,17 @@ def run_trial(params: dict[str, Any], context: dict) -> None:
     cfg = SweepConfig.model_validate(context["sweep"])
     trial_id = tune.get_context().get_trial_id()
     job = trial_job(cfg, params, trial_id)
-    run_dir = Path(context["sweep_dir"]) / TRIALS_DIR / trial_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / names.JOB_FILE).write_text(json.dumps(job.model_dump(mode="json"), indent=2))
-    (run_dir / TRIAL_ERROR_FILE).unlink(missing_ok=True)  # a restarted trial starts without its old error
+    # in the storage (a path or a URI): this actor may run on any node
+    run_dir = storage.join(context["results"], TRIALS_DIR, trial_id)
+    storage.write_text(storage.join(run_dir, names.JOB_FILE), json.dumps(job.model_dump(mode="json"), indent=2))
+    storage.delete_file(storage.join(run_dir, TRIAL_ERROR_FILE))  # a restarted trial starts without its old error
     try:
         teacher = train_distill.read_teacher(job)  # the driver's check_sweep checked the job against the teacher
         importance = context.get("importance") if job.student.init == "pruned" else None
         train_distill._fit(job, teacher, run_dir, None, context["use_gpu"], callbacks=[TuneReportCallback()],
                            local_cluster=context["local_cluster"], importance=importance)
     except Exception as err:
-        (run_dir / TRIAL_ERROR_FILE).write_text(_error_text(err))
+        storage.write_text(storage.join(run_dir, TRIAL_ERROR_FILE), _error_text(err))
         raise
 
 
@@ -362,7 +382,10 @@ class TrialRuns(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         child, _ = self._child(trial)
-        child.set_tags({names.TAG_TRIAL_STATUS: sweep_report.FAILED, names.TAG_TRIAL_ERROR: _error_text(_trial_error(trial, self.sweep_dir))})
+        configured = getattr(getattr(self.cfg, "storage", None), "path", None)  # a callback pickled by an older sweep has none
+        store = storage.resolve(configured, self.workdir)
+        error = _trial_error(trial, store.location("sweeps", self.cfg.name), store)
+        child.set_tags({names.TAG_TRIAL_STATUS: sweep_report.FAILED, names.TAG_TRIAL_ERROR: _error_text(error)})
         child.finish("FAILED")
 
 
@@ -383,26 +406,29 @@ def _error_text(err: BaseException | str, limit: int = 4000) -> str:
 # ---------------------------------------------------------------- after Tune: one row per trial
 
 
-def collect(cfg: SweepConfig, sweep_dir: Path, workdir: Path, parent: RunTracker) -> list[dict]:
-    """Read every trial back from Tune's saved experiment; close each child MLflow run with its outcome."""
+def collect(cfg: SweepConfig, sweep_dir: Path, workdir: Path, parent: RunTracker, store: storage.Storage | None = None) -> list[dict]:
+    """Read every trial back from Tune's saved experiment (in the storage, default the workdir); close
+    each child MLflow run with its outcome."""
     from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(str(sweep_dir / TUNE_DIR))
+    store = store or storage.resolve(cfg.storage.path, workdir)
+    results = store.location("sweeps", cfg.name)
+    analysis = ExperimentAnalysis(storage.join(results, TUNE_DIR))
     rows = []
     for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
         frame = analysis.trial_dataframes.get(trial.trial_id)  # keyed by trial id (its docstring says path)
-        run_dir = sweep_dir / TRIALS_DIR / trial.trial_id
-        history = fill_history_holes(_history(frame), run_dir)
+        run_dir = sweep_dir / TRIALS_DIR / trial.trial_id  # the child MLflow run's record
+        history = fill_history_holes(_history(frame), storage.join(results, TRIALS_DIR, trial.trial_id))
         row = {
             "trial_id": trial.trial_id,
             "config": dict(trial.config),
             "epochs": history[-1][names.EPOCH] if history else 0,
             "status": _outcome(trial.status, history, cfg.max_epochs),
         }
-        row.update(_best_epoch(history))
+        row.update(_best_epoch(history, store))
         child = open_child(parent, cfg.name, trial.trial_id, run_dir, workdir)  # re-opens the trial's own run
         row["run_id"] = child.run_id
-        row["error"] = _trial_error(trial, sweep_dir) if trial.status == "ERROR" else None
+        row["error"] = _trial_error(trial, results, store) if trial.status == "ERROR" else None
         _backfill(child, history)
         tags = {names.TAG_TRIAL_STATUS: row["status"]}
         if row["error"]:
@@ -424,7 +450,7 @@ def _history(frame) -> list[dict]:
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
-def fill_history_holes(history: list[dict], run_dir: Path) -> list[dict]:
+def fill_history_holes(history: list[dict], run_dir: str | Path) -> list[dict]:
     """Tune's per-epoch history with any missing epoch up to its last taken from the trial's checkpoint.
 
     A trial that reported an epoch while an interrupted driver was stopping resumes from that epoch's
@@ -432,7 +458,7 @@ def fill_history_holes(history: list[dict], run_dir: Path) -> list[dict]:
     epoch 2 only); the checkpoint's ``train_state.pt`` ``history`` still has every epoch it trained.
     Only holes are filled: epochs after Tune's last are not, since a trial ASHA stopped may have
     checkpointed one more epoch that Tune never saw. Contiguous histories are returned untouched
-    without reading any checkpoint."""
+    without reading any checkpoint. ``run_dir``: the trial's run in the storage (a path or a URI)."""
     if not history:
         return history
     last = int(history[-1][names.EPOCH])
@@ -447,13 +473,17 @@ def fill_history_holes(history: list[dict], run_dir: Path) -> list[dict]:
     return sorted(history + list(holes.values()), key=lambda metrics: int(metrics[names.EPOCH]))
 
 
-def _checkpoint_history(run_dir: Path) -> list[dict]:
+def _checkpoint_history(run_dir: str | Path) -> list[dict]:
     """Per-epoch metrics in the trial's newest readable checkpoint (``train_state.pt``), or none."""
+    import io
+
     import torch
 
-    for state_file in sorted(run_dir.glob(f"epoch_*/{names.TRAIN_STATE_FILE}"), reverse=True):
+    epochs = [entry for entry in storage.list_names(run_dir) if entry.startswith("epoch_")]
+    for epoch in sorted(epochs, reverse=True):
         try:
-            state = torch.load(state_file, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(storage.read_bytes(storage.join(run_dir, epoch, names.TRAIN_STATE_FILE))),
+                               map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 -- a source for holes only: Tune's own history stands
             continue
         history = state.get("history") if isinstance(state, dict) else None
@@ -493,9 +523,13 @@ def _outcome(status: str, history: list[dict], max_epochs: int) -> str:
     return sweep_report.COMPLETED if history[-1][names.EPOCH] >= max_epochs else sweep_report.STOPPED_EARLY
 
 
-def _best_epoch(history: list[dict]) -> dict:
-    """The best epoch whose checkpoint Ray Train kept (it keeps the best by val_accuracy)."""
-    kept = [m for m in history if m.get("checkpoint_path") and Path(m["checkpoint_path"]).is_dir()]
+def _best_epoch(history: list[dict], store: storage.Storage) -> dict:
+    """The best epoch whose checkpoint Ray Train kept (it keeps the best by val_accuracy). Its
+    ``checkpoint`` is a location in the storage: Tune's ``checkpoint_path`` is a path on the storage's
+    filesystem (without a URI's scheme)."""
+    located = [{**m, "checkpoint_path": store.location_of(m["checkpoint_path"])} for m in history
+               if isinstance(m.get("checkpoint_path"), str) and m["checkpoint_path"]]
+    kept = [m for m in located if storage.is_dir(m["checkpoint_path"])]
     if not kept:
         return {"checkpoint": None}
     best = max(kept, key=lambda m: (m[names.VAL_ACCURACY], -m[names.VAL_LOSS], -m[names.EPOCH]))
@@ -508,25 +542,30 @@ def _best_epoch(history: list[dict]) -> dict:
     }
 
 
-def _trial_error(trial, sweep_dir: Path) -> str:
-    """The trial's error: what the trial wrote (``trial_error.txt``), else Tune's error file (under the
-    trial's storage path: ``trial.error_file`` points at the driver's local staging copy, which is gone
-    once the driver that ran the trial has exited)."""
-    recorded = sweep_dir / TRIALS_DIR / trial.trial_id / TRIAL_ERROR_FILE
-    if recorded.is_file():  # "<ExceptionType>: <message>", written by the trial itself
-        return recorded.read_text()
+def _trial_error(trial, results: str | Path, store: storage.Storage | None = None) -> str:
+    """The trial's error: what the trial wrote (``trial_error.txt`` in its run, in the storage), else
+    Tune's error file (under the trial's storage path: ``trial.error_file`` points at the driver's local
+    staging copy, which is gone once the driver that ran the trial has exited)."""
+    recorded = storage.read_text_or_none(storage.join(results, TRIALS_DIR, trial.trial_id, TRIAL_ERROR_FILE))
+    if recorded is not None:  # "<ExceptionType>: <message>", written by the trial itself
+        return recorded
     name = getattr(trial.run_metadata, "error_filename", None)
-    for base in (trial.path, trial.local_path):
-        if base and name and Path(base, name).is_file():
-            return Path(base, name).read_text()
+    in_storage = store.location_of(trial.path) if store is not None and trial.path else trial.path
+    for base in (in_storage, trial.local_path):
+        text = storage.read_text_or_none(storage.join(base, name)) if base and name else None
+        if text is not None:
+            return text
     return "the trial failed (Tune kept no error file)"
 
 
 # ---------------------------------------------------------------- measurement, selection, report
 
 
-def measure(rows: list[dict], sweep_dir: Path, cfg: SweepConfig) -> None:
+def measure(rows: list[dict], sweep_dir: Path, cfg: SweepConfig, workdir: Path | None = None) -> None:
     """Add ``params`` and ``latency_ms_per_example`` to every row with a checkpoint (cached per checkpoint).
+
+    A checkpoint in a storage given by a URI is copied to ``<workdir>/checkpoint_cache`` first
+    (default workdir: the one holding ``sweep_dir``).
 
     Latency: the driver, after the sweep, one torch thread, a batch of ``latency_batch_size``
     validation examples, ``latency_repeats`` timed forward passes after 3 warm-up passes; the median
@@ -549,7 +588,7 @@ def measure(rows: list[dict], sweep_dir: Path, cfg: SweepConfig) -> None:
             if not path:
                 continue
             if path not in cache:
-                directory = Path(path)
+                directory = storage.local_checkpoint(path, workdir or sweep_dir.parent.parent, f"trial {row['trial_id']}'s checkpoint")
                 adapter = get_adapter(json.loads((directory / "config.json").read_text())["model_type"])
                 model = adapter.load(directory).eval()
                 spec_text = (directory / names.BENCHMARK_FILE).read_text()
@@ -577,7 +616,7 @@ def measure(rows: list[dict], sweep_dir: Path, cfg: SweepConfig) -> None:
     cache_file.write_text(json.dumps(cache, indent=2))
 
 
-def report(cfg: SweepConfig, sweep_dir: Path, parent: RunTracker, rows: list[dict], seconds: float) -> dict:
+def report(cfg: SweepConfig, sweep_dir: Path, parent: RunTracker, rows: list[dict], seconds: float, store: storage.Storage | None = None) -> dict:
     """Pareto front, selection, ``trials.csv``, plots and ``best.json``; all logged to the parent run."""
     counts = {status: sum(r["status"] == status for r in rows) for status in (
         sweep_report.COMPLETED, sweep_report.STOPPED_EARLY, sweep_report.FAILED, sweep_report.NOT_STARTED, sweep_report.UNFINISHED)}
@@ -589,7 +628,9 @@ def report(cfg: SweepConfig, sweep_dir: Path, parent: RunTracker, rows: list[dic
         summary["best"] = None
         return summary
 
-    measure(rows, sweep_dir, cfg)
+    workdir = sweep_dir.parent.parent
+    store = store or storage.resolve(cfg.storage.path, workdir)
+    measure(rows, sweep_dir, cfg, workdir)
     front = sweep_report.pareto_front(rows)
     budget = cfg.selection
     best = sweep_report.select_best(rows, budget.max_params, budget.max_latency_ms)
@@ -605,7 +646,7 @@ def report(cfg: SweepConfig, sweep_dir: Path, parent: RunTracker, rows: list[dic
     summary.update(
         budget={"max_params": budget.max_params, "max_latency_ms": budget.max_latency_ms},
         pareto_front=sorted(front),
-        best=_best_record(best, sweep_dir) if best else None,
+        best=_best_record(best, store.location("sweeps", cfg.name)) if best else None,
         rows=[{k: v for k, v in r.items() if k != "metrics"} for r in rows],
     )
     if best is None:
@@ -636,14 +677,14 @@ def report(cfg: SweepConfig, sweep_dir: Path, parent: RunTracker, rows: list[dic
     return summary
 
 
-def _best_record(best: dict, sweep_dir: Path) -> dict:
-    job_file = sweep_dir / TRIALS_DIR / best["trial_id"] / names.JOB_FILE
+def _best_record(best: dict, results: str) -> dict:
+    job = storage.read_text_or_none(storage.join(results, TRIALS_DIR, best["trial_id"], names.JOB_FILE))
     return {
         "trial_id": best["trial_id"],
         "run_id": best["run_id"],
         "checkpoint": best["checkpoint"],
         "params": best["config"],
-        "config": json.loads(job_file.read_text()) if job_file.is_file() else None,
+        "config": json.loads(job) if job is not None else None,
         "metrics": {**best.get("metrics", {}), names.PARAMS: best[names.PARAMS], names.LATENCY_MS: best[names.LATENCY_MS]},
         "best_epoch": best["best_epoch"],
         "status": best["status"],

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from pipeline.config import DistillJobConfig, Strict
+from pipeline.config import DistillJobConfig, StorageConfig, Strict
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 # Top-level parts of the distill job a sweep may search (scaling is per-trial resources, not a
@@ -145,6 +145,9 @@ class SweepConfig(Strict):
     max_concurrent_trials: int = Field(2, ge=1)
     time_budget_s: float | None = Field(None, gt=0, description="no new trials after this; running ones are stopped")
     selection: SelectionConfig = SelectionConfig()
+    storage: StorageConfig = Field(
+        StorageConfig(), description="Tune's experiment and the trials' checkpoints go to <storage.path>/sweeps/<name>/ (default: the --workdir)"
+    )
     fail_when: dict[str, Any] | None = Field(
         None, description="TEST-ONLY fault injection: a trial whose sampled values include all of these crashes at its first step"
     )
@@ -171,6 +174,11 @@ class SweepConfig(Strict):
             grids = [key for key, entry in self.space.items() if entry.kind == "grid"]
             if grids:
                 raise ValueError(f"search.algorithm=optuna takes no grid entries (space.{grids[0]}): use choice")
+        if self.job.storage.path is not None:
+            raise ValueError(
+                f"job.storage.path={self.job.storage.path!r}: a sweep's storage is set once for all its trials: "
+                "move it to the top level (storage: {path: ...})"
+            )
         for key in self.fail_when or {}:
             if key not in self.space:
                 raise ValueError(f"fail_when.{key}: not a key of space")

@@ -4,7 +4,8 @@ setup (validate against the teacher and the cluster) -> fit (TorchTrainer, one c
 epoch, resumable) -> cleanup (best checkpoint to MLflow, ``summary.json``).
 
 Runs are resumable by name. Ray Train V2 (2.60) keeps a checkpoint-manager snapshot in
-``<workdir>/ray/<run_name>/``; a new ``fit`` with the same ``storage_path`` and ``name`` loads it and
+``<storage>/ray/<run_name>/`` (storage: ``storage.path`` / ``--storage-path``, default the workdir; any
+``pyarrow.fs`` URI, see :mod:`pipeline.storage`); a new ``fit`` with the same ``storage_path`` and ``name`` loads it and
 ``ray.train.get_checkpoint()`` returns the latest checkpoint, both after a worker failure (within
 ``max_failures``) and when the same command is run again. The worker loop
 (:mod:`pipeline.distill_worker`) resumes at the next epoch with the optimizer, scheduler and step
@@ -14,6 +15,9 @@ uninterrupted one.
 
 A checkpoint directory holds the student as ``from_pretrained`` loads it (``config.json``,
 ``model.safetensors``), ``tokenizer.json``, ``benchmark.json`` (its data spec) and ``train_state.pt``.
+The storage's run directory also holds ``job.json`` (and, when the storage is not the workdir, a copy
+of ``mlflow_run.json``), so that whoever reads a checkpoint back finds its run; the driver keeps
+``mlflow_run.json`` and ``summary.json`` in ``<workdir>/ray/<run_name>/``.
 
 This module imports no model code at the top (:func:`check_job` imports it when called): a sweep's
 trial actor builds and fits the trainer from it without paying for transformers.
@@ -32,7 +36,7 @@ from amad.data.preprocess import PROCESSOR_FILES, is_checkpoint_processor
 from amad.data.sources import VQA_V2, DataSource, VqaV2Source, resolve_paths, source_from_dict, source_to_dict
 from amad.data.text import TOKENIZER_FILE
 from amad.hf_checkpoint import check_vilt_checkpoint, locate_teacher
-from pipeline import names
+from pipeline import names, storage
 from pipeline.lean_trainer import lean_torch_trainer, preemption_watcher_env
 from pipeline.local_cluster import connected, started_here
 from pipeline.config import ConfigError, DistillJobConfig
@@ -267,13 +271,14 @@ def _fingerprint(values: dict) -> dict:
     return {k: v for k, v in values.items() if k not in DistillJobConfig.RESUMABLE_CHANGES}
 
 
-def check_resumable(cfg: DistillJobConfig, run_dir: Path) -> None:
-    """A run directory of the same name must have been started by the same training settings."""
-    job_file = run_dir / names.JOB_FILE
-    if not job_file.is_file():
+def check_resumable(cfg: DistillJobConfig, run_dir: str | Path) -> None:
+    """A run directory of the same name (in the storage: a path or a URI) must have been started by the
+    same training settings."""
+    recorded = storage.read_text_or_none(storage.join(run_dir, names.JOB_FILE))
+    if recorded is None:
         return
-    previous = _fingerprint(json.loads(job_file.read_text()))
-    current = _fingerprint(cfg.model_dump(mode="json"))
+    previous = _fingerprint(storage.without_default_storage(json.loads(recorded)))
+    current = _fingerprint(storage.without_default_storage(cfg.model_dump(mode="json")))
     changed = [key for key in sorted(set(previous) | set(current)) if previous.get(key) != current.get(key)]
     if changed:
         raise ConfigError(
@@ -289,33 +294,42 @@ def main(cfg: DistillJobConfig, workdir: str | Path, address: str | None = None,
     """Distil ``cfg.teacher`` into a student; returns (and writes to ``summary.json``) the outcome.
 
     Joins the Ray cluster already initialised in this process, else ``address`` /
-    ``$RAY_ADDRESS``, else starts a local one (and shuts it down at the end). A bad config raises
-    :class:`ConfigError` before anything is written under ``workdir``.
+    ``$RAY_ADDRESS``, else starts a local one (and shuts it down at the end). A bad config -- a storage
+    no filesystem opens included -- raises :class:`ConfigError` before anything is written under
+    ``workdir`` or the storage.
     """
     started = time.perf_counter()
     workdir = Path(workdir).resolve()
+    store = storage.resolve(cfg.storage.path, workdir)
     teacher = check_job(cfg)
     with connected(address):
-        return _run(cfg, teacher, workdir, tracking_uri, started)
+        return _run(cfg, teacher, workdir, tracking_uri, started, store)
 
 
-def _run(cfg: DistillJobConfig, teacher: "Teacher", workdir: Path, tracking_uri: str | None, started: float) -> dict:
+def _run(cfg: DistillJobConfig, teacher: "Teacher", workdir: Path, tracking_uri: str | None, started: float,
+         store: storage.Storage | None = None) -> dict:
     """:func:`main` once Ray is connected."""
+    store = store or storage.resolve(cfg.storage.path, workdir)
+    storage.warn_if_not_shared(store)
     use_gpu = check_placement(cfg)
-    run_dir = workdir / "ray" / cfg.run_name
-    check_resumable(cfg, run_dir)
+    run_dir = workdir / "ray" / cfg.run_name  # this driver's files: mlflow_run.json, summary.json
+    ray_dir = store.location("ray", cfg.run_name)  # Ray Train's run: checkpoints, its snapshot, job.json (the same directory by default)
+    check_resumable(cfg, ray_dir)
     # -- nothing above writes; from here on the run exists
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / names.JOB_FILE).write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    storage.write_text(storage.join(ray_dir, names.JOB_FILE), json.dumps(cfg.model_dump(mode="json"), indent=2))
     importance = pruning_importance(cfg, teacher, workdir)
     tracker = _open_tracking(cfg, teacher, workdir, run_dir, resolve_tracking_uri(workdir, tracking_uri), use_gpu)
+    if ray_dir != str(run_dir):  # whoever reads a checkpoint back from the storage finds its MLflow run
+        storage.write_text(storage.join(ray_dir, names.MLFLOW_RUN_FILE), (run_dir / names.MLFLOW_RUN_FILE).read_text())
     try:
-        result = _fit(cfg, teacher, run_dir, tracker, use_gpu, importance=importance)
+        result = _fit(cfg, teacher, ray_dir, tracker, use_gpu, importance=importance)
     except BaseException:
         tracker.finish("FAILED")
         raise
-    summary = _summarise(cfg, teacher, run_dir, tracker, result, use_gpu, time.perf_counter() - started)
-    tracker.log_directory(summary["best_checkpoint"], names.BEST_CHECKPOINT_ARTIFACT, skip=(names.TRAIN_STATE_FILE,))
+    summary = _summarise(cfg, teacher, run_dir, tracker, result, use_gpu, time.perf_counter() - started, store, ray_dir)
+    with storage.local_directory(summary["best_checkpoint"], workdir) as best:
+        tracker.log_directory(best, names.BEST_CHECKPOINT_ARTIFACT, skip=(names.TRAIN_STATE_FILE,))
     tracker.set_tags({names.TAG_BEST_CHECKPOINT: summary["best_checkpoint"]})
     tracker.finish("FINISHED")
     (run_dir / names.SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
@@ -350,7 +364,7 @@ def _data_summary(data: DataSource) -> dict:
 def _fit(
     cfg: DistillJobConfig,
     teacher: Teacher,
-    run_dir: Path,
+    run_dir: str | Path,
     tracker: RunTracker | None,
     use_gpu: bool,
     callbacks: list | None = None,
@@ -358,6 +372,9 @@ def _fit(
     importance: dict | None = None,
 ):
     """Build and fit the TorchTrainer; ``callbacks`` go to its RunConfig (a sweep trial passes Tune's reporter).
+
+    ``run_dir``: the run's directory in the storage, a path or a ``pyarrow.fs`` URI (Ray Train's
+    ``storage_path`` is its parent and ``name`` its name); every node must see it.
 
     ``importance``: the teacher's scores (:func:`pruning_importance`) for a student pruned from it;
     they travel in the loop config, so workers on other nodes need no file of the driver's.
@@ -389,8 +406,8 @@ def _fit(
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            storage_path=str(run_dir.parent),
-            name=run_dir.name,
+            storage_path=storage.parent(run_dir),
+            name=storage.name(run_dir),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.checkpoints_to_keep,
                 checkpoint_score_attribute=names.SELECTION_METRIC,
@@ -404,20 +421,23 @@ def _fit(
         return trainer.fit()
 
 
-def _summarise(cfg, teacher: Teacher, run_dir: Path, tracker: RunTracker, result, use_gpu: bool, seconds: float) -> dict:
+def _summarise(cfg, teacher: Teacher, run_dir: Path, tracker: RunTracker, result, use_gpu: bool, seconds: float,
+               store: storage.Storage, ray_dir: str) -> dict:
+    """The run's outcome; checkpoints are locations in the storage (a path, or a URI for a URI storage)."""
     if not result.best_checkpoints:
-        raise RuntimeError(f"{run_dir}: the run finished without a checkpoint")
+        raise RuntimeError(f"{ray_dir}: the run finished without a checkpoint")
     # best by the selection metric; ties go to the lower validation loss
     checkpoint, best = max(result.best_checkpoints, key=lambda item: (item[1][names.SELECTION_METRIC], -item[1][names.VAL_LOSS]))
     returned = result.return_value or {}
     return {
         "run_name": cfg.run_name,
         "run_dir": str(run_dir),
-        "best_checkpoint": checkpoint.path,
+        "storage_dir": ray_dir,
+        "best_checkpoint": store.location_of(checkpoint.path),
         "best": best,
         "latest": result.metrics,
         "history": returned.get("history", []),
-        "checkpoints": [c.path for c, _ in result.best_checkpoints],
+        "checkpoints": [store.location_of(c.path) for c, _ in result.best_checkpoints],
         "teacher": {"path": str(teacher.path), "test_accuracy": teacher.test_accuracy},
         "mlflow": {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id, "run_id": tracker.run_id},
         "num_workers": cfg.scaling.num_workers,
