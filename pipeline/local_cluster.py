@@ -29,6 +29,10 @@ did not start is started again on another port (:func:`add_head`).
 
 Ray's files go under a private directory made where Ray would put them (``$RAY_TMPDIR``, else
 ``$TMPDIR``, else /tmp: :func:`private_ray_tmpdir`), removed when the cluster ends.
+
+Stopping (SIGTERM from Kubernetes, systemd, ``docker stop``; see :mod:`pipeline.stopping`): a cluster
+started here keeps the caller's SIGTERM handler through Ray's start-up, shuts down completely even when
+a signal arrives meanwhile, and leaves no process behind (:func:`_shut_down`).
 """
 
 from __future__ import annotations
@@ -37,10 +41,13 @@ import contextlib
 import os
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator, MutableMapping
+import threading
+import time
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
@@ -262,21 +269,20 @@ def local_cluster(
     with private_ray_tmpdir(prefix) as session_root:
         cluster = Cluster()
         try:
-            with _node_temp_files(session_root):
-                add_head(cluster, **node, temp_dir=str(session_root))  # with the dashboard: Train V2 queries the State API
-                for _ in range(nodes - 1):
-                    cluster.add_node(**node)
-            cluster.wait_for_nodes()
-            if not cluster.address.startswith(f"{LOOPBACK}:"):
-                raise RuntimeError(f"the local Ray cluster is at {cluster.address}, not on {LOOPBACK}: call apply_loopback_env() before importing ray")
-            if connect:
-                ray.init(address=cluster.address)
+            with _callers_sigterm_handler():
+                with _node_temp_files(session_root):
+                    add_head(cluster, **node, temp_dir=str(session_root))  # with the dashboard: Train V2 queries the State API
+                    for _ in range(nodes - 1):
+                        cluster.add_node(**node)
+                cluster.wait_for_nodes()
+                if not cluster.address.startswith(f"{LOOPBACK}:"):
+                    raise RuntimeError(f"the local Ray cluster is at {cluster.address}, not on {LOOPBACK}: call apply_loopback_env() before importing ray")
+                if connect:
+                    ray.init(address=cluster.address)
             with _started_here(connect):
                 yield cluster
         finally:
-            if connect:
-                ray.shutdown()
-            cluster.shutdown()
+            _shut_down(cluster, session_root.parent, disconnect=connect)
 
 
 @contextlib.contextmanager
@@ -297,11 +303,14 @@ def connected(address: str | None = None, object_store_memory: int | None = None
         return
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
-        ray.init(address=target, log_to_driver=log_to_driver)
+        with _callers_sigterm_handler():
+            ray.init(address=target, log_to_driver=log_to_driver)
         try:
             yield
         finally:
-            ray.shutdown()
+            with _signals_deferred() as reassert:
+                ray.shutdown()
+                reassert()
         return
     from ray.cluster_utils import Cluster
 
@@ -310,17 +319,17 @@ def connected(address: str | None = None, object_store_memory: int | None = None
         cluster = Cluster()
         try:
             options = {"object_store_memory": object_store_memory} if object_store_memory else {}
-            with _node_temp_files(session_root):
-                add_head(cluster, num_cpus=os.cpu_count() or 1, temp_dir=str(session_root), **options)
-            cluster.wait_for_nodes()
-            ray.init(address=cluster.address, log_to_driver=log_to_driver)
+            with _callers_sigterm_handler():
+                with _node_temp_files(session_root):
+                    add_head(cluster, num_cpus=os.cpu_count() or 1, temp_dir=str(session_root), **options)
+                cluster.wait_for_nodes()
+                ray.init(address=cluster.address, log_to_driver=log_to_driver)
             _OWN_CLUSTER = True
             with _started_here(True):
                 yield
         finally:
             _OWN_CLUSTER = False
-            ray.shutdown()
-            cluster.shutdown()
+            _shut_down(cluster, session_root.parent, disconnect=True)
 
 
 _OWN_CLUSTER = False  # True while connected() holds a cluster it started itself
@@ -364,3 +373,182 @@ def release_placement_groups() -> int:
             remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
             removed += 1
     return removed
+
+
+# ---------------------------------------------------------------- stopping: Ray's signal handlers, leftover processes
+#
+# Ray 2.60 replaces a driver's SIGTERM handler three times while a cluster starts, and the last one
+# kills the driver in the middle of its shutdown:
+#
+# * ``Cluster.add_node`` -> ``Node(shutdown_at_exit=True)`` -> ``Node._register_shutdown_hooks``
+#   (ray/_private/node.py): drain the node, kill its processes, ``sys.exit(1)``;
+# * ``ray.init`` (ray/_private/worker.py, "terminate any signal before connecting driver"):
+#   ``sys.exit(signum)``; both through ``ray._private.utils.set_sigterm_handler``;
+# * the driver's core worker, created by ``ray.init``, installs Abseil's failure-signal handler
+#   (ray/_raylet.pyx: ``options.install_failure_signal_handler = not RAY_DISABLE_FAILURE_SIGNAL_HANDLER``;
+#   src/ray/core_worker/core_worker_process.cc: ``RayLog::InstallFailureSignalHandler(nullptr,
+#   /*call_previous_handler=*/true)``), whose list of "failure" signals includes SIGTERM
+#   (absl/debugging/failure_signal_handler.cc, ``failure_signal_data``). On SIGTERM it writes
+#   "*** SIGTERM received at time=... ***" and a stack trace, calls ``alarm(3)`` with
+#   ``ImmediateAbortSignalHandler`` (SIGABRT) on SIGALRM, then raises the signal to the previous
+#   handler -- and never cancels the alarm: three seconds into the graceful shutdown the driver dies
+#   of SIGABRT, and whatever Ray had not stopped yet (agents, workers) stays.
+#
+# So while a cluster starts here the caller's own SIGTERM handler (the CLI's, pipeline.stopping) is
+# kept (:func:`_callers_sigterm_handler`), and set again once ``ray.init`` returned, which replaces
+# Abseil's at the C level (Abseil stays for SIGSEGV, SIGABRT, ...). A caller with no handler of its
+# own (a test, a benchmark) gets Ray's behaviour, unchanged.
+
+
+@contextlib.contextmanager
+def _callers_sigterm_handler() -> Iterator[None]:
+    """While Ray starts (nodes, ``ray.init``): Ray's handlers stay out, and a SIGTERM waits for the end.
+
+    Only when the SIGTERM handler in place is a Python function the caller installed (the CLI's) and
+    this is the main thread; otherwise Ray does what it always does. Meanwhile a SIGTERM is only noted:
+    stopped half-way, a node would not be known to the cluster, and its processes would outlive the
+    command. Afterwards the caller's handler is set again -- which also replaces Abseil's at the C
+    level -- and a noted SIGTERM is raised again for it, once the cluster can be shut down as a whole.
+    """
+    handler = signal.getsignal(signal.SIGTERM)
+    if not callable(handler) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    import ray._private.utils as ray_utils
+
+    noted: list[int] = []
+    original = ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = lambda _ray_handler: None  # Node's and ray.init's handlers
+    signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(signum))
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = original
+        signal.signal(signal.SIGTERM, handler)
+        if noted:
+            signal.alarm(0)  # the 3-s abort Abseil arms when a SIGTERM reached its handler first (see above)
+            signal.raise_signal(signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[Callable[[], None]]:
+    """Shutting down runs to its end: a SIGTERM or Ctrl-C meanwhile is only noted, and acted on afterwards.
+
+    Yields ``reassert()``, to call after ``ray.shutdown()``: a core worker's shutdown may put SIGTERM
+    back to its default action at the C level (Ray's ``RayLog::UninstallSignalAction``). Once done, the
+    handlers in place before are restored; a noted SIGTERM is raised again for its handler (whose
+    default action ends the process, as SIGTERM would have), a noted Ctrl-C raises KeyboardInterrupt.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    noted: list[int] = []
+
+    def note(signum, frame) -> None:
+        noted.append(signum)
+
+    previous = {signum: signal.signal(signum, note) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield lambda: signal.signal(signal.SIGTERM, note)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if signal.SIGTERM in noted:
+            signal.raise_signal(signal.SIGTERM)
+        elif noted:
+            raise KeyboardInterrupt
+
+
+LEFTOVER_GRACE_S = 5.0  # what Ray's shutdown left gets this long after a SIGTERM, then SIGKILL
+
+
+def _shut_down(cluster, temp_dir: Path, disconnect: bool) -> None:
+    """Disconnect (``disconnect``), stop every node of ``cluster``, then end what Ray left running.
+
+    Ray's own shutdown (SIGTERM, a second, then SIGKILL per node process) does not reach everything:
+    processes started by the raylet (the dashboard and runtime-env agents, workers, Serve's replicas)
+    outlive a raylet that was killed -- seen: both agents, hung on their way out and deaf to SIGTERM --
+    and the processes of a node whose start a Ctrl-C interrupted are not known to the cluster at all.
+    So the processes of this cluster are listed before it stops (:func:`cluster_processes`: by the
+    private ``temp_dir`` and, through the raylet, its children), and those still running afterwards
+    are stopped (:func:`end_processes`: SIGTERM, ``LEFTOVER_GRACE_S``, SIGKILL) and waited for. A
+    SIGTERM or Ctrl-C meanwhile is deferred to the end (:func:`_signals_deferred`).
+    """
+    import ray
+
+    with _signals_deferred() as reassert:
+        ours = cluster_processes(temp_dir)
+        if disconnect:
+            ray.shutdown()
+            reassert()
+        cluster.shutdown()
+        stopped = end_processes(ours + cluster_processes(temp_dir), LEFTOVER_GRACE_S)
+        if stopped:
+            print(f"[local cluster] stopped {len(stopped)} process(es) Ray's shutdown left running: {', '.join(sorted(set(stopped)))}",
+                  file=sys.stderr, flush=True)
+
+
+def cluster_processes(temp_dir: Path) -> list:
+    """The running processes of the cluster whose files are under ``temp_dir`` (``psutil.Process``).
+
+    Every process started while a cluster runs here inherits ``RAY_TMPDIR=temp_dir``, and the node
+    processes name it on their command lines; a worker that renamed itself (``ray::IDLE``) is found
+    as a descendant of its raylet. Never this process.
+    """
+    import psutil  # Ray's own copy (ray/thirdparty_files, on sys.path once ray is imported: it is, a cluster runs)
+
+    needle = str(temp_dir)
+    found: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter(["cmdline", "environ"], ad_value=None):
+        environ, cmdline = process.info["environ"] or {}, process.info["cmdline"] or []
+        if environ.get("RAY_TMPDIR") == needle or any(needle in part for part in cmdline):
+            found[process.pid] = process
+    for process in list(found.values()):
+        try:
+            found.update((child.pid, child) for child in process.children(recursive=True))
+        except psutil.Error:
+            pass
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def _running(process) -> bool:
+    """Not exited (a zombie has exited: it is reaped here when it is this process's child)."""
+    import psutil
+
+    try:
+        if process.status() != psutil.STATUS_ZOMBIE:
+            return process.is_running()
+        process.wait(timeout=0)  # reaps a child of ours; a stranger's zombie is its parent's to reap
+    except (psutil.Error, ChildProcessError):
+        pass
+    return False
+
+
+def end_processes(processes: list, grace_s: float) -> list[str]:
+    """End ``processes``: a second to exit by themselves (a raylet's workers do, once it is gone), then
+    SIGTERM and up to ``grace_s``, then SIGKILL and a bounded wait. Returns the names of those signalled.
+    """
+    import psutil
+
+    def wait(left: list, seconds: float) -> list:
+        deadline = time.monotonic() + seconds
+        left = [process for process in left if _running(process)]
+        while left and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = [process for process in left if _running(process)]
+        return left
+
+    left = wait(list({process.pid: process for process in processes}.values()), 1.0)
+    signalled = []
+    for signum, seconds in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        for process in left:
+            try:
+                name = process.name()
+                process.send_signal(signum)  # psutil checks the pid still is this process (its start time) first
+                if signum == signal.SIGTERM:
+                    signalled.append(name)
+            except psutil.Error:
+                pass
+        left = wait(left, seconds)
+    return signalled

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from pipeline import names
+from pipeline import names, storage
 from pipeline.config import ConfigError, TeacherJobConfig, load_config, parse_config
 from pipeline.export_config import ExportJobConfig
 from pipeline.local_cluster import connected, release_placement_groups
@@ -72,6 +72,9 @@ class Settings:
         self.cfg = cfg
         self.teacher_job = load_config(cfg.teacher.train_config, TeacherJobConfig) if cfg.teacher.train_config else None
         self.sweep = load_config(cfg.sweep, SweepConfig)
+        if cfg.storage.path is not None:  # the run's storage replaces the sweep YAML's
+            self.sweep = self.sweep.model_copy(update={"storage": cfg.storage})
+        storage.check(self.sweep.storage.path, storage.CONFIG_KEY if cfg.storage.path is not None else f"{cfg.sweep}: {storage.CONFIG_KEY}")
         self.export = load_config(cfg.export, ExportJobConfig)
         if self.export.checkpoint is not None or self.export.sweep is not None:
             raise ConfigError(f"{cfg.export}: leave checkpoint/sweep unset: amad run exports the sweep's choice")
@@ -149,7 +152,9 @@ def _key(stage: str, settings: Settings, results: dict, serve: bool) -> str:
         path = settings.teacher_dir
         return stage_key("path", str(path), file_sha256(path / "model.safetensors"))
     if stage == "sweep":
-        return stage_key(settings.sweep.model_dump(mode="json", exclude={"job": {"teacher"}}), results["teacher"]["key"])
+        # without storage where it is the default: the key of a run recorded before storage existed stays the same
+        sweep = storage.without_default_storage(settings.sweep.model_dump(mode="json", exclude={"job": {"teacher"}}))
+        return stage_key(sweep, results["teacher"]["key"])
     if stage == "export":
         return stage_key(settings.export.model_dump(mode="json"), results["sweep"]["checkpoint"], results["sweep"]["weights_sha256"])
     if stage == "smoke":
@@ -237,8 +242,8 @@ def _sweep(settings: Settings, workdir: Path, uri: str, results: dict, tracker: 
         "key": key,
         "trial_id": best["trial_id"],
         "trial_run_id": best["run_id"],
-        "checkpoint": best["checkpoint"],
-        "weights_sha256": file_sha256(Path(best["checkpoint"]) / "model.safetensors"),
+        "checkpoint": best["checkpoint"],  # in the sweep's storage: a path or a URI (local_checkpoint reads it)
+        "weights_sha256": file_sha256(storage.local_checkpoint(best["checkpoint"], workdir) / "model.safetensors"),
         "val_accuracy": metrics[names.VAL_ACCURACY],
         "params": metrics[names.PARAMS],
         "latency_ms_per_example": metrics[names.LATENCY_MS],
@@ -282,7 +287,7 @@ def _smoke(settings: Settings, workdir: Path, uri: str, results: dict, tracker: 
 
     outcome = run_smoke.check(
         model_uri=results["export"]["model_uri"], tracking_uri=uri, onnx_file=results["export"]["onnx"],
-        checkpoint=results["sweep"]["checkpoint"], questions=settings.cfg.smoke.questions, port=settings.cfg.smoke.port, keep_running=serve,
+        checkpoint=storage.local_checkpoint(results["sweep"]["checkpoint"], workdir), questions=settings.cfg.smoke.questions, port=settings.cfg.smoke.port, keep_running=serve,
     )
     tracker.log_metrics({"smoke_agreement": outcome["agreed"] / outcome["questions"]}, step=0)
     if outcome["agreed"] != outcome["questions"]:
@@ -296,7 +301,7 @@ def _report(settings: Settings, workdir: Path, uri: str, results: dict, tracker:
     from amad.models import ViltAdapter
     from pipeline import export, run_report
 
-    teacher_dir, checkpoint = Path(results["teacher"]["path"]), Path(results["sweep"]["checkpoint"])
+    teacher_dir, checkpoint = Path(results["teacher"]["path"]), storage.local_checkpoint(results["sweep"]["checkpoint"], workdir)
     teacher = export.load_model_and_val(teacher_dir, export.student_data(checkpoint))  # the student's data, as the teacher reads it
     student_model = ViltAdapter.load(checkpoint).eval()
     objective = results["sweep"]["objective"]
@@ -376,8 +381,10 @@ def _compare(teacher_dir: Path, checkpoint: Path, results: dict, report: ReportC
 
 def _serve_until_interrupted(smoke: dict) -> None:
     """``--serve``: Serve (started by the smoke stage) keeps answering until Ctrl-C; the local Ray
-    cluster this command started ends with it."""
-    from ray import serve
+    cluster this command started ends with it. Ctrl-C and SIGTERM (:mod:`pipeline.stopping`) stop Serve
+    gracefully: the requests in flight finish first."""
+    from serving.config import ServeConfig
+    from serving.server import stop
 
     _log(f"[run] serving at {smoke['url']}  (Ctrl-C stops it)\n  try: {smoke['curl']}")
     try:
@@ -386,7 +393,7 @@ def _serve_until_interrupted(smoke: dict) -> None:
     except KeyboardInterrupt:
         _log("[run] stopping Serve")
     finally:
-        serve.shutdown()
+        stop(ServeConfig.model_fields["app_name"].default)
 
 
 def _tag_back(uri: str, run_id: str, pipeline_run_id: str) -> None:

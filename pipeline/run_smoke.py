@@ -46,12 +46,10 @@ def check(*, model_uri: str, tracking_uri: str, onnx_file: str, checkpoint: str,
     (:func:`pipeline.local_cluster.free_port`); the URL returned says which. Serve is shut down
     afterwards unless ``keep_running``.
     """
-    from ray import serve
-
     from pipeline.local_cluster import free_port
     from serving.config import ServeConfig
     from serving.loadtest import json_body, test_examples
-    from serving.server import start
+    from serving.server import start, stop
 
     checkpoint = Path(checkpoint)
     examples = test_examples(json.loads((checkpoint / names.BENCHMARK_FILE).read_text()), questions)
@@ -64,7 +62,7 @@ def check(*, model_uri: str, tracking_uri: str, onnx_file: str, checkpoint: str,
         served = [ask(url, json_body(example))["answer"] for example in examples]
     finally:
         if not keep_running:
-            serve.shutdown()
+            stop(cfg.app_name)
     agreed = sum(a == b for a, b in zip(served, expected))
     example = json.loads(json_body(examples[0]))
     curl = (f"curl -s -X POST {url} -H 'Content-Type: application/json' "
