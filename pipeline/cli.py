@@ -25,7 +25,7 @@ def _teacher(args: argparse.Namespace) -> int:
 
 
 def _distill(args: argparse.Namespace) -> int:
-    from pipeline import train_distill
+    from pipeline import storage, train_distill
     from pipeline.config import DistillJobConfig, parse_config, with_overrides
 
     cfg = load_config(args.config, DistillJobConfig)
@@ -34,6 +34,7 @@ def _distill(args: argparse.Namespace) -> int:
     if overrides:
         values = with_overrides(cfg.model_dump(mode="json"), overrides)
         cfg = parse_config(values, DistillJobConfig, f"{args.config} with {', '.join(f'{k}={v}' for k, v in overrides.items())}")
+    cfg = storage.apply_flag(cfg, args.storage_path, args.config)  # a storage no filesystem opens: exit 2, nothing written
     summary = train_distill.main(cfg, args.workdir, address=args.address, tracking_uri=args.tracking_uri)
     return 0 if summary["best_checkpoint"] else 1
 
@@ -41,7 +42,9 @@ def _distill(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from pipeline.sweep_config import SweepConfig
 
-    cfg = load_config(args.config, SweepConfig)
+    from pipeline import storage
+
+    cfg = storage.apply_flag(load_config(args.config, SweepConfig), args.storage_path, args.config)
     from pipeline import sweep  # imports Ray: only once the config is known to be valid
 
     summary = sweep.main(cfg, args.workdir, address=args.address, tracking_uri=args.tracking_uri, resume=args.resume)
@@ -86,7 +89,9 @@ def _export(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from pipeline.run_config import RunJobConfig
 
-    cfg = load_config(args.config, RunJobConfig)
+    from pipeline import storage
+
+    cfg = storage.apply_flag(load_config(args.config, RunJobConfig), args.storage_path, args.config)
     from pipeline import run  # imports Ray: only once the config is known to be valid
 
     run.main(cfg, args.workdir, address=args.address, tracking_uri=args.tracking_uri, serve=args.serve)
@@ -99,9 +104,11 @@ def _serve(args: argparse.Namespace) -> int:
     from pipeline.tracking import resolve_tracking_uri
     from serving.config import ServeConfig, format_errors, parse_autoscale
 
+    if args.check_config is not None:
+        return _check_serve_config(args.check_config)
     try:
         values = {"model": args.model, "tracking_uri": resolve_tracking_uri(args.workdir, args.tracking_uri), "host": args.host,
-                  "port": args.port, "replicas": args.replicas, "replica_cpus": args.replica_cpus,
+                  "port": args.port, "replicas": args.replicas, "replica_cpus": args.replica_cpus, "replica_gpus": args.replica_gpus,
                   "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
                   "direct_ingress": not args.no_direct_ingress, "cache_dir": args.cache_dir}
         if args.autoscale:
@@ -111,12 +118,53 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(format_errors(err)) from None
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if args.write_config is not None:
+        return _write_serve_config(cfg, args.write_config)
     from serving import server  # imports Ray: only once the config is valid
 
     try:
         return server.main(cfg, address=args.address, blocking=args.blocking, poll_s=args.poll_s)
     except ValueError as err:  # the model URI is not in the registry
         raise ConfigError(str(err)) from None
+
+
+def _write_serve_config(cfg, path: Path) -> int:
+    """``amad serve --write-config FILE``: resolve the alias, write the Serve config, start nothing."""
+    import shlex
+
+    from serving.config import TOKEN_ENV
+    from serving.deploy_config import ServeConfigError, serve_config, write_serve_config
+    from serving.model import resolve_version
+
+    try:
+        _, version, _, _ = resolve_version(cfg.model, cfg.tracking_uri)
+    except (ValueError, RuntimeError) as err:  # no such model, alias or version in the registry
+        raise ConfigError(str(err)) from None
+    token = os.environ.get(TOKEN_ENV) or None
+    header = (f"Written by: amad {shlex.join(sys.argv[1:]) if sys.argv[1:] else 'serve --write-config ' + str(path)}\n"
+              f"{cfg.model} resolved to version {version}{' (bearer token: only its SHA-256 is here)' if token else ''}.\n"
+              f"Deploy: serve deploy {path} --address http://<head>:8265   (or: serve run {path})\n"
+              f"Check after editing: amad serve --check-config {path}\n"
+              "Set RAY_AUTH_MODE the same way for `ray start` and `serve deploy` (see docs/cluster.md).")
+    try:
+        write_serve_config(path, serve_config(cfg, version, token), header)
+    except (ServeConfigError, OSError) as err:
+        raise ConfigError(f"--write-config {path}: {err}") from None
+    print(f"amad serve: wrote {path}: {cfg.model} -> version {version}; apply with `serve deploy {path}`", flush=True)
+    return 0
+
+
+def _check_serve_config(path: Path) -> int:
+    """``amad serve --check-config FILE``: Ray's schema plus our strict check; exit 0, or 2 naming the key."""
+    from serving.deploy_config import ServeConfigError, load_serve_config
+
+    try:
+        doc = load_serve_config(path)
+    except ServeConfigError as err:
+        raise ConfigError(str(err)) from None
+    names = ", ".join(app.get("name", "default") for app in doc.get("applications") or [])
+    print(f"amad serve: {path} is a valid Serve config (applications: {names or 'none'})", flush=True)
+    return 0
 
 
 def _loadtest(args: argparse.Namespace) -> int:
@@ -186,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amad",
         description="AMAD distillation pipeline for vision-language transformers.",
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -214,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--gpu", action="store_true", help="one GPU per worker (override scaling.use_gpu)")
     distill.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
     distill.add_argument("--name", default=None, help="override run_name; the same name resumes that run")
+    distill.add_argument("--storage-path", default=None, metavar="PATH_OR_URI",
+                         help="where Ray Train writes checkpoints (<storage>/ray/<name>): a directory or a pyarrow.fs URI every node "
+                              "sees (s3://bucket/prefix, gs://bucket/prefix, file:///nfs/amad); overrides storage.path (default: --workdir)")
     distill.set_defaults(handler=_distill)
 
     sweep = commands.add_parser(
@@ -227,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one)")
     sweep.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
     sweep.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name (finished trials are kept)")
+    sweep.add_argument("--storage-path", default=None, metavar="PATH_OR_URI",
+                       help="where Tune and the trials write results and checkpoints (<storage>/sweeps/<name>): a directory or a "
+                            "pyarrow.fs URI every node sees (s3://..., gs://..., file:///nfs/...); overrides storage.path (default: --workdir)")
     sweep.set_defaults(handler=_sweep)
 
     export = commands.add_parser(
@@ -237,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and register a new model version. A failing gate exits with status 1 and registers nothing.",
     )
     source = export.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", type=Path, default=None, help="a student checkpoint directory (epoch_NNNN)")
+    source.add_argument("--checkpoint", default=None, help="a student checkpoint directory (epoch_NNNN): a path or a storage URI (s3://, gs://, file://)")
     source.add_argument("--sweep", default=None, help="a sweep name: export the checkpoint its best.json names")
     export.add_argument("--config", type=Path, default=Path("tune_configs/export.yaml"), help="export settings YAML (default: %(default)s)")
     export.add_argument("--workdir", type=Path, default=Path("runs/sweep"), help="holds sweeps/<name>/best.json; exports go to <workdir>/exports (default: %(default)s)")
@@ -261,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one)")
     run.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
     run.add_argument("--serve", action="store_true", help="leave Serve running on the champion after the smoke test and print its URL")
+    run.add_argument("--storage-path", default=None, metavar="PATH_OR_URI",
+                     help="where the sweep's trials write checkpoints (<storage>/sweeps/<sweep>): a directory or a pyarrow.fs URI every "
+                          "node sees (s3://..., gs://..., file:///nfs/...); overrides storage.path (default: the sweep YAML's, else --workdir)")
     run.set_defaults(handler=_run)
 
     serve_cmd = commands.add_parser(
@@ -276,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--replicas", type=int, default=1, help="fixed number of replicas (default: %(default)s)")
     scale.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="Serve autoscaling between MIN and MAX replicas")
     serve_cmd.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica; ONNX Runtime threads = whole CPUs (default: %(default)s)")
+    serve_cmd.add_argument("--replica-gpus", type=float, default=0.0,
+                           help="GPUs per replica; > 0 runs ONNX Runtime's CUDA provider (default: %(default)s)")
     serve_cmd.add_argument("--max-batch-size", type=int, default=16, help="dynamic batching: largest batch (default: %(default)s)")
     serve_cmd.add_argument("--batch-wait-ms", type=float, default=5.0, help="dynamic batching: longest wait for a batch to fill (default: %(default)s)")
     serve_cmd.add_argument("--no-direct-ingress", action="store_true",
@@ -288,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 "deleted once the model is in memory (default: $AMAD_SERVE_CACHE, else the system temp dir)")
     serve_cmd.add_argument("--workdir", type=Path, default=Path("runs/sweep"), help="where the default MLflow store is (default: %(default)s)")
     serve_cmd.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
+    config_io = serve_cmd.add_mutually_exclusive_group()
+    config_io.add_argument("--write-config", type=Path, default=None, metavar="FILE",
+                           help="write a Serve config for `serve deploy FILE` / `serve run FILE` / a RayService's serveConfigV2, "
+                                "with --model resolved to its current version, and exit (nothing starts); re-run it after the "
+                                "alias moves and `serve deploy` swaps the model in place")
+    config_io.add_argument("--check-config", type=Path, default=None, metavar="FILE",
+                           help="check a Serve config strictly (unknown keys, bad values, named by key) and exit: 0 when valid, 2 when not")
     serve_cmd.set_defaults(handler=_serve)
 
     load = commands.add_parser(
@@ -335,6 +403,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_STATUS_HELP = """\
+exit status:
+  0    done; amad serve (and amad run --serve once it serves) also when stopped by Ctrl-C or SIGTERM
+  1    the job ran and failed (a failing export gate, no checkpoint, failed requests of amad loadtest)
+  2    a bad config or argument: nothing was started
+  130  stopped by Ctrl-C: what finished is saved; run the same command again to resume (sweep: --resume)
+  143  stopped by SIGTERM (Kubernetes, systemd, docker stop), handled as Ctrl-C
+
+SIGTERM or Ctrl-C: no new work is taken, Serve finishes the requests in flight, the Ray cluster the
+command started is shut down with every process it ran. Send SIGTERM to the amad process only
+(systemd: KillMode=mixed). Details: docs/operations.md"""
+
 # Ray Train gives a worker group 60 s to start by default. On a small machine under load (a sweep's
 # trials start their workers while others train), importing torch in a new worker can take longer,
 # and the trial then retries the start-up forever. A local cluster started by this command inherits this.
@@ -342,16 +422,34 @@ WORKER_START_TIMEOUT = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (``EXIT_STATUS_HELP``, which ``amad --help`` prints)."""
+    from pipeline.stopping import INTERRUPTED, TERMINATED, sigterm_stops
+
     args = build_parser().parse_args(argv)
     os.environ.setdefault(*WORKER_START_TIMEOUT)
-    try:
-        return args.handler(args)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"amad {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"amad {args.command}: interrupted (re-run the same command to resume)", file=sys.stderr)
-        return 130
+    # SIGTERM (Kubernetes, systemd, docker stop) stops every command as Ctrl-C does: see pipeline/stopping.py.
+    with sigterm_stops(f"amad {args.command}") as stop:
+        try:
+            code = args.handler(args)
+        except (ConfigError, FileNotFoundError) as err:
+            print(f"amad {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            code, why = INTERRUPTED, "interrupted"
+        except BaseException as err:
+            if not stop.requested:
+                raise
+            # the job's own way of stopping ended in an exception (Ray Train's abort ends in SystemExit)
+            code, why = INTERRUPTED, "interrupted" if isinstance(err, SystemExit) else f"interrupted ({type(err).__name__} while stopping)"
+        else:
+            if not stop.requested or code == 0:  # 0: done, or (amad serve) stopped as asked
+                return code
+            print(f"amad {args.command}: stopped by SIGTERM", file=sys.stderr)  # the job said how to resume
+            return TERMINATED
+        if stop.requested:
+            code, why = TERMINATED, why.replace("interrupted", "stopped by SIGTERM", 1)
+        print(f"amad {args.command}: {why} (re-run the same command to resume)", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from serving.config import ReplicaSettings, ServeConfig, UserConfig
+from serving.config import AppArgs, ReplicaSettings, ServeConfig, UserConfig
 from serving.inputs import JSON_TYPE, MULTIPART_TYPE, BadInput, check_content_length, media_type, parse_json, parse_multipart
 
 api = FastAPI(
@@ -113,7 +113,7 @@ class AnswerService:
         config = UserConfig.model_validate(user_config)
         self._batched.set_max_batch_size(config.max_batch_size)
         self._batched.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
-        if config.model_version != self.predictor.bundle.version:
+        if config.model_version is not None and config.model_version != self.predictor.bundle.version:
             self.predictor = self._open(config.model_version)
 
     def check_health(self) -> None:
@@ -192,29 +192,66 @@ class AnswerService:
         return {**self.predictor.describe(), "replica": {"pid": os.getpid()}}
 
 
-def build(cfg: ServeConfig, version: str, token: str | None = None):
-    """The bound application for ``cfg`` serving ``version``."""
-    from serving.config import token_hash
+def deployment_options(args: AppArgs, version: str | None) -> dict:
+    """The Serve deployment options of ``AnswerService`` for ``args`` serving ``version``.
 
-    settings = ReplicaSettings(model_uri=cfg.model, tracking_uri=cfg.tracking_uri, limits=cfg.limits,
-                               token_sha256=token_hash(token), threads=cfg.threads, batching=cfg.batching, cache_dir=cfg.cache_dir)
-    user_config = UserConfig(model_version=version, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms)
-    options = dict(
-        user_config=user_config.model_dump(),
-        max_ongoing_requests=cfg.max_ongoing_requests(),
-        ray_actor_options={"num_cpus": cfg.replica_cpus},
-    )
-    if cfg.autoscale:
-        low, high = cfg.autoscale
+    The same dict goes into :func:`build` and into a written Serve config's ``deployments[0]``
+    (:mod:`serving.deploy_config`), so the two cannot drift.
+    """
+    user_config = UserConfig(model_version=version, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
+    actor = {"num_cpus": args.replica_cpus}
+    if args.replica_gpus:
+        actor["num_gpus"] = args.replica_gpus
+    options = {"user_config": user_config.model_dump(mode="json"), "max_ongoing_requests": args.max_ongoing_requests(),
+               "ray_actor_options": actor}
+    if args.autoscale:
+        low, high = args.autoscale
         options["autoscaling_config"] = {"min_replicas": low, "initial_replicas": max(low, 1), "max_replicas": high,
-                                         "target_ongoing_requests": max(2, cfg.max_batch_size)}
+                                         "target_ongoing_requests": max(2, args.max_batch_size)}
     else:
-        options["num_replicas"] = cfg.replicas
-    init = settings.model_dump(mode="json")
+        options["num_replicas"] = args.replicas
+    return options
+
+
+def replica_settings(args: AppArgs) -> dict:
+    """The constructor argument every replica gets (plain JSON data)."""
+    settings = ReplicaSettings(model_uri=args.model, tracking_uri=args.tracking_uri, limits=args.limits,
+                               token_sha256=args.token_sha256, threads=args.threads, batching=args.batching,
+                               cache_dir=args.cache_dir)
+    return settings.model_dump(mode="json")
+
+
+def build(args: AppArgs, version: str | None):
+    """The bound application for ``args`` serving ``version`` (None: what the URI names when a replica starts)."""
+    options = deployment_options(args, version)
+    init = replica_settings(args)
     deployment = AnswerService.options(**options)
     # See the module docstring: without a fixed code version every deploy restarts the replicas.
     deployment = deployment.options(version=code_version(init, options["ray_actor_options"]), _internal=True)
     return deployment.bind(init)
+
+
+def app_builder(args: AppArgs):
+    """The application builder for ``serve run serving.app:app_builder key=value ...`` and a Serve config's
+    ``import_path: serving.app:app_builder`` + ``args`` (validated as :class:`AppArgs`; unknown keys are errors).
+
+    The version the model URI names now goes into the default user config; a config's own
+    ``deployments[].user_config`` (which ``amad serve --write-config`` fills with the resolved version)
+    takes precedence. Runs where Serve builds the application, so the registry must be reachable there.
+    """
+    from serving.model import resolve_version
+
+    if not isinstance(args, AppArgs):  # a plain dict when called directly rather than by Serve
+        args = AppArgs.model_validate(args)
+    _, version, _, _ = resolve_version(args.model, args.tracking_uri)
+    return build(args, version)
+
+
+def default_args() -> AppArgs:
+    """The module-level application's arguments: ``$AMAD_SERVE_MODEL`` (default the champion) and
+    ``$MLFLOW_TRACKING_URI`` (default the main job's store, ``sqlite:///runs/sweep/mlflow.db``)."""
+    return AppArgs(model=os.environ.get("AMAD_SERVE_MODEL", "models:/amad-student@champion"),
+                   tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///runs/sweep/mlflow.db"))
 
 
 def code_version(init: dict, ray_actor_options: dict) -> str:
@@ -248,5 +285,11 @@ def deploy(cfg: ServeConfig, token: str | None = None) -> str:
     from serving.model import resolve_version
 
     _, version, _, _ = resolve_version(cfg.model, cfg.tracking_uri)
-    serve.run(build(cfg, version, token), name=cfg.app_name, route_prefix="/", blocking=False)
+    serve.run(build(cfg.app_args(token), version), name=cfg.app_name, route_prefix="/", blocking=False)
     return version
+
+
+# For `serve build serving.app:app`: built from the environment without touching the registry (the
+# version is left to the replicas, see UserConfig). A written config (`amad serve --write-config`)
+# pins the version instead, which is what makes a champion change a Serve config change.
+app = build(default_args(), None)

@@ -38,7 +38,9 @@ class Limits(Strict):
 class UserConfig(Strict):
     """Serve's ``user_config``: applied by ``reconfigure`` on live replicas."""
 
-    model_version: str = Field(pattern=r"^\d+$")
+    # None: whatever the model URI names when the replica starts (an application built without a
+    # registry at hand, e.g. ``serve build``); `amad serve` and `--write-config` always pin one.
+    model_version: str | None = Field(None, pattern=r"^\d+$")
     max_batch_size: int = Field(16, ge=1, le=512)
     batch_wait_ms: float = Field(5.0, ge=0, le=1000)
 
@@ -55,28 +57,30 @@ class ReplicaSettings(Strict):
     cache_dir: str | None = None  # where each load downloads (then deletes) its files; see serving.model.cache_root
 
 
-class ServeConfig(Strict):
-    """``amad serve``'s options."""
+class AppArgs(Strict):
+    """The one typed argument of :func:`serving.app.app_builder`: a Serve config's ``args``.
+
+    What ``serve run serving.app:app_builder key=value ...`` or a config's ``import_path`` + ``args``
+    give: the model, the registry, replicas or autoscaling, batching, request limits. The model
+    *version* is not here: it travels in the deployment's ``user_config`` (:class:`UserConfig`), so a
+    new version reconfigures live replicas instead of restarting them.
+    """
 
     model: str = Field(description="models:/<name>@<alias> or models:/<name>/<version>")
-    tracking_uri: str
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    tracking_uri: str = Field(min_length=1, description="MLflow tracking/registry URI the replicas load from")
     replicas: int = Field(1, ge=1, le=64)
     autoscale: tuple[int, int] | None = None  # (min, max) replicas; replaces `replicas`
     replica_cpus: float = Field(1.0, gt=0, le=64)
+    replica_gpus: float = Field(0.0, ge=0, le=16, description="GPUs per replica (ONNX Runtime's CUDA provider where > 0)")
     max_batch_size: int = Field(16, ge=1, le=512)
     batch_wait_ms: float = Field(5.0, ge=0, le=1000)
     batching: bool = True
     limits: Limits = Limits()
-    app_name: str = "amad"
     cache_dir: str | None = None  # replicas' download directory root (default: $AMAD_SERVE_CACHE, else the temp dir)
-    # Replicas answer HTTP themselves too (one hop instead of proxy + actor call; see serving.ingress).
-    # Takes effect on a Ray cluster this command starts; a joined cluster keeps its own setting.
-    direct_ingress: bool = True
+    token_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the bearer token (never the token)")
 
     @model_validator(mode="after")
-    def _check(self) -> "ServeConfig":
+    def _check(self) -> "AppArgs":
         if not MODEL_URI.match(self.model):
             raise ValueError(f"model={self.model!r} must look like models:/<name>@<alias> or models:/<name>/<version>")
         if self.autoscale is not None:
@@ -93,6 +97,26 @@ class ServeConfig(Strict):
     def max_ongoing_requests(self) -> int:
         # Serve queues at most this many requests per replica; below max_batch_size no full batch can form.
         return max(2 * self.max_batch_size, 32)
+
+
+class ServeConfig(AppArgs):
+    """``amad serve``'s options: the application's arguments plus where Serve listens.
+
+    The bearer token is not a field: it comes from ``$AMAD_SERVE_TOKEN`` and only its hash goes into
+    the application (:meth:`app_args`).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = "amad"
+    # Replicas answer HTTP themselves too (one hop instead of proxy + actor call; see serving.ingress).
+    # Takes effect on a Ray cluster this command starts; a joined cluster keeps its own setting.
+    direct_ingress: bool = True
+
+    def app_args(self, token: str | None = None) -> AppArgs:
+        """The application's argument: these settings with the token's hash."""
+        fields = {name: getattr(self, name) for name in AppArgs.model_fields}
+        return AppArgs(**{**fields, "token_sha256": token_hash(token) or self.token_sha256})
 
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:

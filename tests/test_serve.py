@@ -182,7 +182,8 @@ def test_replicas_receive_only_the_token_hash_and_a_new_version_keeps_the_code_v
 
     token = "s3cret-token-4f1c9a"
     cfg = ServeConfig(model=MODEL, tracking_uri="sqlite:///x.db")
-    v1, v2, other_token = build(cfg, "1", token), build(cfg, "2", token), build(cfg, "1", "another-token")
+    v1, v2 = build(cfg.app_args(token), "1"), build(cfg.app_args(token), "2")
+    other_token = build(cfg.app_args("another-token"), "1")
     shipped = pickle.dumps((v1._bound_deployment._replica_config.init_args, v1._bound_deployment._deployment_config.user_config))
     assert token.encode() not in shipped and token_hash(token).encode() in shipped
     assert token.encode() not in pickle.dumps(v1._bound_deployment._deployment_config)
@@ -547,3 +548,131 @@ def test_cli_serves_with_a_token_follows_the_alias_loadtests_and_shuts_down_clea
     assert not left, f"processes left behind: {left}"
     assert home_token.exists() == home_token_existed, "amad serve wrote ~/.ray/auth_token (a bare ray.init())"
     assert left_in_ray_tmp == [], f"amad serve left files in its RAY_TMPDIR: {left_in_ray_tmp}"
+
+
+# ------------------------------------------------------------------ serve deploy of a written config
+
+
+def wait_until(check, timeout_s: float, what: str, interval_s: float = 0.5):
+    """Poll ``check()`` (an HTTP status, a process state) until it returns something truthy; its value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout_s} s")
+        time.sleep(interval_s)
+
+
+@pytest.mark.integration
+def test_serve_deploy_of_written_configs_serves_and_swaps_a_new_version_in_place(registered, versions, examples, tmp_path):
+    """The way Ray users deploy: ``ray start --head`` (its own process, 2 CPUs, 127.0.0.1), ``amad serve
+    --write-config`` and ``serve deploy`` of the file; after the champion moves, the command written again
+    changes only the user config, and ``serve deploy`` of it swaps the model in the same replica process
+    while clients keep sending: every request answered, the new version reported. HOME is a temp dir
+    and RAY_AUTH_MODE is explicit, so nothing reads or writes ~/.ray."""
+    import requests
+    import yaml
+
+    first, second = versions
+    move_champion(registered, first)
+    real_home_token = Path.home() / ".ray" / "auth_token"
+    real_home_token_existed = real_home_token.exists()
+    home = tmp_path / "home"
+    home.mkdir()
+    gcs, dashboard, http_port, client_port, agent_port, metrics_port = (free_port() for _ in range(6))
+    ray_tmp = tempfile.mkdtemp(prefix="sd-", dir="/tmp")  # short: Ray's socket paths must stay <= 107 bytes
+    env = {**os.environ, "HOME": str(home), "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    for name in ("RAY_ADDRESS", "RAY_SERVE_ENABLE_DIRECT_INGRESS"):
+        env.pop(name, None)
+    bin_dir = Path(sys.executable).parent
+    config = tmp_path / "deploy" / "serve.yaml"
+    cache = tmp_path / "serve-cache"
+    write_command = [sys.executable, "-m", "pipeline.cli", "serve", "--write-config", str(config), "--model", MODEL,
+                     "--tracking-uri", registered["uri"], "--port", str(http_port), "--replica-cpus", "0.5",
+                     "--max-batch-size", "4", "--cache-dir", str(cache)]
+
+    def run(command: list[str], timeout_s: float = 180) -> subprocess.CompletedProcess:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+        assert done.returncode == 0, f"{command}: exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        return done
+
+    run(write_command)
+    written_first = yaml.safe_load(config.read_text())
+    assert written_first["applications"][0]["deployments"][0]["user_config"]["model_version"] == first
+    assert config.read_text().startswith("# Written by: amad serve --write-config")
+    run([sys.executable, "-m", "pipeline.cli", "serve", "--check-config", str(config)])
+
+    head_log = tmp_path / "ray-start.log"
+    with head_log.open("w") as log:
+        head = subprocess.Popen(
+            [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+             "--num-cpus", "2", "--object-store-memory", str(100 * 1024 * 1024), "--include-dashboard", "true",
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client_port),
+             "--dashboard-agent-listen-port", str(agent_port), "--metrics-export-port", str(metrics_port), "--disable-usage-stats"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    http = requests.Session()
+    http.trust_env = False
+    dashboard_url, base = f"http://127.0.0.1:{dashboard}", f"http://127.0.0.1:{http_port}"
+    started: set[int] = set()
+
+    def get_ok(url: str):
+        assert head.poll() is None, f"ray start exited ({head.returncode}):\n{head_log.read_text()[-3000:]}"
+        try:
+            response = http.get(url, timeout=10)
+        except requests.ConnectionError:
+            return None
+        return response if response.status_code == 200 else None
+
+    def app_status() -> str | None:
+        response = get_ok(dashboard_url + "/api/serve/applications/")
+        return response and response.json().get("applications", {}).get("amad", {}).get("status")
+
+    def deployed(version: str) -> None:
+        run([str(bin_dir / "serve"), "deploy", str(config), "--address", dashboard_url])
+        wait_until(lambda: app_status() == "RUNNING", 240, f"RUNNING app after serve deploy of v{version}")
+
+    try:
+        wait_until(lambda: get_ok(dashboard_url + "/api/version"), 120, "dashboard of the ray start head")
+        started |= descendants(head.pid)
+        deployed(first)
+        ask = {"image": b64(examples[0].image_png), "question": examples[0].question}
+        answer = http.post(base + "/v1/answer", json=ask, timeout=60)
+        assert answer.status_code == 200 and answer.json()["model"]["version"] == first, answer.text
+        pid_before = replica_pid(http, base)
+        assert pid_before[1] == first
+        started |= descendants(head.pid)
+
+        # The champion moves; the same command writes the new version and nothing else changes.
+        move_champion(registered, second)
+        run(write_command)
+        written_second = yaml.safe_load(config.read_text())
+        assert written_second["applications"][0]["deployments"][0]["user_config"]["model_version"] == second
+        written_second["applications"][0]["deployments"][0]["user_config"]["model_version"] = first
+        assert written_second == written_first, "only the user config's model version may change"
+
+        with SteadyLoad(base + "/v1/answer", [loadtest.json_body(e) for e in examples]) as load:
+            load.wait_for(lambda r: len(r) >= 8, 60, "answers before the new config")
+            run([str(bin_dir / "serve"), "deploy", str(config), "--address", dashboard_url])
+            load.wait_for(lambda r: sum(v == second for _, v in r) >= 16, 240, f"16 answers from version {second}")
+        assert {status for status, _ in load.results} == {200}, load.summary()
+        assert {v for _, v in load.results} == {first, second}, load.summary()
+        assert replica_pid(http, base) == (pid_before[0], second), "the replica restarted instead of reconfiguring in place"
+        assert list(cache.iterdir()) == [], "a replica left its download behind"
+    finally:
+        started |= descendants(head.pid)
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # pragma: no cover -- leave nothing behind even on failure
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        deadline = time.monotonic() + 60
+        while any(alive(pid) for pid in started) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = sorted(pid for pid in started if alive(pid))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert started and not left, f"processes of the ray start head left behind: {left}"
+    assert not (home / ".ray" / "auth_token").exists(), "the cluster or serve deploy wrote an auth token into HOME"
+    assert real_home_token.exists() == real_home_token_existed, "the test touched ~/.ray/auth_token"
