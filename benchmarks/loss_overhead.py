@@ -4,6 +4,7 @@ Run from the repository root (takes a few minutes on 2 cores; ``--quick`` is a f
 
     .venv/bin/python benchmarks/loss_overhead.py
     .venv/bin/python benchmarks/loss_overhead.py --quick --threads 1 --out /tmp/lo.json
+    .venv/bin/python benchmarks/loss_overhead.py --device cuda --allocator training   # on a GPU
 
 **Step time.** One distillation step is: teacher forward under ``no_grad`` (eval mode) + student
 forward + :class:`~amad.objective.DistillationObjective` + backward + grad-norm clip + AdamW step,
@@ -23,6 +24,11 @@ each round) on the same pre-built batch, and the table reports the median and p1
 per-step wall time. ``ratio_amad_vs_logit_kd`` is median(amad) / median(logit_kd) from the same run;
 the median of the per-round paired ratios is reported beside it as a noise check. Nothing here
 asserts on time: the target (AMAD step <= 1.10 x logit-KD step) is reported, not enforced.
+
+**Device.** ``--device cuda`` puts the models, optimizers and batches on the GPU and synchronises
+before every clock read, so each phase's time includes its kernels (fp32, no autocast: the same
+arithmetic as on CPU). The native AMAD kernel is CPU-only, so there ``amad`` and ``amad_pytorch``
+run the same PyTorch path. The memory figures below are always measured on CPU.
 
 **Allocator.** The training workers call :func:`pipeline.cpu_allocator.retain_freed_memory` (glibc
 keeps freed memory for reuse instead of taking page faults on fresh pages every step), so the main
@@ -184,13 +190,14 @@ def make_batches(spec: BenchmarkSpec, batch_size: int, count: int) -> list[dict[
 class StudentRun:
     """One student + optimizer trained by one method; :meth:`step` returns per-phase seconds."""
 
-    def __init__(self, method: Method, student_config, lr: float = 1e-4):
+    def __init__(self, method: Method, student_config, lr: float = 1e-4, device: str = "cpu"):
         self.method = method
-        self.model = ViltAdapter.build(student_config, seed=1).train()
+        self.model = ViltAdapter.build(student_config, seed=1).to(device).train()
         self.optimizer = make_optimizer(self.model, lr, 0.01)
+        self.device = torch.device(device)
 
     def step(self, teacher: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        m, clock = self.method, time.perf_counter
+        m, clock = self.method, (synchronized_clock if self.device.type == "cuda" else time.perf_counter)
         t0 = clock()
         if m.needs_teacher:
             with torch.no_grad():
@@ -212,6 +219,12 @@ class StudentRun:
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"{m.name}: loss became {loss.item()}")
         return dict(zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)))
+
+
+def synchronized_clock() -> float:
+    """``time.perf_counter`` once the GPU's queued kernels are done (CUDA runs asynchronously)."""
+    torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 # ------------------------------------------------------------------------------------------
@@ -407,6 +420,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="timed steps per method, default 100 (quick: 3)")
     parser.add_argument("--warmup", type=int, help="untimed rounds first, default 10 (quick: 1)")
     parser.add_argument("--threads", type=int, help="torch threads; default: all cores")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the steps run (default: %(default)s); cuda times each phase to its kernels' end")
     parser.add_argument(
         "--relation-heads", type=int, default=8, help="MiniLMv2 relation heads (lowered to divide both hiddens)"
     )
@@ -438,6 +453,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(METHODS)}")
     args.methods = [m for m in METHODS if m in chosen or m in ("logit_kd", "amad")]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
     return args
 
 
@@ -446,14 +463,15 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     teacher, spec, teacher_source = load_teacher(args)
-    teacher.eval()
+    teacher.eval().to(args.device)
     student_config = ViltAdapter.student_config(teacher.config, StudentSpec(args.student_heads, args.student_layers))
     relation_heads = pick_relation_heads(args.relation_heads, teacher.config.hidden_size, student_config.hidden_size)
     if relation_heads != args.relation_heads:
         print(f"relation heads: {relation_heads} (asked {args.relation_heads}; must divide both hidden sizes)")
     methods = {name: m for name, m in build_methods(relation_heads).items() if name in args.methods}
-    runs = {name: StudentRun(method, student_config) for name, method in methods.items()}
-    batches = make_batches(spec, args.batch_size, DISTINCT_BATCHES)
+    runs = {name: StudentRun(method, student_config, device=args.device) for name, method in methods.items()}
+    batches = [{key: value.to(args.device) for key, value in batch.items()}
+               for batch in make_batches(spec, args.batch_size, DISTINCT_BATCHES)]
     kernels = amad.kernels.library()
 
     default_allocator = None
@@ -492,6 +510,9 @@ def main(argv=None) -> dict:
             "steps": args.steps,
             "warmup": args.warmup,
             "threads": torch.get_num_threads(),
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+            "memory_device": "cpu",
             "relation_heads": relation_heads,
             "quick": args.quick,
             "order": "round-robin per step, rotated each round, same batch within a round",
@@ -506,7 +527,8 @@ def main(argv=None) -> dict:
         },
     }
     print(f"teacher {results['config']['teacher']}, student {results['config']['student']}, "
-          f"batch {args.batch_size}, {args.steps} steps after {args.warmup} warm-up, {torch.get_num_threads()} threads")
+          f"batch {args.batch_size}, {args.steps} steps after {args.warmup} warm-up, {torch.get_num_threads()} threads, "
+          f"on {results['config']['gpu'] or 'cpu'}")
     if default_allocator is not None:
         print("with glibc's default allocator settings:")
         print(format_table(default_allocator, methods))

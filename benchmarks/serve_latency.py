@@ -4,6 +4,7 @@ Run from the repository root (a few minutes on 2 cores):
 
     .venv/bin/python benchmarks/serve_latency.py
     .venv/bin/python benchmarks/serve_latency.py --throughput-optimized   # RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+    .venv/bin/python benchmarks/serve_latency.py --cluster-cpus 8 --replica-cpus 4   # a 16-core machine
 
 **Models.** In a temporary MLflow store, ``amad export`` registers the default teacher
 (``weights/teacher-default``) as ``bench-teacher`` and a randomly initialised default student (4
@@ -13,9 +14,10 @@ what matters here, not accuracy.
 **Measurements, all in one run on one machine.** ``ort_p50_ms``: in-process
 :meth:`serving.model.Predictor.predict` at batch 1 (PNG decode, tokenisation, ONNX Runtime -- the
 same work a replica does per request). Then one local Ray cluster (loopback) with Serve's direct
-ingress on (:mod:`serving.ingress`; ``--proxy-only`` leaves it off), Serve on 127.0.0.1, one replica
-of ``--replica-cpus`` CPUs, and per app (deployed in turn), through each path -- ``direct`` (the
-replica's own HTTP server, the headline figures) and ``proxy`` (Serve's proxy, keys suffixed
+ingress on (:mod:`serving.ingress`; ``--proxy-only`` leaves it off) offering ``--cluster-cpus`` CPUs
+(default 2, this machine's; on a bigger one, CPUs the client here does not need), Serve on
+127.0.0.1, one replica of ``--replica-cpus`` CPUs, and per app (deployed in turn), through each
+path -- ``direct`` (the replica's own HTTP server, the headline figures) and ``proxy`` (Serve's proxy, keys suffixed
 ``_proxy``): HTTP p50/p99 at concurrency 1 (sequential requests) for the student, and throughput at
 concurrency 32 (``--seconds`` each) for a no-op FastAPI deployment (the HTTP path's ceiling), a
 *zero-cost model* (the student's request path -- JSON and base64 parsing, ``@serve.batch``, the
@@ -175,11 +177,15 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="direct-ingress c32 windows of the no-op, zero-cost model and batched student, interleaved; medians reported")
     parser.add_argument("--replica-cpus", type=float, default=1.0)
+    parser.add_argument("--cluster-cpus", type=float, default=2.0,
+                        help="CPUs the local Ray cluster offers (default: %(default)s); must hold the replica")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=2.0)
     parser.add_argument("--proxy-only", action="store_true", help="measure only through Serve's proxy (no direct ingress)")
     parser.add_argument("--throughput-optimized", action="store_true", help="set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 before Ray starts")
     args = parser.parse_args(argv)
+    if args.replica_cpus > args.cluster_cpus:
+        parser.error(f"--replica-cpus {args.replica_cpus:g} does not fit --cluster-cpus {args.cluster_cpus:g}")
     if args.throughput_optimized:
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     load_before = os.getloadavg()
@@ -209,7 +215,7 @@ def main(argv=None) -> int:
         if not args.proxy_only:
             enable_direct_ingress()
             paths.insert(0, "direct")
-        with local_cluster(nodes=1, num_cpus=2, prefix="amad-serve-bench-"):
+        with local_cluster(nodes=1, num_cpus=args.cluster_cpus, prefix="amad-serve-bench-"):
             port = free_port()
             proxy_url = f"http://127.0.0.1:{port}/v1/answer"
             serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
@@ -280,7 +286,7 @@ def main(argv=None) -> int:
             ("teacher_rps_batched_c32", "teacher_batched", "c32", "throughput_rps"),
             ("teacher_rps_unbatched_c32", "teacher_unbatched", "c32", "throughput_rps"))} if len(paths) > 1 else None,
         "details": results,
-        "settings": {"rounds": args.rounds, "replica_cpus": args.replica_cpus, "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
+        "settings": {"rounds": args.rounds, "replica_cpus": args.replica_cpus, "cluster_cpus": args.cluster_cpus, "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
                      "seconds": args.seconds, "throughput_optimized": args.throughput_optimized, "replicas": 1,
                      "paths": paths},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
