@@ -75,6 +75,13 @@ def save_tiny_teacher(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    """``monkeypatch`` for module-scoped fixtures: undone when the module's tests are done."""
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
     """A saved (untrained) tiny teacher directory: config.json, model.safetensors, tokenizer, benchmark, metrics."""

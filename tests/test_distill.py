@@ -75,12 +75,6 @@ def tiny_run(ray_cluster, tiny_teacher, tmp_path_factory, monkeypatch_module):
     return cfg, workdir, summary
 
 
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
-
-
 @pytest.mark.integration
 def test_two_workers_on_two_nodes_write_checkpoints_and_report_every_epoch(tiny_run):
     cfg, workdir, summary = tiny_run

@@ -215,12 +215,6 @@ def test_the_warning_is_for_a_joined_multi_node_cluster_with_node_local_storage(
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
-
-
-@pytest.fixture(scope="module")
 def distilled(ray_cluster, tiny_teacher, tmp_path_factory, monkeypatch_module):
     """The tiny distill, one worker per node, its storage a ``file://`` URI beside (not under) the workdir."""
     from pipeline import train_distill

@@ -225,12 +225,6 @@ def test_a_hole_in_tunes_history_is_filled_from_the_checkpoint_but_nothing_after
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
-
-
-@pytest.fixture(scope="module")
 def tiny_run(ray_cluster, tiny_teacher, tmp_path_factory, monkeypatch_module):
     from pipeline import sweep
 
