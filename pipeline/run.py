@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -386,6 +387,9 @@ def _serve_until_interrupted(smoke: dict) -> None:
     from serving.config import ServeConfig
     from serving.server import stop
 
+    # The sweep stage's Ray Tune/Train leaves its SIGINT handler installed after it returns; Ctrl-C (and
+    # SIGTERM, which runs the SIGINT handler while Ray is connected) would then call it and do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _log(f"[run] serving at {smoke['url']}  (Ctrl-C stops it)\n  try: {smoke['curl']}")
     try:
         while True:

@@ -25,7 +25,8 @@ Switches that only choose a code path (``AMAD_NATIVE_KERNELS``, ``AMAD_RETAIN_FR
 ``AMAD_KERNEL_CFLAGS``, ``TMPDIR``) are kept. Caches that libraries keep in the home directory go to
 a session directory, removed at the end (:func:`session_variables`): ``XDG_CACHE_HOME`` (our native
 kernels, Hugging Face, matplotlib's font cache), ``MPLCONFIGDIR``, ``TORCHINDUCTOR_CACHE_DIR``;
-MLflow's telemetry (an id file in ``~/.config/mlflow`` and a report over the network) is turned off.
+MLflow's telemetry (an id file in ``~/.config/mlflow`` and a report over the network) and ONNX
+Runtime's (a device id in ``$TMPDIR/.ses`` and a report over the network) are turned off.
 
 **Out.** The top level of /tmp (and of the system temp directory, when ``TMPDIR`` moves it), of the
 home directory and of ``~/.ray``, ``~/.cache`` and ``~/.config`` are listed when the session starts
@@ -88,6 +89,7 @@ def session_variables(session_dir: Path) -> dict[str, str]:
         "MPLCONFIGDIR": str(session_dir / "matplotlib"),
         "TORCHINDUCTOR_CACHE_DIR": str(session_dir / "torchinductor"),
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        "ORT_DISABLE_TELEMETRY": "1",  # the product sets it too (pipeline/__init__.py); tests/test_telemetry.py checks that
     }
 
 

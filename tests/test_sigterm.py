@@ -96,7 +96,10 @@ class Cli:
         return self.wait_for(lambda: next((line.strip() for line in self.lines if text in line), None), timeout_s, repr(text))
 
     def wait(self, timeout_s: float) -> int:
-        code = self.process.wait(timeout=timeout_s)
+        try:
+            code = self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"amad still running {timeout_s} s later:\n{self.output[-4000:]}")
         self._reader.join(timeout=30)
         return code
 
