@@ -17,7 +17,7 @@ paid again by every sweep trial. Two of them never do anything for a distillatio
 
 The placement-group cleaner, the synchronisation actor and Tune's report queue stay: Train and Tune
 need them. Measured with both sweep trials of a pair starting together (2 workers each, 2 cores), see
-the README's sweep section.
+docs/sweep.md.
 """
 
 from __future__ import annotations

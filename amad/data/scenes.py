@@ -3,7 +3,7 @@
 After Santoro et al. 2017 ("A simple neural network module for relational reasoning"): RGB scenes
 of coloured shapes, every colour at most once per scene, so a question names an object by its colour.
 
-Design choice (see README, "The built-in benchmark"): objects sit on a ``grid x grid`` lattice and
+Design choice (see docs/method.md, "The built-in benchmark"): objects sit on a ``grid x grid`` lattice and
 each fills one cell. With the model's patch size equal to the cell size, one object is one image
 token. That keeps the task a real VQA task (find the object a question names, read its attributes,
 relate it to others) while letting a small ViLT learn it on CPU; free-floating objects spread over
