@@ -583,7 +583,10 @@ def test_serve_deploy_of_written_configs_serves_and_swaps_a_new_version_in_place
     home.mkdir()
     gcs, dashboard, http_port, client_port, agent_port, metrics_port = (free_port() for _ in range(6))
     ray_tmp = tempfile.mkdtemp(prefix="sd-", dir="/tmp")  # short: Ray's socket paths must stay <= 107 bytes
-    env = {**os.environ, "HOME": str(home), "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    node_tmp = Path(ray_tmp) / "tmp"  # the head's own temporary files: its killed dashboard forkserver leaves a pymp-* dir
+    node_tmp.mkdir()
+    env = {**os.environ, "HOME": str(home), "RAY_TMPDIR": ray_tmp, "TMPDIR": str(node_tmp), "RAY_AUTH_MODE": "disabled",
+           "PYTHONWARNINGS": "ignore"}
     for name in ("RAY_ADDRESS", "RAY_SERVE_ENABLE_DIRECT_INGRESS"):
         env.pop(name, None)
     bin_dir = Path(sys.executable).parent
