@@ -216,6 +216,19 @@ def _data_export_vqa_v2(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dashboards(args: argparse.Namespace) -> int:
+    from pipeline.dashboards import write
+
+    try:
+        written = write(args.out)
+    except OSError as err:
+        raise ConfigError(f"cannot write the dashboards to {args.out}: {err.strerror or err}") from None
+    for path in written:
+        print(f"amad dashboards: wrote {path}")
+    print("import them into Grafana with a Prometheus datasource that scrapes every Ray node's metrics port (docs/observability.md)")
+    return 0
+
+
 def _checkpoint_to_hf(args: argparse.Namespace) -> int:
     from amad.hf_checkpoint import teacher_to_hf_checkpoint
 
@@ -386,6 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     export_vqa.add_argument("--max-scenes", type=int, default=None, help="at most this many scenes (images) per split: the first ones")
     export_vqa.add_argument("--agreement", type=int, default=8, help="how many of the 10 humans give the true answer (default: %(default)s)")
     export_vqa.set_defaults(handler=_data_export_vqa_v2)
+
+    dashboards = commands.add_parser(
+        "dashboards", help="write Grafana dashboards: Ray's (Serve, Serve deployments, Train, cluster) and the answer service's metrics",
+        description="Writes Ray's own Grafana dashboards, from the pinned Ray's dashboard factory, and one for the answer service's "
+                    "metrics (serving/metrics.py). deploy/observability/ holds this command's output.")
+    dashboards.add_argument("--out", type=Path, default=Path("deploy/observability"), help="directory to write (default: %(default)s)")
+    dashboards.set_defaults(handler=_dashboards)
 
     checkpoint = commands.add_parser("checkpoint", help="checkpoint tools (write a teacher as a Hugging Face ViLT checkpoint)")
     checkpoint_commands = checkpoint.add_subparsers(dest="checkpoint_command", required=True, metavar="CHECKPOINT_COMMAND")
