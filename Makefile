@@ -8,7 +8,7 @@ ORT ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast clean
+.PHONY: install browser demo test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -23,8 +23,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 demo: install
 	$(BIN)/amad run --config tune_configs/default.yaml --workdir $(WORKDIR)
 
+# Headless Chromium for the demo page's browser test: Debian's chromium and chromium-driver, installed
+# when missing and this runs as root with apt-get; otherwise that one test is skipped (and says why).
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium and chromium-driver (the demo page's browser test)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; \
+	else echo "no /usr/bin/chromium + /usr/bin/chromedriver and no root apt-get: the browser test will be skipped"; fi
+
 # The whole test suite (unit + integration).
-test: install
+test: install browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Unit tests only (no Ray cluster, no servers).

@@ -7,6 +7,11 @@ Routes (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
   ``{"answer", "score", "top_k": [{"answer", "score"}], "model": {"name", "version"}, "latency_ms"}``.
   The response header ``X-Batch-Size`` says how many requests shared the ONNX Runtime call.
 * ``GET /healthz``; ``GET /v1/model`` (name, version, alias, heads, layers, labels, parity figures).
+* ``GET /`` -- the browser demo page (:mod:`serving.demo_page`), which uses ``GET /v1/examples`` (the
+  model's first test-split questions, images as base64 PNG) and ``POST /v1/answer`` like any client.
+
+Every route counts its answers by status class in the service's Prometheus metrics (:mod:`serving.metrics`),
+with the batch sizes, the ONNX Runtime time per batch and the served version.
 
 Every request is parsed and validated on its own (a bad one gets a 4xx JSON ``{"error", "status"}``
 and never reaches a batch); only prepared inputs are batched (``@serve.batch``), and only under load:
@@ -40,10 +45,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
 from serving.config import AppArgs, ReplicaSettings, ServeConfig, UserConfig
+from serving.demo_page import PAGE
+from serving.metrics import ServiceMetrics
 from serving.inputs import JSON_TYPE, MULTIPART_TYPE, BadInput, check_content_length, media_type, parse_json, parse_multipart
 
 api = FastAPI(
@@ -97,12 +104,15 @@ class AnswerService:
 
         self.settings = ReplicaSettings.model_validate(settings)
         self._open_predictor = open_predictor
+        self.metrics = ServiceMetrics()  # Prometheus, through Ray's metrics agent: serving/metrics.py
         # What the URI names now; reconfigure (called right after, with the user config) pins the version
         # the driver resolved -- normally the same one, so nothing is loaded twice. The version is not a
         # constructor argument: a changed argument would make Serve restart replicas instead of reconfiguring.
         self.predictor = self._open(None)
+        self.metrics.serving(self.predictor.bundle.name, self.predictor.bundle.version)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
         self._waiting = 0  # prepared requests of this replica waiting for an answer
+        self._examples: dict[str, list] = {}  # model version -> the demo page's built-in examples
 
     def _open(self, version: str | None):
         return self._open_predictor(self.settings.model_uri, self.settings.tracking_uri, version, cache_dir=self.settings.cache_dir,
@@ -115,22 +125,34 @@ class AnswerService:
         self._batched.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
         if config.model_version is not None and config.model_version != self.predictor.bundle.version:
             self.predictor = self._open(config.model_version)
+            self.metrics.serving(self.predictor.bundle.name, self.predictor.bundle.version)
 
     def check_health(self) -> None:
         if self.predictor.session is None:  # pragma: no cover -- a replica whose model is gone is replaced
             raise RuntimeError("no ONNX Runtime session")
+        # Ray drops a gauge's series a few export intervals after its last set(): the controller's health
+        # check (every health_check_period_s) keeps the version visible on an idle replica.
+        self.metrics.serving(self.predictor.bundle.name, self.predictor.bundle.version)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _batched(self, items: list) -> list:
         """``items``: prepared requests -> ``(Answer, batch size)`` each, from one ORT call."""
         predictor = self.predictor  # a reconfigure during the call swaps the attribute, not this batch's model
-        answers = await asyncio.get_running_loop().run_in_executor(self._executor, predictor.answer, items)
+        answers = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed_answer, predictor, items)
         return [(answer, len(items), predictor) for answer in answers]
 
     async def _single(self, item) -> tuple:
         predictor = self.predictor
-        answers = await asyncio.get_running_loop().run_in_executor(self._executor, predictor.answer, [item])
+        answers = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed_answer, predictor, [item])
         return answers[0], 1, predictor
+
+    def _timed_answer(self, predictor, items: list) -> list:
+        """On the worker thread: the ONNX Runtime call, its batch size and time recorded (not the wait for the thread)."""
+        started = time.perf_counter()
+        answers = predictor.answer(items)
+        self.metrics.batch(len(items), time.perf_counter() - started)
+        self.metrics.serving(predictor.bundle.name, predictor.bundle.version)  # refreshed under traffic too (see check_health)
+        return answers
 
     def _authorised(self, request: Request) -> bool:
         if not self.settings.token_sha256:
@@ -141,6 +163,11 @@ class AnswerService:
 
     @api.post("/v1/answer", openapi_extra={"requestBody": ANSWER_BODY}, summary="Answer a question about an image")
     async def answer(self, request: Request):
+        response = await self._answer(request)
+        self.metrics.request("/v1/answer", response.status_code)
+        return response
+
+    async def _answer(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
         limits = self.settings.limits
         try:
@@ -182,13 +209,48 @@ class AnswerService:
         }
         return JSONResponse(body, headers={"X-Batch-Size": str(batch_size)})
 
+    @api.get("/", summary="The browser demo page", response_class=HTMLResponse)
+    async def demo_page(self):
+        self.metrics.request("/", 200)
+        return HTMLResponse(PAGE)
+
+    @api.get("/v1/examples", summary="Test-split examples of the served model's data, for the demo page")
+    async def examples(self, count: int = 8):
+        """``{"examples": [{"image": <base64 PNG>, "question", "expected"}]}``: the first ``count`` (1..16)
+        questions of the model's test data (:func:`serving.loadtest.test_examples`); 404 where the
+        replica cannot read that data (a model trained on VQA-v2 files kept elsewhere)."""
+        response = await self._examples_response(count)
+        self.metrics.request("/v1/examples", response.status_code)
+        return response
+
+    async def _examples_response(self, count: int) -> JSONResponse:
+        import base64
+
+        from serving.loadtest import test_examples
+
+        if not 1 <= count <= 16:
+            return error(BadInput(422, f"count must be between 1 and 16, got {count}"))
+        predictor = self.predictor
+        if predictor.bundle.version not in self._examples:
+            try:
+                found = await asyncio.get_running_loop().run_in_executor(self._executor, test_examples, predictor.bundle.benchmark(), 16)
+            except (OSError, KeyError, ValueError) as err:
+                return error(BadInput(404, f"no built-in examples for {predictor.bundle.name} v{predictor.bundle.version}: "
+                                           f"its test data cannot be read here ({type(err).__name__}: {err})"))
+            self._examples[predictor.bundle.version] = [
+                {"image": base64.b64encode(e.image_png).decode(), "question": e.question, "expected": e.answer} for e in found]
+        return JSONResponse({"examples": self._examples[predictor.bundle.version][:count],
+                             "model": {"name": predictor.bundle.name, "version": predictor.bundle.version}})
+
     @api.get("/healthz", summary="Liveness")
     async def healthz(self):
+        self.metrics.request("/healthz", 200)
         return {"status": "ok", "model": {"name": self.predictor.bundle.name, "version": self.predictor.bundle.version},
                 "replica": {"pid": os.getpid()}}
 
     @api.get("/v1/model", summary="The model being served")
     async def model(self):
+        self.metrics.request("/v1/model", 200)
         return {**self.predictor.describe(), "replica": {"pid": os.getpid()}}
 
 

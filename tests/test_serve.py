@@ -253,6 +253,203 @@ def test_model_health_and_docs(served):
     assert "/v1/answer" in schema["paths"] and served["http"].get(served["base"] + "/docs", timeout=30).status_code == 200
 
 
+def scrape_nodes() -> list[str]:
+    """The Prometheus text of every live Ray node's metrics agent (where Prometheus would scrape)."""
+    import ray
+    import requests
+
+    session = requests.Session()
+    session.trust_env = False  # loopback only; never a proxy
+    return [session.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=30).text
+            for node in ray.nodes() if node["Alive"]]
+
+
+def sample_values(texts: list[str], name: str, **labels) -> list[float]:
+    """Values of every sample called ``name`` whose labels include ``labels``, over all nodes."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [sample.value for text in texts for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name == name and all(sample.labels.get(key) == value for key, value in labels.items())]
+
+
+@pytest.mark.integration
+def test_prometheus_metrics_of_the_service_and_of_serve_move_with_requests(served, examples):
+    """Answered, refused and health requests to an app of its own (its ``application`` label starts from
+    nothing, so every figure is exact whatever the module's other tests sent): the node agents export our
+    counters, histograms and version gauge (serving/metrics.py) and Serve's own HTTP request counter.
+    Ray's agents export every few seconds: the test waits for the figures, not for a time."""
+    from ray import serve
+
+    from serving.app import build
+
+    app, prefix = "amad-metrics", "/metrics-check"
+    base = served["base"] + prefix
+    serve.run(build(served["cfg"].app_args(), served["version"]), name=app, route_prefix=prefix, blocking=False)
+
+    def figures() -> dict:
+        texts = scrape_nodes()
+        total = lambda name, **labels: sum(sample_values(texts, name, application=app, **labels))  # noqa: E731
+        return {"ok": total("ray_amad_requests_total", route="/v1/answer", status_class="2xx"),
+                "refused": total("ray_amad_requests_total", route="/v1/answer", status_class="4xx"),
+                "health": total("ray_amad_requests_total", route="/healthz", status_class="2xx"),
+                "batches": total("ray_amad_batch_size_count"), "batches_of_one": total("ray_amad_batch_size_bucket", le="1.0"),
+                "inference_calls": total("ray_amad_inference_ms_count"), "serve_http": total("ray_serve_num_http_requests_total"),
+                "versions": sample_values(texts, "ray_amad_model_version", application=app, model="amad-student")}
+
+    answered, refused = 5, 3
+    try:
+        wait_until(lambda: served["http"].get(base + "/healthz", timeout=30).status_code == 200, 120, f"{app} answering")
+        for example in examples[:answered]:
+            response = served["http"].post(base + "/v1/answer", json={"image": b64(example.image_png), "question": example.question}, timeout=60)
+            assert response.status_code == 200, response.text
+        for _ in range(refused):
+            response = served["http"].post(base + "/v1/answer", data=b"{not json", headers={"Content-Type": "application/json"}, timeout=60)
+            assert response.status_code == 400, response.text
+
+        def exported(now: dict) -> bool:
+            return (now["ok"] >= answered and now["refused"] >= refused and now["health"] >= 1 and now["batches"] >= answered
+                    and now["serve_http"] >= answered + refused + 1 and bool(now["versions"]))
+
+        deadline = time.monotonic() + 120
+        while not exported(now := figures()):
+            assert time.monotonic() < deadline, f"the metrics were not exported within 120 s: {now}"
+            time.sleep(1)
+    finally:
+        serve.delete(app)
+    assert (now["ok"], now["refused"]) == (answered, refused), f"a request counted twice or in another class: {now}"
+    # One request at a time: every batch held one request. (Ray exports a histogram's _sum from its
+    # buckets, so the buckets, not the sum, say how many requests the batches held.)
+    assert now["batches"] == now["batches_of_one"] == now["inference_calls"] == answered, now
+    assert now["versions"] == [float(served["version"])], now["versions"]
+
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"  # kept after the run (git-ignored)
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")  # Debian's chromium and chromium-driver
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium driven by Selenium through Debian's chromedriver (`make browser` installs both).
+    Its profile and home stay in ``tmp_path``, its temporary files in a short directory removed after;
+    no network beyond loopback is tried."""
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        if os.environ.get("AMAD_REQUIRE_BROWSER") == "1":  # .ci/run sets it: there the test must run
+            pytest.fail(f"{CHROMIUM} or {CHROMEDRIVER} is missing: run `make browser` (Debian's chromium, chromium-driver)")
+        pytest.skip("no headless Chromium here: `make browser` installs Debian's chromium and chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    scratch = tmp_path / "chromium"
+    scratch.mkdir()
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--disable-quic",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-proxy-server",
+                 f"--user-data-dir={scratch / 'profile'}", f"--crash-dumps-dir={scratch}", "--window-size=900,1100"):
+        options.add_argument(flag)
+    # Chromium's temporary files: its singleton socket's path must stay short (<= 107 bytes), so not in tmp_path.
+    short_tmp = tempfile.mkdtemp(prefix="cr-", dir="/tmp")
+    env = {**os.environ, "TMPDIR": short_tmp, "HOME": str(scratch)}
+    try:
+        driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER), env=env, log_output=str(scratch / "chromedriver.log")))
+        try:
+            yield driver
+        finally:
+            driver.quit()
+    finally:
+        shutil.rmtree(short_tmp, ignore_errors=True)
+
+
+@pytest.mark.integration
+def test_the_demo_page_answers_like_the_api_in_a_real_browser(served, examples, browser, tmp_path):
+    """GET / in headless Chromium: the page shows the model, a built-in example and an uploaded PNG get
+    the JSON API's answers with top-k scores, latency and version; a file that is not an image, an image
+    over the pixel limit and a question over the length limit show the API's own 4xx status and message.
+    Screenshots are kept in test-artifacts/."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    def api(example, question=None) -> dict:
+        response = post(served, json={"image": b64(example.image_png), "question": question or example.question, "top_k": 3})
+        return {"status": response.status_code, **response.json()}
+
+    def text(element_id: str) -> str:
+        return browser.find_element(By.ID, element_id).text
+
+    def ask_and_wait(element_id: str) -> str:
+        """Click Ask; wait until the result or the error box shows, return ``element_id``'s text."""
+        browser.execute_script("document.getElementById('result').style.display='none';"
+                               "document.getElementById('error').style.display='none';")
+        browser.find_element(By.ID, "ask").click()
+        WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "result").is_displayed() or d.find_element(By.ID, "error").is_displayed())
+        return text(element_id)
+
+    wait = WebDriverWait(browser, 60)
+    browser.get(served["base"] + "/")
+    wait.until(lambda d: d.find_element(By.ID, "example").get_attribute("data-loaded") not in (None, "", "0"))
+    wait.until(lambda d: "version" in d.find_element(By.ID, "model").text)
+    assert f"amad-student version {served['version']}" in text("model"), text("model")
+
+    # a built-in example: the page's answer is the API's for the same image and question
+    Select(browser.find_element(By.ID, "example")).select_by_index(1)
+    example = examples[0]  # the page's first example is the test split's first question, as in `examples`
+    assert browser.find_element(By.ID, "question").get_attribute("value") == example.question
+    expected = api(example)
+    assert ask_and_wait("answer") == expected["answer"], (text("answer"), expected)
+    rows = browser.find_elements(By.CSS_SELECTOR, "#scores tr")
+    assert [row.find_elements(By.TAG_NAME, "td")[0].text for row in rows] == [t["answer"] for t in expected["top_k"]]
+    assert float(text("latency")) > 0 and text("version") == f"amad-student v{served['version']}"
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "demo-page.png"))
+
+    # an uploaded PNG and a typed question
+    upload = tmp_path / "scene.png"
+    upload.write_bytes(examples[3].image_png)
+    browser.find_element(By.ID, "file").send_keys(str(upload))
+    def previewing(data: bytes):
+        return lambda d: b64(data)[:40] in d.find_element(By.ID, "preview").get_attribute("src")
+
+    wait.until(previewing(upload.read_bytes()))
+    field = browser.find_element(By.ID, "question")
+    field.clear()
+    field.send_keys(examples[3].question)
+    assert ask_and_wait("answer") == api(examples[3])["answer"]
+
+    # bad input: the API's own message and status, shown on the page
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_bytes(b"these bytes are no image at all")
+    refused = post(served, json={"image": b64(not_an_image.read_bytes()), "question": examples[0].question})
+    assert refused.status_code == 400
+    browser.find_element(By.ID, "file").send_keys(str(not_an_image))
+    wait.until(previewing(not_an_image.read_bytes()))
+    assert ask_and_wait("error") == f"400: {refused.json()['error']}"
+    too_big = tmp_path / "big.png"  # few bytes, over the served limit of 256 x 256 pixels
+    too_big.write_bytes(png(Image.new("RGB", (300, 300), (200, 40, 40))))
+    over_pixels = post(served, json={"image": b64(too_big.read_bytes()), "question": examples[0].question})
+    assert over_pixels.status_code == 413
+    browser.find_element(By.ID, "file").send_keys(str(too_big))
+    wait.until(previewing(too_big.read_bytes()))
+    assert ask_and_wait("error") == f"413: {over_pixels.json()['error']}"
+    too_long = "why " * 200
+    field.clear()
+    field.send_keys(too_long)
+    browser.find_element(By.ID, "file").send_keys(str(upload))
+    wait.until(previewing(upload.read_bytes()))
+    over = api(examples[3], question=too_long)
+    assert over["status"] == 422
+    assert ask_and_wait("error") == f"422: {over['error']}"
+    assert browser.save_screenshot(str(ARTIFACTS / "demo-page-error.png"))
+
+
+@pytest.mark.integration
+def test_examples_route_serves_the_test_split_and_checks_its_count(served, examples):
+    body = served["http"].get(served["base"] + "/v1/examples?count=3", timeout=30).json()
+    assert [(e["question"], e["expected"]) for e in body["examples"]] == [(e.question, e.answer) for e in examples[:3]]
+    assert base64.b64decode(body["examples"][0]["image"]) == examples[0].image_png
+    bad = served["http"].get(served["base"] + "/v1/examples?count=99", timeout=30)
+    assert bad.status_code == 422 and "between 1 and 16" in bad.json()["error"]
+
+
 @pytest.mark.integration
 def test_concurrent_requests_are_batched(served, examples):
     bodies = [loadtest.json_body(e) for e in examples]
