@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -569,22 +570,28 @@ def one_to_one_loss(
     student_attn: Tensor,
     query_mask: Tensor | None = None,
     *,
+    teacher_heads: Sequence[int] | None = None,
     eps: float = 1e-8,
 ) -> Tensor:
-    """MiniLM-style head-to-head attention KD: student head ``k`` learns teacher head ``k``.
+    """MiniLM-style head-to-head attention KD: student head ``j`` learns one teacher head.
 
-    When ``Hs < Ht`` the teacher heads ``k >= Hs`` are dropped: that is the conventional approach
-    AMAD is shown to beat, since those heads' knowledge is lost.
+    By default (``teacher_heads=None``) student head ``k`` learns teacher head ``k`` and, when
+    ``Hs < Ht``, the teacher heads ``k >= Hs`` are dropped: that is the conventional approach AMAD
+    is shown to beat, since those heads' knowledge is lost. A student pruned from its teacher can
+    instead pass the head each of its heads was cut from (:func:`amad.pruning.recorded_origins`):
+    "one-to-one by origin", the strongest one-to-one baseline for such students.
 
     Args:
         teacher_attn: ``(B, Ht, Q, K)`` attention probabilities.
         student_attn: ``(B, Hs, Q, K)`` attention probabilities, ``Hs <= Ht``.
         query_mask: ``(B, Q)`` bool, True for real query rows; None means all rows are real.
+        teacher_heads: ``Hs`` distinct teacher head indices in ``[0, Ht)``: student head ``j``
+            learns teacher head ``teacher_heads[j]``; None means ``0 .. Hs-1``.
         eps: added inside the logs, > 0.
 
     Returns:
-        0-dim tensor: ``KL(T_k[q] || S_k[q])`` averaged over valid rows, summed over the ``Hs``
-        heads, averaged over the batch.
+        0-dim tensor: ``KL(T_{teacher_heads[j]}[q] || S_j[q])`` averaged over valid rows, summed
+        over the ``Hs`` student heads, averaged over the batch.
     """
     eps = _positive("eps", eps)
     _check_maps(teacher_attn, student_attn, query_mask)
@@ -594,7 +601,18 @@ def one_to_one_loss(
             f"student_attn has shape {tuple(student_attn.shape)} but teacher_attn has "
             f"{tuple(teacher_attn.shape)}: one_to_one needs Hs <= Ht ({hs} > {ht})"
         )
-    T, S, mask = _prepare_maps(teacher_attn[:, :hs], student_attn, query_mask)
+    if teacher_heads is None:
+        chosen = teacher_attn[:, :hs]
+    else:
+        heads = list(teacher_heads)
+        valid = all(isinstance(h, int) and not isinstance(h, bool) and 0 <= h < ht for h in heads)
+        if len(heads) != hs or not valid or len(set(heads)) != hs:
+            raise ValueError(
+                f"teacher_heads must list {hs} distinct teacher head indices in [0, {ht}), one "
+                f"per student head; got {teacher_heads!r}"
+            )
+        chosen = teacher_attn[:, heads]
+    T, S, mask = _prepare_maps(chosen, student_attn, query_mask)
     return _masked_row_mean(_kl_rows(T, S, eps), mask).sum(1).mean(0)
 
 

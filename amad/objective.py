@@ -25,10 +25,14 @@ from amad.losses import (
 )
 from amad.outputs import QKV, VLOutputs
 
-__all__ = ["METHODS", "TASK_LOSSES", "DistillationObjective", "resolve_layer_map"]
+__all__ = ["METHODS", "NORMALIZATIONS", "PAIRINGS", "TASK_LOSSES", "DistillationObjective", "resolve_layer_map"]
 
 METHODS = ("amad", "one_to_one", "head_mean", "relation", "none")
 TASK_LOSSES = ("ce", "vqa_bce")
+NORMALIZATIONS = ("sum", "per_head")
+PAIRINGS = ("index", "origin")
+
+HeadOrigins = Sequence[Sequence[tuple[int, int]]]
 
 LayerMap = str | Sequence[tuple[int, int]]
 
@@ -128,6 +132,19 @@ class DistillationObjective:
             ``("self", "cross")``.
         layer_map: see :func:`resolve_layer_map`; resolved per kind against that kind's layer
             counts when called.
+        attention_normalization: how one layer's attention term is scaled. ``"sum"`` (the
+            papers' forms): AMAD sums over the ``Ht`` teacher heads, one-to-one over the ``Hs``
+            aligned pairs, head-mean is one divergence of the mean maps and MiniLMv2 sums its three
+            relations. ``"per_head"`` divides each by the number of teacher targets it aligns --
+            ``Ht`` for AMAD, ``Hs`` for one-to-one, 1 for head-mean, 3 for relation (each relation
+            is already a mean over relation heads) -- so every method's term is a mean divergence
+            per aligned teacher target and one ``attention_weight`` means the same for all.
+        one_to_one_pairing: for ``method="one_to_one"``: ``"index"`` (student head ``k`` learns
+            teacher head ``k``, the extra teacher heads are dropped) or ``"origin"`` (each student
+            head learns the teacher head it was pruned from; needs ``head_origins``).
+        head_origins: per student layer, the teacher ``(layer, head)`` each of its heads came from
+            (:func:`amad.pruning.recorded_origins`); required by ``one_to_one_pairing="origin"``,
+            whose teacher layer for each student layer must be the one ``layer_map`` maps it to.
         report_zero_weight_terms: a component whose weight is 0 is left out of ``"loss"`` and, by
             default, not computed at all: it is reported as a 0 tensor. True computes it under
             ``no_grad`` for monitoring (at the cost of computing it); terms that need the teacher
@@ -153,6 +170,9 @@ class DistillationObjective:
         relation_heads: int | None = None,
         kinds: Sequence[str] = ("self",),
         layer_map: LayerMap = "uniform",
+        attention_normalization: str = "sum",
+        one_to_one_pairing: str = "index",
+        head_origins: HeadOrigins | None = None,
         report_zero_weight_terms: bool = False,
     ) -> None:
         weights = {
@@ -185,6 +205,18 @@ class DistillationObjective:
             raise ValueError(
                 f"method='relation' needs relation_heads, an int >= 1; got {relation_heads!r}"
             )
+        if attention_normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"attention_normalization must be one of {NORMALIZATIONS}; got {attention_normalization!r}"
+            )
+        if one_to_one_pairing not in PAIRINGS:
+            raise ValueError(f"one_to_one_pairing must be one of {PAIRINGS}; got {one_to_one_pairing!r}")
+        if one_to_one_pairing == "origin" and method != "one_to_one":
+            raise ValueError(
+                f"one_to_one_pairing='origin' applies to method='one_to_one' only; method is {method!r}"
+            )
+        if one_to_one_pairing == "origin":
+            head_origins = _check_origins(head_origins)
         if isinstance(kinds, str):
             kinds = (kinds,)  # ("self") is a common slip for ("self",)
         kinds = tuple(kinds)
@@ -209,6 +241,9 @@ class DistillationObjective:
         self.relation_heads = relation_heads
         self.kinds = kinds
         self.layer_map = layer_map
+        self.attention_normalization = attention_normalization
+        self.one_to_one_pairing = one_to_one_pairing
+        self.head_origins = head_origins
         self.report_zero_weight_terms = bool(report_zero_weight_terms)
 
     @property
@@ -345,15 +380,45 @@ class DistillationObjective:
                 )
         elif self.method == "one_to_one":
 
-            def loss(t: Tensor, s: Tensor) -> Tensor:
-                return one_to_one_loss(t, s, mask)
+            def loss(t: Tensor, s: Tensor, si: int, ti: int) -> Tensor:
+                return one_to_one_loss(t, s, mask, teacher_heads=self._origin_heads(si, ti, len(s_maps)))
         else:
 
             def loss(t: Tensor, s: Tensor) -> Tensor:
                 return head_mean_loss(t, s, mask)
 
         pairs = resolve_layer_map(self.layer_map, len(t_maps), len(s_maps))
-        return [loss(t_maps[ti].detach(), s_maps[si]) for si, ti in pairs]
+        terms = []
+        for si, ti in pairs:
+            t, s = t_maps[ti].detach(), s_maps[si]
+            term = loss(t, s, si, ti) if self.method == "one_to_one" else loss(t, s)
+            terms.append(term / self._aligned_targets(t, s))
+        return terms
+
+    def _aligned_targets(self, t: Tensor, s: Tensor) -> int:
+        """What a layer's term is divided by: 1 for ``"sum"``; the teacher targets it aligns else."""
+        if self.attention_normalization == "sum":
+            return 1
+        return {"amad": t.shape[1], "one_to_one": s.shape[1], "head_mean": 1, "relation": 3}[self.method]
+
+    def _origin_heads(self, si: int, ti: int, student_layers: int) -> list[int] | None:
+        """The teacher heads of student layer ``si`` by origin (None: by index)."""
+        if self.one_to_one_pairing == "index":
+            return None
+        origins = self.head_origins
+        if len(origins) != student_layers:
+            raise ValueError(
+                f"head_origins lists {len(origins)} student layers but the student returns "
+                f"{student_layers} attention layers: they are not this student's origins"
+            )
+        layers = {layer for layer, _ in origins[si]}
+        if layers != {ti}:
+            raise ValueError(
+                f"student layer {si} was pruned from teacher layer(s) {sorted(layers)} but layer_map "
+                f"pairs it with teacher layer {ti}: one-to-one by origin needs the layer map the "
+                "student was pruned with (layer_map='uniform' for amad.pruning's students)"
+            )
+        return [head for _, head in origins[si]]
 
     def _relation_terms(self, teacher: VLOutputs, student: VLOutputs, kind: str) -> list[Tensor]:
         lists = []
@@ -369,12 +434,41 @@ class DistillationObjective:
         t_qkv, s_qkv = lists
         key_mask = student.key_masks.get(kind)
         pairs = resolve_layer_map(self.layer_map, len(t_qkv), len(s_qkv))
+        scale = 3 if self.attention_normalization == "per_head" else 1  # the Q-Q, K-K, V-V relations
         return [
             relation_loss(
                 _detach_qkv(t_qkv[ti]), s_qkv[si], key_mask, relation_heads=self.relation_heads
             )
+            / scale
             for si, ti in pairs
         ]
+
+
+def _check_origins(head_origins: HeadOrigins | None) -> tuple[tuple[tuple[int, int], ...], ...]:
+    if head_origins is None:
+        raise ValueError(
+            "one_to_one_pairing='origin' needs head_origins, the teacher (layer, head) of every "
+            "student head: only a student pruned from its teacher (student.init: pruned) records them"
+        )
+    checked = []
+    for index, layer in enumerate(head_origins):
+        pairs = []
+        for pair in layer:
+            ok = isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in pair
+            )
+            if not ok:
+                raise ValueError(
+                    f"head_origins[{index}] must hold (teacher_layer, teacher_head) pairs of ints >= 0; "
+                    f"got {pair!r}"
+                )
+            pairs.append((pair[0], pair[1]))
+        if not pairs:
+            raise ValueError(f"head_origins[{index}] is empty: every student layer has at least one head")
+        checked.append(tuple(pairs))
+    if not checked:
+        raise ValueError("head_origins is empty: it needs one entry per student layer")
+    return tuple(checked)
 
 
 def _get(by_kind: dict[str, list[Tensor]], kind: str, who: str, field: str) -> list[Tensor]:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from amad.models import PRUNING_KEY, AmadViltForQuestionAnswering, head_counts
 from amad.objective import resolve_layer_map
 
-__all__ = ["Importance", "PruningPlan", "score", "head_importance", "plan", "prune", "prune_from_plan", "origins", "parameter_count"]
+__all__ = ["Importance", "PruningPlan", "score", "head_importance", "plan", "prune", "prune_from_plan", "origins", "recorded_origins", "parameter_count"]
 
 
 @dataclass(frozen=True)
@@ -279,6 +279,22 @@ def origins(model: nn.Module) -> list[list[tuple[int, int]]]:
     if not pruning:
         return [[(layer, h) for h in range(count)] for layer, count in enumerate(head_counts(config))]
     return [[(t, h) for h in heads] for t, heads in zip(pruning["teacher_layers"], pruning["heads"])]
+
+
+def recorded_origins(model: nn.Module) -> list[list[tuple[int, int]]]:
+    """:func:`origins` of a model that was pruned from a teacher; ValueError for any other.
+
+    One-to-one by origin (:class:`amad.objective.DistillationObjective`) needs the record: for a
+    student built from scratch or regrouped from the teacher, "the teacher head it came from" does
+    not exist, and guessing it (head ``k`` from head ``k``) would silently be one-to-one by index.
+    """
+    if not getattr(model.config, PRUNING_KEY, None):
+        raise ValueError(
+            "this student has no recorded origin: one-to-one by origin needs a student pruned from the "
+            f"teacher (student.init: pruned), whose config carries {PRUNING_KEY!r}; use "
+            "one_to_one_pairing: index for other students"
+        )
+    return origins(model)
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -1,47 +1,62 @@
 """The paper's claim on our benchmark: AMAD vs the other distillation objectives, per student head count.
 
-Run from the repository root:
+Run from the repository root (``docs/claim.md`` has the commands and the wall times measured here):
 
-    .venv/bin/python benchmarks/compare_methods.py                 # full: 7 methods x 3 head counts x 3 seeds
+    .venv/bin/python benchmarks/compare_methods.py --start pruned --tune      # tune every arm, then 3 seeds
+    .venv/bin/python benchmarks/compare_methods.py --start random             # the from-scratch regime
     .venv/bin/python benchmarks/compare_methods.py --quick --out /tmp/cm.json --results-md /tmp/results.md
 
-**Set-up.** The default teacher (``weights/teacher-default``: 12 heads x 4 layers, hidden 96) is
-distilled into students of 2, 4 and 6 heads (2 layers, head_dim 16: hidden 32/64/96), 3 seeds each,
-with every method below. Every run has the same budget: ``--steps`` AdamW steps of batch
-``--batch-size`` on the teacher's training split (same seeds, same data order per seed), lr with
-warm-up and cosine decay, gradient clipping 1.0, plain PyTorch processes (no Ray: the comparison is
-about the objective, and in-process training keeps every run identical apart from it). The students
-of one (heads, seed) -- one per method -- train in lockstep: the same initial weights and batches,
-and one teacher forward per step shared by all of them (the teacher's forward is most of a step's
-cost; nothing else is shared, and with dropout 0 each student gets exactly what a run of its own would). Methods
-(:class:`amad.objective.DistillationObjective`; task weight 1 everywhere):
+**Regimes** (``--start``). ``pruned`` (the setting users ship): every student is cut from the
+teacher (``weights/teacher-default``: 12 heads x 4 layers) by :mod:`amad.pruning` -- its most
+important heads per layer, the uniform layer map's layers (depth halved by default), the whole FFN
+-- so every arm of one seed starts from the *same* pruned checkpoint; seeds change the data order.
+``random``: students built from the teacher's config with random weights (seed = init and data
+order), ``--head-dim`` per head.
 
-* ``task``: cross-entropy only.            * ``logit_kd``: + logit KD (weight 1, T = 1).
-* ``one_to_one``: + logit KD + attention KD of teacher head k -> student head k (extra teacher heads dropped).
-* ``head_mean``: + logit KD + KD of the teacher heads' mean map to every student head.
-* ``relation``: + logit KD + MiniLMv2 self-attention relations.
-* ``amad_t1``: + logit KD + AMAD (KL, alignment temperature 1, the paper's).
-* ``amad_tsweep``: + logit KD + AMAD at ``--sweep-temperature`` (the sweep's preferred value: from a
-  ``best.json`` via ``--sweep-best``, else 0.3).
+**Arms** (:class:`amad.objective.DistillationObjective`; task weight 1 and logit-KD weight 1 in
+every arm but ``task``; the arms differ only in the attention term):
 
-Attention terms use weight 1 and ``layer_map="uniform"``. Test accuracy on ``--test-scenes`` scenes
-(10 questions each; 1000 scenes = 10,000 questions, so one accuracy's standard error is below 0.5
-point). For the AMAD students the script also records how uniform the alignment weights are on
-validation data (mean over teacher heads of the largest ``a_ij``; 1/Hs is uniform, 1 is one-hot).
+* ``task``: cross-entropy only.                  * ``logit_kd``: + logit KD, no attention term.
+* ``one_to_one``: teacher head k -> student head k, the extra teacher heads dropped (the paper's baseline).
+* ``one_to_one_origin``: each student head learns the teacher head it was pruned from (pruned regime only).
+* ``head_mean``: the teacher heads' mean map -> the student heads' mean map.
+* ``relation``: MiniLMv2 self-attention relations.
+* ``amad_t1``: AMAD-KL at the paper's alignment temperature 1.
+* ``amad_tuned``: AMAD-KL with the temperature searched too (our extension, declared as such).
+* ``amad_mse``: AMAD-MSE (Eq. 4-5) at temperature 1.
 
-Writes ``benchmarks/results/compare_methods.json`` (``accuracy[method][heads] = [per-seed]``) and the
-generated ``docs/results.md`` (never edit it by hand). Every finished run is also appended, one JSON
-line each, to ``<out stem>.runs.jsonl`` next to ``--out``, keyed by a hash of the settings its result
-depends on (teacher weights, student shape, budget, test size): running the command again reuses the
-runs logged under the same key and trains only the rest, so a long comparison survives an interrupt
-(``--fresh`` ignores the log). ``--jobs N`` trains N runs at once in separate processes of
-``--threads`` threads each (on 2 cores, ``--jobs 2 --threads 1`` keeps both busy). ``--quick``: a random tiny teacher, 2 heads,
-1 seed, 20 steps: a smoke run for CI, its accuracies mean nothing.
+Attention terms use ``attention_normalization="per_head"`` (``--normalization``): each method's
+term is a mean divergence per aligned teacher target, so one weight means the same for every arm.
+
+**Tuning** (``--tune``, one seed, validation split). Every arm with an attention term gets the same
+number of candidates, ``len(--tune-weights)``: the attention weights for arms with one setting; for
+``amad_tuned`` the same weights, each paired with a temperature from ``--tune-temperatures`` in turn
+(a design that spans both ranges with the same budget). The candidates of one head count train in
+lockstep (split over ``--jobs`` processes); each arm keeps the candidate with the best final
+validation accuracy (``<out stem>.tuning.json``). The final runs then use those values with every
+seed and report the test split. Without a tuning file, weight 1 and temperature ``--sweep-temperature``.
+
+**Budget and curves.** ``--steps`` AdamW steps of ``--batch-size`` on the teacher's training split,
+warm-up then cosine decay to 0.1 lr, clip 1.0; validation accuracy every ``--eval-every`` steps is
+recorded for every student (the curves show whether the budget reached a plateau).
+
+**Recorded per run:** test accuracy overall, on relational and on non-relational questions; for
+AMAD students the alignment weights on validation data: the peak (mean over teacher heads of
+``max_j a_ij``; 1/Hs uniform, 1 one-hot) and, for pruned students, how much weight each kept teacher
+head puts on the student head cut from it and how spread the dropped teacher heads are.
+
+Every finished run is appended to ``<out stem>.runs.jsonl`` keyed by a hash of what its result
+depends on; running the command again reuses them (``--fresh`` ignores the log), so a long
+comparison survives an interrupt. ``--jobs N`` trains N lockstep groups at once, one process each of
+``--threads`` threads. Writes ``--out`` (JSON) and regenerates the results page (``--results-md``,
+default ``docs/results.md``) from every regime's JSON (:mod:`results_page`). ``--quick``: a random
+tiny teacher, 1 seed, 20 steps: a smoke run for CI, its accuracies mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -63,36 +78,67 @@ except ImportError:  # run as a script from a checkout that is not pip-installed
 if str(ROOT / "benchmarks") not in sys.path:  # sibling helpers: the folder is not a package
     sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import torch
-from torch import nn
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
-from amad.data.benchmark import BenchmarkSpec, make_split
-from amad.data.text import load_tokenizer
-from amad.losses import align_weights
-from amad.models import StudentSpec, ViltAdapter
-from amad.objective import DistillationObjective, resolve_layer_map
-from amad.training import accuracy_report, predict
-from pipeline import names
-from pipeline.registry import file_sha256
+from amad.data.benchmark import BenchmarkSpec, make_split  # noqa: E402
+from amad.data.text import load_tokenizer  # noqa: E402
+from amad.losses import align_weights  # noqa: E402
+from amad.models import StudentSpec, ViltAdapter  # noqa: E402
+from amad.objective import DistillationObjective, resolve_layer_map  # noqa: E402
+from amad.pruning import plan, prune_from_plan, recorded_origins, score  # noqa: E402
+from amad.training import accuracy_report, predict  # noqa: E402
+from pipeline import names  # noqa: E402
+from pipeline.registry import file_sha256  # noqa: E402
 from lockstep import train_lockstep  # noqa: E402
+import results_page  # noqa: E402
 
-METHODS = ("task", "logit_kd", "one_to_one", "head_mean", "relation", "amad_t1", "amad_tsweep")
+ARMS = ("task", "logit_kd", "one_to_one", "one_to_one_origin", "head_mean", "relation", "amad_t1", "amad_tuned", "amad_mse")
+NO_ATTENTION = ("task", "logit_kd")
 DEFAULT_TEACHER = ROOT / "weights" / "teacher-default"
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "compare_methods.json"
+RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_OUT = {"random": RESULTS / "compare_methods.json", "pruned": RESULTS / "compare_methods_pruned.json"}
 DEFAULT_MD = ROOT / "docs" / "results.md"
 
 
-def objective_for(method: str, relation_heads: int, sweep_temperature: float) -> DistillationObjective:
-    kd = {"task_weight": 1.0, "logit_kd_weight": 1.0, "attention_weight": 1.0, "layer_map": "uniform"}
-    if method == "task":
+def candidates(arm: str, weights: list[float], temperatures: list[float], default_temperature: float) -> list[dict]:
+    """The settings an arm is tuned over: the same number for every arm with an attention term."""
+    if arm in NO_ATTENTION:
+        return [{}]
+    if arm == "amad_tuned":
+        return [{"attention_weight": w, "amad_temperature": temperatures[i % len(temperatures)]} for i, w in enumerate(weights)]
+    return [{"attention_weight": w} for w in weights]
+
+
+def default_params(arm: str, sweep_temperature: float) -> dict:
+    if arm in NO_ATTENTION:
+        return {}
+    return {"attention_weight": 1.0, **({"amad_temperature": sweep_temperature} if arm == "amad_tuned" else {})}
+
+
+def objective_for(arm: str, params: dict, *, relation_heads: int, normalization: str, origins=None) -> DistillationObjective:
+    """The arm's objective with its (tuned) ``params``; ``origins`` (a pruned student's) for one_to_one_origin."""
+    if arm == "task":
         return DistillationObjective(method="none", task_weight=1.0, logit_kd_weight=0.0, attention_weight=0.0)
-    if method == "logit_kd":
+    if arm == "logit_kd":
         return DistillationObjective(method="none", task_weight=1.0, logit_kd_weight=1.0, attention_weight=0.0)
-    if method == "relation":
+    kd = {"task_weight": 1.0, "logit_kd_weight": 1.0, "layer_map": "uniform", "attention_normalization": normalization,
+          "attention_weight": params["attention_weight"]}
+    if arm == "relation":
         return DistillationObjective(method="relation", relation_heads=relation_heads, **kd)
-    if method.startswith("amad"):
-        return DistillationObjective(method="amad", amad_temperature=1.0 if method == "amad_t1" else sweep_temperature, **kd)
-    return DistillationObjective(method=method, **kd)
+    if arm == "one_to_one":
+        return DistillationObjective(method="one_to_one", **kd)
+    if arm == "one_to_one_origin":
+        return DistillationObjective(method="one_to_one", one_to_one_pairing="origin", head_origins=origins, **kd)
+    if arm == "head_mean":
+        return DistillationObjective(method="head_mean", **kd)
+    if arm == "amad_mse":
+        return DistillationObjective(method="amad", amad_variant="mse", amad_temperature=1.0, **kd)
+    return DistillationObjective(method="amad", amad_temperature=params.get("amad_temperature", 1.0), **kd)
+
+
+def temperature_of(arm: str, params: dict) -> float:
+    return params.get("amad_temperature", 1.0) if arm == "amad_tuned" else 1.0
 
 
 def relation_heads_for(*hidden_sizes: int, wanted: int = 4) -> int:
@@ -100,28 +146,39 @@ def relation_heads_for(*hidden_sizes: int, wanted: int = 4) -> int:
     return max(a for a in range(1, min(wanted, common) + 1) if common % a == 0)
 
 
-def train_students(teacher, spec: StudentSpec, objectives: dict[str, DistillationObjective], train, args, seed: int) -> dict[str, nn.Module]:
-    """One student per objective, trained in lockstep (:func:`lockstep.train_lockstep`): same initial
-    weights (``seed``), same batches in the same order, one teacher forward per step shared by all.
+def alignment_summary(teacher, student, split, temperature: float, examples: int = 256) -> dict[str, float]:
+    """How an AMAD student's heads align with the teacher's on ``examples`` validation questions.
 
-    Sharing the teacher's forward (the dominant cost: ~100 ms of a ~190 ms AMAD step at batch 64) is
-    what makes 63 runs affordable on 2 cores.
+    ``peak``: mean over questions, layers and teacher heads of ``max_j a_ij`` (1/Hs uniform, 1 one-hot).
+    For a pruned student, also: ``kept_weight`` (mean ``a_ij`` of each kept teacher head i on the
+    student head j cut from it), ``kept_top`` (how often that head is i's largest weight), and for the
+    teacher heads no student head came from, ``dropped_peak`` and ``dropped_entropy`` (entropy of
+    their weights over student heads / log Hs: 1 = spread evenly, 0 = on one head).
     """
-    students = {m: ViltAdapter.build(ViltAdapter.student_config(teacher.config, spec), seed=seed) for m in objectives}
-    return train_lockstep(teacher, students, objectives, train, steps=args.steps, batch_size=args.batch_size,
-                          lr=args.lr, warmup=args.warmup, seed=seed)
-
-
-def alignment_peak(teacher, student, split, temperature: float, examples: int = 256) -> float:
-    """Mean over teacher heads, layers and questions of max_j a_ij (1/Hs: uniform; 1: one-hot)."""
     batch = split.batch(torch.arange(min(examples, len(split))))
     with torch.no_grad():
         t_out = ViltAdapter.forward(teacher, batch)
         s_out = ViltAdapter.forward(student, batch)
     pairs = resolve_layer_map("uniform", teacher.config.num_hidden_layers, student.config.num_hidden_layers)
-    peaks = [align_weights(t_out.attentions["self"][t], s_out.attentions["self"][s], t_out.query_masks["self"],
-                           temperature=temperature).max(-1).values.mean().item() for s, t in pairs]
-    return float(statistics.mean(peaks))
+    pruned = bool(getattr(student.config, "amad_pruning", None))
+    origins = recorded_origins(student) if pruned else None
+    found: dict[str, list[float]] = {"peak": [], "kept_weight": [], "kept_top": [], "dropped_peak": [], "dropped_entropy": []}
+    for s, t in pairs:
+        a = align_weights(t_out.attentions["self"][t], s_out.attentions["self"][s], t_out.query_masks["self"], temperature=temperature)
+        found["peak"].append(a.max(-1).values.mean().item())  # a: (B, Ht, Hs)
+        if origins is None:
+            continue
+        kept = [head for _, head in origins[s]]
+        for j, i in enumerate(kept):
+            found["kept_weight"].append(a[:, i, j].mean().item())
+            found["kept_top"].append((a[:, i].argmax(-1) == j).float().mean().item())
+        hs = a.shape[-1]
+        for i in (i for i in range(a.shape[1]) if i not in kept):
+            found["dropped_peak"].append(a[:, i].max(-1).values.mean().item())
+            if hs > 1:
+                entropy = -(a[:, i] * a[:, i].clamp_min(1e-12).log()).sum(-1) / math.log(hs)
+                found["dropped_entropy"].append(entropy.mean().item())
+    return {key: statistics.mean(values) for key, values in found.items() if values}
 
 
 def quick_teacher(directory: Path) -> Path:
@@ -134,117 +191,63 @@ def quick_teacher(directory: Path) -> Path:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--start", choices=("pruned", "random"), default="random", help="the regime: students pruned from the teacher, or random")
     parser.add_argument("--teacher", default=str(DEFAULT_TEACHER))
     parser.add_argument("--heads", type=int, nargs="+", default=None, help="student head counts (default 2 4 6; --quick: 2)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps per run (the budget)")
+    parser.add_argument("--methods", nargs="+", default=None, choices=ARMS, help="arms (default: all that apply to the regime)")
+    parser.add_argument("--layers", type=int, default=None, help="student layers (default: pruned half the teacher's, random 2)")
+    parser.add_argument("--head-dim", type=int, default=16, help="random regime only (pruned students keep the teacher's)")
+    parser.add_argument("--importance-examples", type=int, default=2048, help="pruned regime: training questions scored for head importance")
+    parser.add_argument("--normalization", choices=("sum", "per_head"), default="per_head")
+    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps per run (the budget)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=150, help="validation accuracy every N steps (the learning curves)")
+    parser.add_argument("--val-questions", type=int, default=2000)
     parser.add_argument("--test-scenes", type=int, default=1000, help="x10 questions")
-    parser.add_argument("--sweep-best", default=None, help="a sweep's best.json: its objective.amad_temperature is amad_tsweep's")
-    parser.add_argument("--sweep-temperature", type=float, default=0.3)
+    parser.add_argument("--tune", action="store_true", help="first tune every arm on the validation split (one seed)")
+    parser.add_argument("--tune-seed", type=int, default=0)
+    parser.add_argument("--tune-weights", type=float, nargs="+", default=[1.0, 4.0, 16.0])
+    parser.add_argument("--tune-temperatures", type=float, nargs="+", default=[0.3, 0.1])
+    parser.add_argument("--tuning", default=None, help="a tuning JSON to take the arms' settings from (default: <out stem>.tuning.json if present)")
+    parser.add_argument("--sweep-temperature", type=float, default=0.3, help="amad_tuned's temperature when nothing was tuned")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--jobs", type=int, default=1, help="trainings at once, one process each (--threads per process)")
+    parser.add_argument("--jobs", type=int, default=1, help="lockstep groups at once, one process each (--threads per process)")
     parser.add_argument("--fresh", action="store_true", help="ignore finished runs logged next to --out (default: reuse them)")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--out", default=None, help="default benchmarks/results/compare_methods[_pruned].json")
     parser.add_argument("--results-md", default=str(DEFAULT_MD))
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.batch_size, args.warmup, args.test_scenes = 20, 16, 2, 20
+        args.steps, args.batch_size, args.warmup, args.test_scenes, args.eval_every = 20, 16, 2, 20, 10
+        args.val_questions, args.importance_examples = min(args.val_questions, 100), min(args.importance_examples, 64)
     args.heads = args.heads or ([2] if args.quick else [2, 4, 6])
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    if args.sweep_best:
-        best = json.loads(Path(args.sweep_best).read_text())["best"]
-        args.sweep_temperature = float(best["config"]["objective"]["amad_temperature"])
+    applicable = [arm for arm in ARMS if args.start == "pruned" or arm != "one_to_one_origin"]
+    if args.methods and "one_to_one_origin" in args.methods and args.start != "pruned":
+        parser.error("one_to_one_origin needs students pruned from the teacher (--start pruned): a random student has no origin heads")
+    args.methods = args.methods or applicable
+    args.out = args.out or str(DEFAULT_OUT[args.start])
     return args
 
 
-CLAIM_BASELINES = ("one_to_one", "logit_kd")
-
-
-def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean and standard error of ``a - b`` over seeds, in points. Paired: the students of one seed
-    start from the same weights and see the same batches, so seed-to-seed variation cancels."""
-    diffs = [100 * (x - y) for x, y in zip(a, b)]
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
-    return statistics.mean(diffs), se
-
-
-def claim_lines(results: dict) -> list[str]:
-    """The paper's claim -- AMAD beats one-to-one and logit KD when the student has fewer heads --
-    checked per head count: paired difference ± its standard error; a verdict only beyond 2 of them."""
-    accuracy, heads = results["accuracy"], results["config"]["heads"]
-    pairs = [(a, b) for a in accuracy if a.startswith("amad") for b in CLAIM_BASELINES if b in accuracy]
-    if not pairs:
-        return []
-    lines = ["", "The paper's claim, per head count: AMAD minus the baseline, test accuracy points, mean ± standard error "
-                 "of the per-seed (paired) difference; a verdict only where the difference exceeds 2 standard errors:", "",
-             "| comparison | " + " | ".join(f"{h} heads" for h in heads) + " |", "| --- | " + " | ".join("---" for _ in heads) + " |"]
-    for a, b in pairs:
-        cells = []
-        for h in heads:
-            mean, se = paired_difference(accuracy[a][str(h)], accuracy[b][str(h)])
-            if math.isnan(se):
-                cells.append(f"{mean:+.2f} (1 seed: no error bar)")
-                continue
-            verdict = "better" if mean > 2 * se else "worse" if mean < -2 * se else "no clear difference"
-            cells.append(f"{mean:+.2f} ± {se:.2f} ({verdict})")
-        lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def write_markdown(path: Path, results: dict, command: str) -> None:
-    heads = results["config"]["heads"]
-    lines = [
-        "<!-- generated by benchmarks/compare_methods.py: do not edit by hand -->",
-        "# Distillation methods on the built-in benchmark",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Teacher: {results['config']['teacher']} ({results['teacher']['heads']} heads x {results['teacher']['layers']} layers), "
-        f"test accuracy **{results['teacher']['accuracy']:.2%}** on the same {results['config']['test_questions']} test questions.",
-        f"Students: {results['config']['layers']} layers, head_dim {results['config']['head_dim']}; {results['config']['steps']} steps of batch "
-        f"{results['config']['batch_size']} per run; {len(results['config']['seeds'])} seeds. Test accuracy, mean ± std over seeds:",
-        "",
-        "| method | " + " | ".join(f"{h} heads" for h in heads) + " |",
-        "| --- | " + " | ".join("---" for _ in heads) + " |",
-    ]
-    for method, per_heads in results["accuracy"].items():
-        cells = []
-        for h in heads:
-            values = per_heads[str(h)]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.2%} ± {std:.2%}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    if results.get("alignment_peak"):
-        lines += ["", "AMAD alignment peak (mean over teacher heads of max_j a_ij on validation data; uniform = 1/heads):", ""]
-        for method, per_heads in results["alignment_peak"].items():
-            lines.append(f"- {method}: " + ", ".join(f"{h} heads {statistics.mean(v):.3f} (uniform {1 / int(h):.3f})" for h, v in per_heads.items()))
-    lines += claim_lines(results)
-    config = results["config"]
-    groups = len(heads) * len(config["seeds"])
-    lines += ["", f"Time: the {groups} lockstep groups ({len(config['methods'])} students each) trained for {results['train_seconds'] / 60:.1f} min in all "
-                  f"({config['threads']} thread(s) per group, {config['jobs']} group(s) at a time, {config['cpu_count']} CPUs, {config['machine']}); "
-                  f"the command that wrote this page ran {results['seconds'] / 60:.1f} min and reused {results['reused_runs']} finished runs from its run log."]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-
-
-def run_key(args, teacher_dir: Path) -> str:
-    """What a finished run's accuracy depends on: a logged run with another key is not reused."""
+def run_key(args, teacher_dir: Path, layers: int) -> str:
+    """What a finished run's result depends on, besides its arm, settings, heads and seed."""
     teacher = "random tiny (quick)" if args.quick else file_sha256(teacher_dir / "model.safetensors")
-    settings = {"teacher": teacher, "layers": args.layers, "head_dim": args.head_dim, "steps": args.steps,
-                "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "test_scenes": args.test_scenes,
-                "sweep_temperature": args.sweep_temperature}
+    settings = {"teacher": teacher, "start": args.start, "layers": layers, "head_dim": args.head_dim if args.start == "random" else None,
+                "importance_examples": args.importance_examples if args.start == "pruned" else None, "normalization": args.normalization,
+                "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "test_scenes": args.test_scenes,
+                "val_questions": args.val_questions, "eval_every": args.eval_every}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_run_log(path: Path, key: str) -> dict[tuple[str, int, int], dict]:
+def run_id(stage: str, arm: str, params: dict, heads: int, seed: int) -> str:
+    return json.dumps([stage, arm, params, heads, seed], sort_keys=True)
+
+
+def read_run_log(path: Path, key: str) -> dict[str, dict]:
     """Finished runs recorded under ``key``; a line cut short by a kill is skipped, other keys are kept in the file."""
     done = {}
     if path.is_file():
@@ -253,14 +256,9 @@ def read_run_log(path: Path, key: str) -> dict[tuple[str, int, int], dict]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if record.get("key") == key:
-                done[(record["method"], record["heads"], record["seed"])] = record
+            if record.get("key") == key and "stage" in record:
+                done[run_id(record["stage"], record["arm"], record["params"], record["heads"], record["seed"])] = record
     return done
-
-
-def train_seconds(records) -> float:
-    """The lockstep groups' wall times, each group counted once: the work done, whatever ``--jobs`` was."""
-    return sum(seconds for _, _, seconds in {(r["heads"], r["seed"], r["group_seconds"]) for r in records})
 
 
 _WORKER: dict = {}
@@ -270,12 +268,30 @@ def _load_world(teacher_dir: Path, args) -> dict:
     teacher = ViltAdapter.load(teacher_dir).eval()
     spec = BenchmarkSpec.from_dict(json.loads((teacher_dir / names.BENCHMARK_FILE).read_text()))
     tokenizer = load_tokenizer(teacher_dir)
-    return {
-        "args": args, "teacher": teacher,
-        "train": make_split(spec, "train", tokenizer),
-        "val": make_split(replace(spec, val_scenes=min(spec.val_scenes, 100)), "val", tokenizer),
+    train = make_split(spec, "train", tokenizer)
+    val = make_split(spec, "val", tokenizer)
+    world = {
+        "args": args, "teacher": teacher, "train": train,
+        "val": val.subset(torch.arange(min(args.val_questions, len(val)))),
         "test": make_split(replace(spec, test_scenes=args.test_scenes), "test", tokenizer),
     }
+    if args.start == "pruned":  # scored once, deterministically: every arm and seed starts from the same cut
+        world["importance"] = score(teacher, train.subset(torch.arange(min(args.importance_examples, len(train)))).batches(128))
+    return world
+
+
+def student_layers(args, teacher) -> int:
+    if args.layers:
+        return args.layers
+    return max(1, teacher.config.num_hidden_layers // 2) if args.start == "pruned" else 2
+
+
+def initial_student(world: dict, heads: int, seed: int) -> nn.Module:
+    args, teacher = world["args"], world["teacher"]
+    layers = student_layers(args, teacher)
+    if args.start == "pruned":
+        return prune_from_plan(teacher, plan(world["importance"], heads, layers, 1.0))
+    return ViltAdapter.build(ViltAdapter.student_config(teacher.config, StudentSpec(heads, layers, args.head_dim)), seed=seed)
 
 
 def _init_worker(teacher_dir: str, args) -> None:
@@ -283,27 +299,77 @@ def _init_worker(teacher_dir: str, args) -> None:
     _WORKER.update(_load_world(Path(teacher_dir), args))
 
 
-def run_group(task: tuple[int, int, tuple[str, ...]], world: dict | None = None) -> list[dict]:
-    """Train and test the students of ``methods`` for one (heads, seed) in lockstep; one record per method.
-    In a ``--jobs`` worker the world (teacher, splits) is the worker's own."""
+def run_group(task: tuple, world: dict | None = None) -> list[dict]:
+    """Train the students of one group in lockstep and evaluate them; one record per student.
+
+    ``task``: ``(stage, heads, seed, ((arm, params), ...))``. Stage ``"tune"`` records validation
+    accuracy only; ``"final"`` also the test split and, for AMAD arms, the alignment summary.
+    """
     world = world or _WORKER
     args, teacher = world["args"], world["teacher"]
-    heads, seed, methods = task
+    stage, heads, seed, members = task
     clock = time.perf_counter()
-    relation_heads = relation_heads_for(teacher.config.hidden_size, heads * args.head_dim)
-    objectives = {m: objective_for(m, relation_heads, args.sweep_temperature) for m in methods}
-    students = train_students(teacher, StudentSpec(heads, args.layers, args.head_dim), objectives, world["train"], args, seed)
+    start = initial_student(world, heads, seed)
+    origins = recorded_origins(start) if args.start == "pruned" else None
+    relation_heads = relation_heads_for(teacher.config.hidden_size, start.config.hidden_size)
+    names_ = [f"{arm}#{index}" for index, (arm, _) in enumerate(members)]
+    objectives = {name: objective_for(arm, params, relation_heads=relation_heads, normalization=args.normalization, origins=origins)
+                  for name, (arm, params) in zip(names_, members)}
+    students = {name: copy.deepcopy(start) for name in names_}  # every arm from the same weights
+    curves: dict[str, list[list[float]]] = {name: [] for name in names_}
+
+    def record_curves(step: int, trained: dict[str, nn.Module]) -> None:
+        for name, student in trained.items():
+            accuracy = accuracy_report(predict(student, ViltAdapter, world["val"])[0], world["val"])["accuracy"]
+            curves[name].append([step, round(accuracy, 6)])
+
+    trained = train_lockstep(teacher, students, objectives, world["train"], steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             warmup=args.warmup, seed=seed, every=args.eval_every, on_step=record_curves)
     records = []
-    for method, student in students.items():
-        record = {"method": method, "heads": heads, "seed": seed,
-                  "accuracy": accuracy_report(predict(student, ViltAdapter, world["test"])[0], world["test"])["accuracy"]}
-        if method.startswith("amad"):
-            record["alignment_peak"] = alignment_peak(teacher, student, world["val"], objectives[method].amad_temperature)
+    for name, (arm, params) in zip(names_, members):
+        student = trained[name]
+        record = {"stage": stage, "arm": arm, "params": params, "heads": heads, "seed": seed,
+                  "val_accuracy": curves[name][-1][1], "curve": curves[name]}
+        if stage == "final":
+            report = accuracy_report(predict(student, ViltAdapter, world["test"])[0], world["test"])
+            record["test"] = {k: report[k] for k in ("accuracy", "relational_accuracy", "nonrelational_accuracy") if k in report}
+            if arm.startswith("amad"):
+                record["alignment"] = alignment_summary(teacher, student, world["val"], temperature_of(arm, params))
         records.append(record)
     seconds = round(time.perf_counter() - clock, 1)
     for record in records:
-        record.update(group_seconds=seconds, group_methods=len(methods))
+        record.update(group_seconds=seconds, group_size=len(members))
     return records
+
+
+def run_groups(groups: list[tuple], world: dict, args, teacher_dir: Path, finished) -> None:
+    if args.jobs == 1 or len(groups) <= 1:
+        for group in groups:
+            for record in run_group(group, world):
+                finished(record)
+        return
+    context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state
+    with context.Pool(min(args.jobs, len(groups)), initializer=_init_worker, initargs=(str(teacher_dir), args)) as pool:
+        for records in pool.imap_unordered(run_group, groups):
+            for record in records:
+                finished(record)
+
+
+def split_evenly(items: list, parts: int) -> list[list]:
+    parts = max(1, min(parts, len(items)))
+    return [items[i::parts] for i in range(parts)]
+
+
+def choose(tuning_records: list[dict], arms, heads: list[int]) -> dict[str, dict[str, dict]]:
+    """Per head count and arm, the candidate with the best final validation accuracy (the first on a tie)."""
+    chosen: dict[str, dict[str, dict]] = {}
+    for h in heads:
+        for arm in arms:
+            runs = [r for r in tuning_records if r["heads"] == h and r["arm"] == arm]
+            if runs:
+                best = max(runs, key=lambda r: r["val_accuracy"])  # max keeps the first of equals
+                chosen.setdefault(str(h), {})[arm] = best["params"]
+    return chosen
 
 
 def main(argv=None) -> dict:
@@ -313,62 +379,106 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     out = Path(args.out)
     log_path = out.with_name(out.stem + ".runs.jsonl")
+    tuning_path = Path(args.tuning) if args.tuning else out.with_name(out.stem + ".tuning.json")
     with tempfile.TemporaryDirectory() as scratch:
         teacher_dir = quick_teacher(Path(scratch)) if args.quick else Path(args.teacher)
-        key = run_key(args, teacher_dir)
-        done = {} if args.fresh else read_run_log(log_path, key)
         world = _load_world(teacher_dir, args)
-        test = world["test"]
-        teacher_accuracy = accuracy_report(predict(world["teacher"], ViltAdapter, test)[0], test)["accuracy"]
-        tasks = [(m, h, s) for s in args.seeds for h in args.heads for m in args.methods]
-        # One group per (heads, seed), trained in lockstep; seed-major, so an interrupt leaves whole seeds of the table.
-        groups = [(h, s, tuple(m for m in args.methods if (m, h, s) not in done)) for s in args.seeds for h in args.heads]
-        groups = [group for group in groups if group[2]]
-        todo = sum(len(group[2]) for group in groups)
-        print(f"{len(tasks)} runs: {len(tasks) - todo} reused from {log_path}, {todo} to train in {len(groups)} lockstep group(s) "
-              f"on {args.jobs} process(es)", flush=True)
+        layers = student_layers(args, world["teacher"])
+        key = run_key(args, teacher_dir, layers)
+        done = {} if args.fresh else read_run_log(log_path, key)
         out.parent.mkdir(parents=True, exist_ok=True)
+        reused = 0
 
         def finished(record: dict) -> None:
             record["key"] = key
-            done[(record["method"], record["heads"], record["seed"])] = record
-            with log_path.open("a") as log:  # one line per run, flushed: a kill loses at most the run in flight
+            done[run_id(record["stage"], record["arm"], record["params"], record["heads"], record["seed"])] = record
+            with log_path.open("a") as log:  # one line per run, flushed: a kill loses at most the group in flight
                 log.write(json.dumps(record) + "\n")
-            print(f"{record['method']:12} heads {record['heads']} seed {record['seed']}: test accuracy {record['accuracy']:.2%} "
-                  f"(group of {record['group_methods']}: {record['group_seconds']:.0f} s) [{len(done)}/{len(tasks)}]", flush=True)
+            shown = record.get("test", {}).get("accuracy", record["val_accuracy"])
+            print(f"{record['stage']:5} {record['arm']:17} {json.dumps(record['params']):48} heads {record['heads']} seed {record['seed']}: "
+                  f"{'test' if 'test' in record else 'val'} accuracy {shown:.2%} (group of {record['group_size']}: {record['group_seconds']:.0f} s)",
+                  flush=True)
 
-        if args.jobs == 1 or len(groups) <= 1:
-            for group in groups:
-                for record in run_group(group, world):
-                    finished(record)
-        else:
-            context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state
-            with context.Pool(min(args.jobs, len(groups)), initializer=_init_worker, initargs=(str(teacher_dir), args)) as pool:
-                for records in pool.imap_unordered(run_group, groups):
-                    for record in records:
-                        finished(record)
-    accuracy = {m: {str(h): [done[(m, h, s)]["accuracy"] for s in args.seeds] for h in args.heads} for m in args.methods}
-    peaks = {m: {str(h): [done[(m, h, s)]["alignment_peak"] for s in args.seeds] for h in args.heads}
-             for m in args.methods if m.startswith("amad")}
+        def pending(stage: str, members: list[tuple[str, dict]], h: int, seed: int) -> list[tuple[str, dict]]:
+            nonlocal reused
+            todo = [m for m in members if run_id(stage, m[0], m[1], h, seed) not in done]
+            reused += len(members) - len(todo)
+            return todo
+
+        tuning = None
+        if args.tune:
+            groups = []
+            for h in args.heads:
+                members = [(arm, params) for arm in args.methods if arm not in NO_ATTENTION
+                           for params in candidates(arm, args.tune_weights, args.tune_temperatures, args.sweep_temperature)]
+                todo = pending("tune", members, h, args.tune_seed)
+                groups += [("tune", h, args.tune_seed, tuple(chunk)) for chunk in split_evenly(todo, args.jobs) if chunk]
+            print(f"tuning: {sum(len(g[3]) for g in groups)} candidate runs to train in {len(groups)} lockstep group(s)", flush=True)
+            run_groups(groups, world, args, teacher_dir, finished)
+            records = [r for r in done.values() if r["stage"] == "tune" and r["seed"] == args.tune_seed and r["heads"] in args.heads]
+            tuning = {"chosen": choose(records, args.methods, args.heads), "weights": args.tune_weights, "temperatures": args.tune_temperatures,
+                      "seed": args.tune_seed, "run_key": key,
+                      "candidates": {str(h): {arm: [{"params": r["params"], "val_accuracy": r["val_accuracy"], "curve": r["curve"]}
+                                                    for r in records if r["heads"] == h and r["arm"] == arm]
+                                              for arm in args.methods if arm not in NO_ATTENTION} for h in args.heads},
+                      "train_seconds": results_page.group_seconds(records)}
+            tuning_path.write_text(json.dumps(tuning, indent=2) + "\n")
+        elif tuning_path.is_file():
+            tuning = json.loads(tuning_path.read_text())
+            if tuning.get("run_key") != key:
+                print(f"note: {tuning_path} was tuned with other settings (run key {tuning.get('run_key')} != {key}); using it anyway", flush=True)
+
+        def params_for(arm: str, h: int) -> dict:
+            chosen = (tuning or {}).get("chosen", {}).get(str(h), {})
+            return chosen.get(arm, default_params(arm, args.sweep_temperature))
+
+        groups = []
+        for seed in args.seeds:  # seed-major: an interrupt leaves whole seeds of the table
+            for h in args.heads:
+                todo = pending("final", [(arm, params_for(arm, h)) for arm in args.methods], h, seed)
+                if todo:
+                    groups.append(("final", h, seed, tuple(todo)))
+        print(f"final: {len(args.methods) * len(args.heads) * len(args.seeds)} runs, {sum(len(g[3]) for g in groups)} to train in "
+              f"{len(groups)} lockstep group(s) on {args.jobs} process(es); {reused} reused from {log_path}", flush=True)
+        run_groups(groups, world, args, teacher_dir, finished)
+        test = world["test"]
+        teacher_report = accuracy_report(predict(world["teacher"], ViltAdapter, test)[0], test)
+
+    finals = {(r["arm"], r["heads"], r["seed"]): r for r in done.values()
+              if r["stage"] == "final" and r["params"] == params_for(r["arm"], r["heads"])}
+    runs = [finals[(arm, h, s)] for arm in args.methods for h in args.heads for s in args.seeds]
+
+    def per_seed(field: str) -> dict:
+        return {arm: {str(h): [finals[(arm, h, s)]["test"].get(field) for s in args.seeds] for h in args.heads} for arm in args.methods}
+
     results = {
-        "accuracy": accuracy,
-        "alignment_peak": peaks,
-        "teacher": {"accuracy": teacher_accuracy, "heads": world["teacher"].config.num_attention_heads,
-                    "layers": world["teacher"].config.num_hidden_layers},
+        "regime": args.start,
+        "accuracy": per_seed("accuracy"),
+        "relational_accuracy": per_seed("relational_accuracy"),
+        "nonrelational_accuracy": per_seed("nonrelational_accuracy"),
+        "curves": {arm: {str(h): [finals[(arm, h, s)]["curve"] for s in args.seeds] for h in args.heads} for arm in args.methods},
+        "alignment": {arm: {str(h): [finals[(arm, h, s)]["alignment"] for s in args.seeds] for h in args.heads}
+                      for arm in args.methods if arm.startswith("amad")},
+        "params": {arm: {str(h): params_for(arm, h) for h in args.heads} for arm in args.methods},
+        "tuning": tuning,
+        "teacher": {"accuracy": teacher_report["accuracy"], "relational_accuracy": teacher_report.get("relational_accuracy"),
+                    "heads": world["teacher"].config.num_attention_heads, "layers": world["teacher"].config.num_hidden_layers},
         "seconds": time.perf_counter() - started,
-        "reused_runs": len(tasks) - todo,
-        "train_seconds": train_seconds(done[task] for task in tasks),
+        "reused_runs": reused,
+        "train_seconds": results_page.group_seconds(runs),
         "config": {
-            "teacher": "random tiny (quick)" if args.quick else _shown(Path(args.teacher)),
-            "heads": args.heads, "seeds": args.seeds, "methods": args.methods, "layers": args.layers, "head_dim": args.head_dim,
-            "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "sweep_temperature": args.sweep_temperature,
-            "test_questions": len(test), "quick": args.quick, "threads": torch.get_num_threads(), "jobs": args.jobs, "cpu_count": os.cpu_count(),
-            "run_key": key, "torch": torch.__version__, "machine": platform.machine(),
+            "teacher": "random tiny (quick)" if args.quick else _shown(Path(args.teacher)), "start": args.start,
+            "heads": args.heads, "seeds": args.seeds, "methods": args.methods, "layers": layers,
+            "head_dim": args.head_dim if args.start == "random" else None, "normalization": args.normalization,
+            "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "eval_every": args.eval_every,
+            "val_questions": len(world["val"]), "test_questions": len(test), "quick": args.quick, "threads": torch.get_num_threads(),
+            "jobs": args.jobs, "cpu_count": os.cpu_count(), "run_key": key, "torch": torch.__version__, "machine": platform.machine(),
         },
     }
+    results["command"] = ("python benchmarks/compare_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     out.write_text(json.dumps(results, indent=2) + "\n")
-    command = "python benchmarks/compare_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_markdown(Path(args.results_md), results, command.strip())
+    sources = [out] if args.quick or args.out not in {str(p) for p in DEFAULT_OUT.values()} else list(DEFAULT_OUT.values())
+    results_page.write_page(Path(args.results_md), [json.loads(p.read_text()) for p in sources if p.is_file()])
     print(f"wrote {out} and {args.results_md}")
     return results
 

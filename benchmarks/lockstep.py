@@ -7,6 +7,8 @@ forward (the dominant cost of an AMAD step) is paid once per step instead of onc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -31,10 +33,16 @@ def train_lockstep(
     warmup: int,
     seed: int,
     weight_decay: float = 0.01,
+    every: int = 0,
+    on_step: Callable[[int, dict[str, nn.Module]], None] | None = None,
 ) -> dict[str, nn.Module]:
     """Train ``students[name]`` on ``objectives[name]`` for ``steps`` AdamW steps (warm-up + cosine to
     0.1 lr, gradient clip 1.0); returns them in eval mode. No dropout is assumed (the presets' rates
-    are 0), so no random stream is shared between the students."""
+    are 0), so no random stream is shared between the students.
+
+    ``on_step(step, students)`` is called after every ``every``-th step and after the last (for
+    learning curves); the students are in eval mode during the call and back in training mode after.
+    """
     students = {name: student.train() for name, student in students.items()}
     optimizers = {name: make_optimizer(student, lr, weight_decay) for name, student in students.items()}
     teacher_maps = any(o.needs_teacher and _needs_maps(o) for o in objectives.values())
@@ -60,4 +68,8 @@ def train_lockstep(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step += 1
+            if on_step is not None and ((every and step % every == 0) or step == steps):
+                on_step(step, {name: student.eval() for name, student in students.items()})
+                for student in students.values():
+                    student.train()
     return {name: student.eval() for name, student in students.items()}

@@ -229,16 +229,31 @@ class ObjectiveConfig(Strict):
     layer_map: Literal["uniform", "last"] | list[tuple[int, int]] = Field(
         "uniform", description="'uniform', 'last' or [student_layer, teacher_layer] pairs (0-based)"
     )
+    attention_normalization: Literal["sum", "per_head"] = Field(
+        "sum", description="'sum' over aligned heads (the papers' forms) or 'per_head': a mean per aligned teacher target, "
+        "so one attention_weight means the same for every method (amad.objective.DistillationObjective)"
+    )
+    one_to_one_pairing: Literal["index", "origin"] = Field(
+        "index", description="method one_to_one: student head k learns teacher head k ('index'), or the head it was "
+        "pruned from ('origin': needs student.init: pruned)"
+    )
 
-    def kwargs(self) -> dict:
+    def kwargs(self, head_origins=None) -> dict:
+        """The objective's arguments; ``head_origins`` (the student's, for one-to-one by origin) is
+        not a setting but a fact of the student, passed once it exists."""
         values = self.model_dump()
         if not isinstance(values["layer_map"], str):
             values["layer_map"] = [tuple(pair) for pair in values["layer_map"]]
+        if values["one_to_one_pairing"] == "origin":
+            values["head_origins"] = head_origins
         return values
 
     @model_validator(mode="after")
     def _objective_accepts(self) -> "ObjectiveConfig":
-        DistillationObjective(**self.kwargs())  # ValueError names the argument and the reason
+        if self.one_to_one_pairing == "origin" and self.method != "one_to_one":
+            raise ValueError(f"one_to_one_pairing: origin applies to method: one_to_one only (method is {self.method!r})")
+        # Origins come from the student, which does not exist yet: check the rest with index pairing.
+        DistillationObjective(**{**self.kwargs(), "one_to_one_pairing": "index", "head_origins": None})
         return self
 
 
@@ -311,6 +326,15 @@ class DistillJobConfig(Strict):
         None, ge=1,
         description="TEST-ONLY fault injection: rank 0 exits (os._exit(1)) once after this optimizer step",
     )
+
+    @model_validator(mode="after")
+    def _origins_exist(self) -> "DistillJobConfig":
+        if self.objective.one_to_one_pairing == "origin" and self.student.init != "pruned":
+            raise ValueError(
+                f"objective.one_to_one_pairing: origin needs a student pruned from the teacher (student.init: pruned): "
+                f"a student with init {self.student.init!r} has no recorded origin heads; use one_to_one_pairing: index"
+            )
+        return self
 
     # Settings that may change when the same run is resumed: they do not change what is learned.
     RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset(

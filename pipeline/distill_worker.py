@@ -28,6 +28,7 @@ from amad.data.preprocess import Preprocessor, load_preprocessor
 from amad.data.sources import load_split, model_labels, source_from_dict
 from amad.models import StudentSpec, get_adapter
 from amad.objective import DistillationObjective
+from amad.pruning import recorded_origins
 from amad.training import make_optimizer, warmup_cosine
 from pipeline import names, storage
 from pipeline.config import DistillJobConfig
@@ -152,7 +153,6 @@ def train_loop(loop_config: dict) -> dict:
 
     adapter = get_adapter(json.loads((teacher_path / "config.json").read_text())["model_type"])
     teacher = adapter.load(teacher_path).eval().requires_grad_(False).to(device)
-    objective = DistillationObjective(**cfg.objective.kwargs())
     target_key = "soft_targets" if cfg.objective.task_loss == "vqa_bce" else "labels"
     need_maps = cfg.objective.method not in ("none", "relation")
 
@@ -164,6 +164,9 @@ def train_loop(loop_config: dict) -> dict:
             state = torch.load(Path(directory) / names.TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
     else:
         student = _new_student(cfg, adapter, teacher, loop_config.get("importance")).to(device).train()
+    # one-to-one by origin reads the student's pruning record (kept in its saved config on resume)
+    origins = recorded_origins(student) if cfg.objective.one_to_one_pairing == "origin" else None
+    objective = DistillationObjective(**cfg.objective.kwargs(origins))
     prepared = ray.train.torch.prepare_model(student)  # moves to device; DDP when world > 1
     model = _ThroughDDP(prepared, student)
     optimizer = make_optimizer(student, cfg.train.lr, cfg.train.weight_decay)

@@ -1,0 +1,215 @@
+"""The generated results page (``docs/results.md``) from ``benchmarks/compare_methods.py``'s JSON, one section per regime.
+
+Regenerate without training anything (the JSON files hold every figure):
+
+    .venv/bin/python benchmarks/results_page.py            # reads benchmarks/results/compare_methods{,_pruned}.json
+
+The claim is checked per regime, head count and pair (AMAD arm, baseline): the paired difference of
+test accuracy over seeds (the students of one seed start from the same weights and see the same
+batches, so seed-to-seed variation cancels), its standard error, and a verdict only where the
+difference exceeds two standard errors (:func:`verdict`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SOURCES = (ROOT / "benchmarks" / "results" / "compare_methods_pruned.json", ROOT / "benchmarks" / "results" / "compare_methods.json")
+DEFAULT_MD = ROOT / "docs" / "results.md"
+BASELINES = ("one_to_one_origin", "one_to_one", "logit_kd")
+REGIME_TITLES = {"pruned": "Students pruned from the teacher", "random": "Students from random weights"}
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and standard error of ``a - b`` over seeds, in points (NaN error with one seed)."""
+    diffs = [100 * (x - y) for x, y in zip(a, b)]
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return statistics.mean(diffs), se
+
+
+def verdict(mean: float, se: float) -> str:
+    """``better``/``worse`` only beyond 2 standard errors; else ``no clear difference``."""
+    if math.isnan(se):
+        return "1 seed: no verdict"
+    return "better" if mean > 2 * se else "worse" if mean < -2 * se else "no clear difference"
+
+
+def amad_arms(results: dict) -> list[str]:
+    return [arm for arm in results["accuracy"] if arm.startswith("amad")]
+
+
+def verdicts(results: dict) -> dict[tuple[str, str, int], tuple[float, float, str]]:
+    """``(amad_arm, baseline, heads) -> (mean, se, verdict)`` for every baseline the results hold."""
+    accuracy, found = results["accuracy"], {}
+    for arm in amad_arms(results):
+        for baseline in (b for b in BASELINES if b in accuracy):
+            for h in results["config"]["heads"]:
+                mean, se = paired_difference(accuracy[arm][str(h)], accuracy[baseline][str(h)])
+                found[(arm, baseline, h)] = (mean, se, verdict(mean, se))
+    return found
+
+
+def group_seconds(records) -> float:
+    """The lockstep groups' wall times, each group counted once, whatever ``--jobs`` was."""
+    groups = {(r["stage"], r["heads"], r["seed"], r["group_seconds"], r["group_size"]) for r in records}
+    return sum(g[3] for g in groups)
+
+
+def _mean_std(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2%} ± {std:.2%}"
+
+
+def _table(heads: list[int], rows: list[tuple[str, list[str]]], first: str) -> list[str]:
+    lines = [f"| {first} | " + " | ".join(f"{h} heads" for h in heads) + " |", "| --- | " + " | ".join("---" for _ in heads) + " |"]
+    return lines + [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows]
+
+
+def verdict_summary(results: dict) -> list[str]:
+    """One line per AMAD arm: where it beats, loses to or ties each baseline."""
+    heads, lines = results["config"]["heads"], []
+    found = verdicts(results)
+    for arm in amad_arms(results):
+        parts = []
+        for baseline in (b for b in BASELINES if b in results["accuracy"]):
+            cells = [f"{h} heads {found[(arm, baseline, h)][2]} ({found[(arm, baseline, h)][0]:+.2f} ± {found[(arm, baseline, h)][1]:.2f})"
+                     for h in heads]
+            parts.append(f"vs {baseline}: " + ", ".join(cells))
+        lines.append(f"- **{arm}** " + "; ".join(parts) + ".")
+    return lines
+
+
+def curve_rows(results: dict) -> list[str]:
+    """Validation accuracy (mean over seeds) at a quarter, half, three quarters and the end of the budget."""
+    curves = results.get("curves")
+    if not curves:
+        return []
+    heads, steps = results["config"]["heads"], results["config"]["steps"]
+    lines = ["", "Learning curves: validation accuracy, mean over seeds, at each quarter of the budget, and the gain over its "
+                 "last quarter (a plateau shows as a gain near 0):", ""]
+    for h in heads:
+        lines += [f"{h} heads:", "", "| arm | " + " | ".join(f"step {steps * q // 4}" for q in (1, 2, 3, 4)) + " | last-quarter gain |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for arm, per_heads in curves.items():
+            runs = per_heads[str(h)]
+
+            def at(step: int) -> float:  # the last evaluation at or before ``step``, mean over seeds; NaN before the first
+                return statistics.mean(max((p for p in run if p[0] <= step), key=lambda p: p[0], default=[0, float("nan")])[1] for run in runs)
+
+            points = [at(steps * q // 4) for q in (1, 2, 3, 4)]
+            gain = 100 * (points[3] - points[2])
+            lines.append(f"| {arm} | " + " | ".join("—" if math.isnan(p) else f"{p:.2%}" for p in points)
+                         + (" | — |" if math.isnan(gain) else f" | {gain:+.2f} points |"))
+        lines.append("")
+    return lines
+
+
+def alignment_rows(results: dict) -> list[str]:
+    alignment = results.get("alignment") or {}
+    if not alignment:
+        peaks = results.get("alignment_peak") or {}  # results written before the alignment summary existed
+        alignment = {arm: {h: [{"peak": v} for v in values] for h, values in per_heads.items()} for arm, per_heads in peaks.items()}
+    if not alignment:
+        return []
+    keys = [("peak", "peak max_j a_ij"), ("kept_weight", "kept head on its own student head"), ("kept_top", "kept head's top is its own"),
+            ("dropped_peak", "dropped head peak"), ("dropped_entropy", "dropped head spread (entropy / log Hs)")]
+    lines = ["", "Alignment weights of the AMAD students on validation questions (mean over seeds; uniform over student heads "
+                 "would give 1/Hs for weights and peaks, 1 for spread):", "",
+             "| arm | heads (1/Hs) | " + " | ".join(title for _, title in keys) + " |", "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
+    for arm, per_heads in alignment.items():
+        for h, runs in per_heads.items():
+            cells = []
+            for key, _ in keys:
+                values = [run[key] for run in runs if run and key in run]
+                cells.append(f"{statistics.mean(values):.3f}" if values else "n/a")
+            lines.append(f"| {arm} | {h} ({1 / int(h):.3f}) | " + " | ".join(cells) + " |")
+    return lines
+
+
+def regime_section(results: dict) -> list[str]:
+    config, heads = results["config"], results["config"]["heads"]
+    regime = results.get("regime", "random")
+    teacher = results["teacher"]
+    normalization = config.get("normalization", "sum")
+    lines = [f"## {REGIME_TITLES.get(regime, regime)}", ""]
+    if results.get("command"):
+        lines += [f"Command: `{results['command']}`", ""]
+    shape = (f"pruned from the teacher to {config['layers']} layers (its most important heads, the whole FFN)" if regime == "pruned"
+             else f"{config['layers']} layers, head_dim {config['head_dim']}, random weights")
+    lines += [
+        f"Teacher: {config['teacher']} ({teacher['heads']} heads x {teacher['layers']} layers), test accuracy **{teacher['accuracy']:.2%}** "
+        f"on the same {config['test_questions']} test questions"
+        + (f" ({teacher['relational_accuracy']:.2%} on relational questions)." if teacher.get("relational_accuracy") is not None else "."),
+        f"Students: {shape}; {config['steps']} steps of batch {config['batch_size']} per run (lr {config['lr']}); "
+        f"{len(config['seeds'])} seed(s); attention terms normalised `{normalization}`"
+        + (" (each a mean per aligned teacher target)" if normalization == "per_head" else " (the papers' sums over heads: not on one scale)") + ".",
+        "", "Test accuracy, mean ± std over seeds:", "",
+    ]
+    lines += _table(heads, [(arm, [_mean_std(per_heads[str(h)]) for h in heads]) for arm, per_heads in results["accuracy"].items()], "arm")
+    if results.get("relational_accuracy"):
+        lines += ["", "Accuracy on relational questions only (where heads should matter), mean ± std over seeds:", ""]
+        lines += _table(heads, [(arm, [_mean_std(per_heads[str(h)]) for h in heads]) for arm, per_heads in results["relational_accuracy"].items()], "arm")
+    found = verdicts(results)
+    if found:
+        lines += ["", "AMAD minus each baseline, test accuracy points: mean ± standard error of the per-seed (paired) difference; "
+                      "a verdict only beyond 2 standard errors:", ""]
+        rows = []
+        for arm in amad_arms(results):
+            for baseline in (b for b in BASELINES if b in results["accuracy"]):
+                rows.append((f"{arm} − {baseline}", [f"{found[(arm, baseline, h)][0]:+.2f} ± {found[(arm, baseline, h)][1]:.2f} ({found[(arm, baseline, h)][2]})"
+                                                     if not math.isnan(found[(arm, baseline, h)][1]) else f"{found[(arm, baseline, h)][0]:+.2f} (1 seed: no error bar)"
+                                                     for h in heads]))
+        lines += _table(heads, rows, "comparison")
+    if results.get("params"):
+        tuning = results.get("tuning")
+        how = (f"tuned on the validation split with seed {tuning['seed']}, {len(tuning['weights'])} candidates per arm "
+               f"(attention weights {tuning['weights']}; amad_tuned pairs them with temperatures {tuning['temperatures']} in turn), "
+               f"{tuning['train_seconds'] / 60:.0f} min of lockstep training" if tuning else "not tuned: attention weight 1 for every arm")
+        lines += ["", f"Settings of each arm ({how}):", ""]
+        lines += _table(heads, [(arm, [", ".join(f"{k.replace('attention_weight', 'w').replace('amad_temperature', 'τ')} {v:g}" for k, v in per_heads[str(h)].items()) or "—"
+                                       for h in heads]) for arm, per_heads in results["params"].items()], "arm")
+    lines += curve_rows(results)
+    lines += alignment_rows(results)
+    groups = len(heads) * len(config["seeds"])
+    lines += ["", f"Time: {groups} lockstep groups ({len(config['methods'])} students each) trained for {results['train_seconds'] / 60:.1f} min in all "
+                  f"({config['threads']} thread(s) per group, {config['jobs']} group(s) at a time, {config['cpu_count']} CPUs, {config['machine']}); "
+                  f"the command that wrote these figures ran {results['seconds'] / 60:.1f} min and reused {results['reused_runs']} finished runs.", ""]
+    return lines
+
+
+def write_page(path: Path, regimes: list[dict]) -> None:
+    """``docs/results.md`` from the results of each regime (pruned first, as ``DEFAULT_SOURCES`` orders them)."""
+    lines = ["<!-- generated by benchmarks/results_page.py from benchmarks/compare_methods.py's JSON: do not edit by hand -->",
+             "# Distillation methods on the built-in benchmark", "",
+             "Does AMAD beat the baselines? Per regime and head count (test accuracy, paired over seeds, verdict only beyond 2 standard errors):", ""]
+    for results in regimes:
+        lines += [f"{REGIME_TITLES.get(results.get('regime', 'random'), results.get('regime'))}:", ""] + verdict_summary(results) + [""]
+    for results in regimes:
+        lines += regime_section(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sources", nargs="*", default=[str(p) for p in DEFAULT_SOURCES])
+    parser.add_argument("--out", default=str(DEFAULT_MD))
+    args = parser.parse_args(argv)
+    found = [Path(p) for p in args.sources if Path(p).is_file()]
+    if not found:
+        sys.exit(f"no results to write a page from: none of {args.sources} exists (run benchmarks/compare_methods.py first)")
+    write_page(Path(args.out), [json.loads(p.read_text()) for p in found])
+    print(f"wrote {args.out} from {', '.join(map(str, found))}")
+
+
+if __name__ == "__main__":
+    main()
