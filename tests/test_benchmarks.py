@@ -192,57 +192,63 @@ def test_inference_quick_run_writes_complete_results(tmp_path):
     assert returned["config"]["quick"] is True and returned["config"]["validation_questions"] <= 256
 
 
-def test_the_claim_check_pairs_seeds_and_gives_a_verdict_only_beyond_two_standard_errors():
-    compare = load_script("compare_methods")
-    mean, se = compare.paired_difference([0.50, 0.52, 0.54], [0.49, 0.50, 0.50])  # differences 1, 2, 4 points
-    assert mean == pytest.approx(7 / 3) and se == pytest.approx((7 / 3) ** 0.5 / 3 ** 0.5)
-    results = {"config": {"heads": [2, 4]}, "accuracy": {
-        "logit_kd": {"2": [0.49, 0.50, 0.50], "4": [0.40, 0.41, 0.42]},
-        "one_to_one": {"2": [0.50, 0.52, 0.54], "4": [0.45, 0.45, 0.45]},
-        "amad_t1": {"2": [0.50, 0.52, 0.54], "4": [0.40, 0.45, 0.41]},
-    }}
-    table = "\n".join(compare.claim_lines(results))
-    assert "| amad_t1 − one_to_one | +0.00 ± 0.00 (no clear difference) | -3.00 ± 1.53 (no clear difference) |" in table
-    assert "| amad_t1 − logit_kd | +2.33 ± 0.88 (better) | +1.00 ± 1.53 (no clear difference) |" in table
-
-
 def test_compare_methods_quick_run_writes_json_and_the_generated_results_page(tmp_path, capsys):
+    """Both regimes on a random tiny teacher: tuning, reuse of logged runs, the page, and worker processes."""
     compare = load_script("compare_methods")
     threads = torch.get_num_threads()
-    argv = ["--quick", "--threads", "1", "--out", str(tmp_path / "cm.json"), "--results-md", str(tmp_path / "results.md")]
+    argv = ["--quick", "--threads", "1", "--start", "pruned", "--out", str(tmp_path / "cm.json"), "--results-md", str(tmp_path / "results.md")]
     try:
-        first = compare.main(argv + ["--methods", "task", "amad_t1"])
-        returned = compare.main(argv)  # the two runs above are reused, the other five trained
+        first = compare.main(argv + ["--methods", "task", "amad_t1"])  # untuned: attention weight 1
+        tuned = compare.main(argv + ["--tune"])
+        again = compare.main(argv)  # the tuning file is read back; every run is reused
     finally:
         torch.set_num_threads(threads)
-    assert "7 runs: 2 reused" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tuning: 21 candidate runs" in out and "final: 9 runs, 0 to train" in out
     log = [json.loads(line) for line in (tmp_path / "cm.runs.jsonl").read_text().splitlines()]
-    assert sorted(record["method"] for record in log) == sorted(compare.METHODS)  # each run trained exactly once
-    for method in ("task", "amad_t1"):
-        assert returned["accuracy"][method] == first["accuracy"][method]
-    assert json.loads((tmp_path / "cm.json").read_text()) == json.loads(json.dumps(returned))
-    assert set(returned["accuracy"]) == set(compare.METHODS)
-    for method, per_heads in returned["accuracy"].items():
-        assert set(per_heads) == {"2"} and len(per_heads["2"]) == 1 and 0.0 <= per_heads["2"][0] <= 1.0, method
-    assert set(returned["alignment_peak"]) == {"amad_t1", "amad_tsweep"}
-    for per_heads in returned["alignment_peak"].values():
-        assert 0.5 - 1e-6 <= per_heads["2"][0] <= 1.0 + 1e-6  # between uniform (1/Hs) and one-hot
+    finals = sorted((r["arm"], json.dumps(r["params"])) for r in log if r["stage"] == "final")
+    assert len(finals) == len(set(finals))  # no run trained twice
+    assert sorted(r["arm"] for r in log if r["stage"] == "tune") == sorted(a for a in compare.ARMS if a not in compare.NO_ATTENTION for _ in range(3))
+    assert first["params"]["amad_t1"]["2"] == {"attention_weight": 1.0} and first["accuracy"]["task"] == tuned["accuracy"]["task"]
+    tuning = json.loads((tmp_path / "cm.tuning.json").read_text())
+    for arm, per_heads in tuned["params"].items():
+        assert per_heads["2"] == tuning["chosen"].get("2", {}).get(arm, {}), arm
+        if arm not in compare.NO_ATTENTION:
+            best = max(tuning["candidates"]["2"][arm], key=lambda c: c["val_accuracy"])
+            assert per_heads["2"] == best["params"]
+    assert again["accuracy"] == tuned["accuracy"] and again["reused_runs"] == 9
+    assert set(tuned["accuracy"]) == set(compare.ARMS)
+    for field in ("accuracy", "relational_accuracy", "nonrelational_accuracy"):
+        for arm, per_heads in tuned[field].items():
+            assert set(per_heads) == {"2"} and len(per_heads["2"]) == 1 and 0.0 <= per_heads["2"][0] <= 1.0, (field, arm)
+    for arm, per_heads in tuned["curves"].items():
+        assert [step for step, _ in per_heads["2"][0]] == [10, 20], arm  # every --eval-every steps and the last
+    assert set(tuned["alignment"]) == {"amad_t1", "amad_tuned", "amad_mse"}
+    for per_heads in tuned["alignment"].values():
+        summary = per_heads["2"][0]
+        assert 0.5 - 1e-6 <= summary["peak"] <= 1.0 + 1e-6 and 0.0 <= summary["kept_top"] <= 1.0  # between uniform and one-hot
+        assert 0.0 <= summary["dropped_entropy"] <= 1.0 + 1e-6
     page = (tmp_path / "results.md").read_text()
-    assert page.startswith("<!-- generated by benchmarks/compare_methods.py") and "| amad_t1 |" in page
-    assert "python benchmarks/compare_methods.py --quick" in page
-    assert "| amad_t1 − one_to_one |" in page and "1 seed: no error bar" in page
+    assert page.startswith("<!-- generated by benchmarks/results_page.py") and "| amad_t1 |" in page
+    assert "python benchmarks/compare_methods.py --quick" in page and "| amad_t1 − one_to_one_origin |" in page
+    assert "1 seed: no error bar" in page and "## Students pruned from the teacher" in page
 
-    # Two lockstep groups (seeds 0 and 1) at once in worker processes: seed 0 trains the same students
-    # as in-process above, where those methods shared their group with others.
+    # Two lockstep groups (seeds 0 and 1) at once in worker processes, random regime.
     command = [sys.executable, str(BENCHMARKS / "compare_methods.py"), "--quick", "--threads", "1", "--jobs", "2", "--fresh",
                "--seeds", "0", "1", "--methods", "logit_kd", "amad_t1", "--out", str(tmp_path / "jobs" / "cm.json"),
                "--results-md", str(tmp_path / "jobs" / "results.md")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     parallel = json.loads((tmp_path / "jobs" / "cm.json").read_text())
-    assert parallel["config"]["jobs"] == 2 and parallel["config"]["seeds"] == [0, 1]
+    assert parallel["config"]["jobs"] == 2 and parallel["config"]["seeds"] == [0, 1] and parallel["regime"] == "random"
+    in_process = compare.main(["--quick", "--threads", "1", "--fresh", "--methods", "logit_kd", "amad_t1", "--out", str(tmp_path / "one" / "cm.json"),
+                               "--results-md", str(tmp_path / "one" / "results.md")])
     for method in ("logit_kd", "amad_t1"):
-        assert parallel["accuracy"][method]["2"][0] == returned["accuracy"][method]["2"][0], method
+        assert parallel["accuracy"][method]["2"][0] == in_process["accuracy"][method]["2"][0], method
+    torch.set_num_threads(threads)
+    refused = subprocess.run([sys.executable, str(BENCHMARKS / "compare_methods.py"), "--quick", "--methods", "one_to_one_origin"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "one_to_one_origin needs students pruned from the teacher (--start pruned)" in refused.stderr
 
 
 def sweep_efficiency_probe(probe: str):

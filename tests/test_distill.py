@@ -195,6 +195,10 @@ def _refused(tmp_path: Path, values: dict, message: str) -> None:
         ({"student": {"heads": 2, "layers": 1, "init": "pruned", "ffn_keep": 1.5}}, r"student.ffn_keep: Input should be less than or equal to 1"),
         ({"student": {"heads": 2, "layers": 1, "init": "pruned", "hidden_size": 16}}, r"init=pruned keeps the teacher's head size.*remove hidden_size"),
         ({"student": {"heads": 2, "layers": 1, "ffn_keep": 0.5}}, r"ffn_keep=0.5 applies only to init=pruned"),
+        ({"objective": {"method": "one_to_one", "one_to_one_pairing": "origin"}},
+         r"objective.one_to_one_pairing: origin needs a student pruned from the teacher \(student.init: pruned\): a student with init 'random'"),
+        ({"objective": {"method": "amad", "one_to_one_pairing": "origin"}}, r"objective: .*one_to_one_pairing: origin applies to method: one_to_one only"),
+        ({"objective": {"attention_normalization": "mean"}}, r"objective.attention_normalization: Input should be 'sum' or 'per_head'"),
     ],
 )
 def test_bad_configs_name_the_field_and_write_nothing(tmp_path, tiny_teacher, change, message):

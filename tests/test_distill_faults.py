@@ -89,8 +89,9 @@ def test_a_worker_that_dies_mid_run_restarts_from_the_last_checkpoint_and_finish
     ``max_failures=1``: Ray Train restarts the worker group, ``get_checkpoint()`` gives epoch 1's
     checkpoint, and the loop goes on from step 9 to the configured 3 x 9 steps. The fault hook waits for
     epoch 1's checkpoint to be committed before exiting (see ``distill_worker._fail_once``). The student
-    is pruned from the teacher (2 of 6 heads, half of each FFN): the restarted workers must rebuild its
-    pruned shapes from the checkpoint, not start a new pruned student from the teacher.
+    is pruned from the teacher (2 of 6 heads, half of each FFN) and learns by one-to-one by origin: the
+    restarted workers must rebuild its pruned shapes (and origins) from the checkpoint, not start a new
+    pruned student from the teacher.
     """
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     base = tiny_config(tiny_teacher, **{"scaling.cpus_per_worker": 1})  # one worker per node
@@ -100,6 +101,8 @@ def test_a_worker_that_dies_mid_run_restarts_from_the_last_checkpoint_and_finish
         "scaling.cpus_per_worker": 1, "train.epochs": 3, "max_failures": 1, "checkpoints_to_keep": 3,
         "fail_at_step": fail_at, "run_name": "worker-dies",
         "student.init": "pruned", "student.ffn_keep": 0.5, "student.importance_examples": 64,
+        # one-to-one by origin reads the pruning record: from the new student, then from the checkpoint after the restart
+        "objective.method": "one_to_one", "objective.one_to_one_pairing": "origin", "objective.attention_normalization": "per_head",
     })
     summary = train_distill.main(cfg, tmp_path)
 

@@ -1,0 +1,199 @@
+"""The claim comparison's parts (issue 23): normalised attention terms, one-to-one by origin, the results page.
+
+Hand-built maps: one query row over two keys, three teacher heads and two student heads::
+
+    teacher t0 = [0.5, 0.5], t1 = [1, 0], t2 = [0.25, 0.75]       student s0 = [0.75, 0.25], s1 = [0.5, 0.5]
+
+so every divergence below is a closed form (KL(p || q) = sum p log(p / q)).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from amad.losses import amad_loss, one_to_one_loss, relation_loss
+from amad.models import ViltAdapter
+from amad.objective import DistillationObjective
+from amad.outputs import QKV, VLOutputs
+from amad.pruning import plan, prune_from_plan, recorded_origins, score
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name: str):
+    """Import ``benchmarks/<name>.py`` (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+T = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.25, 0.75]])[None, :, None]  # (B=1, Ht=3, Q=1, K=2)
+S = torch.tensor([[0.75, 0.25], [0.5, 0.5]])[None, :, None]  # (1, Hs=2, 1, 2)
+LOG = math.log
+KL_T0_S0 = 0.5 * LOG(0.5 / 0.75) + 0.5 * LOG(0.5 / 0.25)
+KL_T1_S1 = LOG(1 / 0.5)
+KL_T2_S0 = 0.25 * LOG(0.25 / 0.75) + 0.75 * LOG(0.75 / 0.25)
+MEAN_T, MEAN_S = (1.75 / 3, 1.25 / 3), (0.625, 0.375)
+KL_MEANS = MEAN_T[0] * LOG(MEAN_T[0] / MEAN_S[0]) + MEAN_T[1] * LOG(MEAN_T[1] / MEAN_S[1])
+AMAD_SUM = 0.7376320079694746  # sum over teacher heads of KL(t_i || sum_j a_ij s_j), a = softmax_j cos(t_i, s_j), by hand in numpy
+
+
+def outputs(maps: torch.Tensor, layers: int = 1, qkv: list[QKV] | None = None) -> VLOutputs:
+    return VLOutputs(logits=torch.zeros(maps.shape[0], 3), attentions={"self": [maps] * layers}, query_masks={}, key_masks={},
+                     qkv={"self": qkv} if qkv else {})
+
+
+def attention(method: str, normalization: str, **extra) -> float:
+    objective = DistillationObjective(method=method, task_weight=0.0, logit_kd_weight=0.0, attention_weight=1.0,
+                                      attention_normalization=normalization, **extra)
+    return objective(outputs(T), outputs(S))["attention"].item()
+
+
+@pytest.mark.parametrize(
+    "method, extra, summed, targets",
+    [
+        ("one_to_one", {}, KL_T0_S0 + KL_T1_S1, 2),  # Hs aligned pairs; t2 dropped
+        ("one_to_one", {"one_to_one_pairing": "origin", "head_origins": [[(0, 2), (0, 0)]]}, KL_T2_S0 + 0.0, 2),  # s0 <- t2, s1 <- t0
+        ("head_mean", {}, KL_MEANS, 1),  # one divergence of the mean maps
+        ("amad", {}, AMAD_SUM, 3),  # every one of the Ht teacher heads
+    ],
+)
+def test_attention_terms_are_sums_by_default_and_means_per_aligned_teacher_target_when_normalised(method, extra, summed, targets):
+    assert attention(method, "sum", **extra) == pytest.approx(summed, rel=1e-5)
+    assert attention(method, "per_head", **extra) == pytest.approx(summed / targets, rel=1e-5)
+
+
+def test_relation_term_normalised_is_the_mean_of_its_three_relations():
+    generator = torch.Generator().manual_seed(0)
+    teacher = QKV(*(torch.randn(2, 5, 12, generator=generator) for _ in range(3)))
+    student = QKV(*(torch.randn(2, 5, 8, generator=generator) for _ in range(3)))
+    summed = relation_loss(teacher, student, relation_heads=4).item()
+    values = {}
+    for normalization in ("sum", "per_head"):
+        objective = DistillationObjective(method="relation", relation_heads=4, task_weight=0.0, logit_kd_weight=0.0,
+                                          attention_normalization=normalization)
+        values[normalization] = objective(outputs(T, qkv=[teacher]), outputs(S, qkv=[student]))["attention"].item()
+    assert values["sum"] == pytest.approx(summed, rel=1e-6) and values["per_head"] == pytest.approx(summed / 3, rel=1e-6)
+
+
+def test_one_to_one_loss_takes_the_teacher_head_of_each_student_head_and_refuses_bad_lists():
+    assert one_to_one_loss(T, S, teacher_heads=[2, 0]).item() == pytest.approx(KL_T2_S0, rel=1e-5)
+    assert one_to_one_loss(T, S, teacher_heads=[0, 1]).item() == pytest.approx(one_to_one_loss(T, S).item())
+    for bad in ([0], [0, 0], [0, 3], [0, -1], [0, True]):
+        with pytest.raises(ValueError, match=r"teacher_heads must list 2 distinct teacher head indices in \[0, 3\)"):
+            one_to_one_loss(T, S, teacher_heads=bad)
+
+
+def test_one_to_one_by_origin_needs_origins_that_fit_the_student_and_the_layer_map():
+    with pytest.raises(ValueError, match="needs head_origins.*only a student pruned from its teacher"):
+        DistillationObjective(method="one_to_one", one_to_one_pairing="origin")
+    with pytest.raises(ValueError, match="applies to method='one_to_one' only"):
+        DistillationObjective(method="amad", one_to_one_pairing="origin", head_origins=[[(0, 0)]])
+    with pytest.raises(ValueError, match=r"head_origins\[0\] must hold \(teacher_layer, teacher_head\) pairs"):
+        DistillationObjective(method="one_to_one", one_to_one_pairing="origin", head_origins=[[(0, "a")]])
+    with pytest.raises(ValueError, match="attention_normalization must be one of"):
+        DistillationObjective(attention_normalization="mean")
+    two_layers = DistillationObjective(method="one_to_one", one_to_one_pairing="origin", head_origins=[[(0, 2), (0, 0)]] * 2,
+                                      task_weight=0.0)
+    with pytest.raises(ValueError, match="head_origins lists 2 student layers but the student returns 1"):
+        two_layers(outputs(T), outputs(S))
+    elsewhere = DistillationObjective(method="one_to_one", one_to_one_pairing="origin", head_origins=[[(1, 2), (1, 0)]], task_weight=0.0)
+    with pytest.raises(ValueError, match=r"student layer 0 was pruned from teacher layer\(s\) \[1\] but layer_map pairs it with teacher layer 0"):
+        elsewhere(outputs(T), outputs(S))
+
+
+@pytest.fixture(scope="module")
+def pruned_pair(tiny_teacher):
+    """The tiny teacher (6 heads x 2 layers) and a student pruned from it to 2 heads x 1 layer."""
+    from amad.data.benchmark import BenchmarkSpec, make_split
+    from amad.data.text import load_tokenizer
+    import json
+
+    teacher = ViltAdapter.load(tiny_teacher).eval()
+    spec = BenchmarkSpec.from_dict(json.loads((tiny_teacher / "benchmark.json").read_text()))
+    train = make_split(spec, "train", load_tokenizer(tiny_teacher))
+    importance = score(teacher, train.subset(torch.arange(64)).batches(32))
+    return teacher, prune_from_plan(teacher, plan(importance, 2, 1, 1.0)), train
+
+
+def test_one_to_one_by_origin_on_a_pruned_student_uses_its_recorded_heads(pruned_pair):
+    teacher, student, train = pruned_pair
+    origins = recorded_origins(student)
+    (layer, _), = {(layer, None) for layer, _ in origins[0]}
+    assert len(origins) == 1 and layer == 1  # one student layer, cut from the teacher's last (uniform map)
+    batch = train.batch(torch.arange(8))
+    with torch.no_grad():
+        t_out, s_out = ViltAdapter.forward(teacher, batch), ViltAdapter.forward(student, batch)
+    objective = DistillationObjective(method="one_to_one", one_to_one_pairing="origin", head_origins=origins,
+                                      task_weight=0.0, logit_kd_weight=0.0, attention_normalization="per_head")
+    expected = one_to_one_loss(t_out.attentions["self"][1], s_out.attentions["self"][0], s_out.query_masks["self"],
+                               teacher_heads=[head for _, head in origins[0]]) / 2
+    assert objective(t_out, s_out)["attention"].item() == pytest.approx(expected.item(), rel=1e-6)
+    by_index = DistillationObjective(method="one_to_one", task_weight=0.0, logit_kd_weight=0.0, attention_normalization="per_head")
+    if [head for _, head in origins[0]] != [0, 1]:  # the kept heads are not the first two: by index differs
+        assert by_index(t_out, s_out)["attention"].item() != pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_a_student_without_a_pruning_record_has_no_recorded_origin(pruned_pair):
+    teacher, _, _ = pruned_pair
+    with pytest.raises(ValueError, match="this student has no recorded origin: one-to-one by origin needs a student pruned from the teacher"):
+        recorded_origins(teacher)
+
+
+# ---------------------------------------------------------------- the comparison and its page
+
+
+def test_every_tuned_arm_gets_the_same_number_of_candidates():
+    compare = load_script("compare_methods")
+    weights, temperatures = [1.0, 4.0, 16.0], [0.3, 0.1]
+    budgets = {arm: compare.candidates(arm, weights, temperatures, 0.3) for arm in compare.ARMS}
+    assert budgets["task"] == budgets["logit_kd"] == [{}]
+    assert {len(c) for arm, c in budgets.items() if arm not in compare.NO_ATTENTION} == {3}
+    assert budgets["amad_tuned"] == [{"attention_weight": 1.0, "amad_temperature": 0.3}, {"attention_weight": 4.0, "amad_temperature": 0.1},
+                                     {"attention_weight": 16.0, "amad_temperature": 0.3}]
+    records = [{"heads": 4, "arm": "amad_t1", "params": {"attention_weight": w}, "val_accuracy": acc} for w, acc in ((1.0, 0.5), (4.0, 0.6), (16.0, 0.6))]
+    assert compare.choose(records, ["amad_t1", "one_to_one"], [4]) == {"4": {"amad_t1": {"attention_weight": 4.0}}}  # a tie keeps the first
+
+
+def _results(accuracy: dict, regime: str = "pruned") -> dict:
+    heads = sorted({int(h) for per_heads in accuracy.values() for h in per_heads})
+    return {"regime": regime, "accuracy": accuracy, "teacher": {"accuracy": 0.85, "heads": 12, "layers": 4},
+            "config": {"heads": heads, "seeds": [0, 1, 2], "methods": list(accuracy), "layers": 2, "head_dim": None, "steps": 1200,
+                       "batch_size": 64, "lr": 1e-3, "teacher": "weights/teacher-default", "test_questions": 9995,
+                       "threads": 1, "jobs": 2, "cpu_count": 2, "machine": "x86_64", "normalization": "per_head"},
+            "seconds": 60.0, "train_seconds": 60.0, "reused_runs": 0}
+
+
+def test_results_page_gives_verdicts_only_beyond_two_standard_errors(tmp_path):
+    page = load_script("results_page")
+    mean, se = page.paired_difference([0.50, 0.52, 0.54], [0.49, 0.50, 0.50])  # differences 1, 2, 4 points
+    assert mean == pytest.approx(7 / 3) and se == pytest.approx((7 / 3) ** 0.5 / 3 ** 0.5)
+    results = _results({
+        "logit_kd": {"2": [0.49, 0.50, 0.50], "4": [0.40, 0.41, 0.42]},
+        "one_to_one": {"2": [0.50, 0.52, 0.54], "4": [0.45, 0.45, 0.45]},
+        "one_to_one_origin": {"2": [0.53, 0.55, 0.57], "4": [0.40, 0.45, 0.41]},
+        "amad_t1": {"2": [0.50, 0.52, 0.54], "4": [0.40, 0.45, 0.41]},
+    })
+    found = page.verdicts(results)
+    assert found[("amad_t1", "one_to_one", 2)] == (pytest.approx(0.0), pytest.approx(0.0), "no clear difference")
+    assert found[("amad_t1", "one_to_one", 4)][2] == "no clear difference"  # -3.00 ± 1.53
+    assert found[("amad_t1", "logit_kd", 2)][2] == "better"  # +2.33 ± 0.88
+    assert found[("amad_t1", "one_to_one_origin", 2)][2] == "worse"  # -3.00 ± 0.00
+    assert found[("amad_t1", "one_to_one_origin", 4)][2] == "no clear difference"  # identical runs: 0 ± 0
+    path = tmp_path / "results.md"
+    page.write_page(path, [results, _results({"logit_kd": {"2": [0.4]}, "amad_t1": {"2": [0.5]}}, regime="random")])
+    text = path.read_text()
+    assert text.startswith("<!-- generated by benchmarks/results_page.py")
+    assert "| amad_t1 − one_to_one | +0.00 ± 0.00 (no clear difference) | -3.00 ± 1.53 (no clear difference) |" in text
+    assert "| amad_t1 − logit_kd | +2.33 ± 0.88 (better) | +1.00 ± 1.53 (no clear difference) |" in text
+    assert "| amad_t1 − one_to_one_origin | -3.00 ± 0.00 (worse) | +0.00 ± 0.00 (no clear difference) |" in text
+    assert "- **amad_t1** vs one_to_one_origin: 2 heads worse (-3.00 ± 0.00), 4 heads no clear difference (+0.00 ± 0.00)" in text
+    assert "## Students pruned from the teacher" in text and "## Students from random weights" in text
+    assert "+10.00 (1 seed: no error bar)" in text and "2 heads 1 seed: no verdict (+10.00 ± nan)" in text
