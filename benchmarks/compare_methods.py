@@ -208,6 +208,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--val-questions", type=int, default=2000)
     parser.add_argument("--test-scenes", type=int, default=1000, help="x10 questions")
     parser.add_argument("--tune", action="store_true", help="first tune every arm on the validation split (one seed)")
+    parser.add_argument("--tune-only", action="store_true", help="stop after tuning (with --tune): no final runs")
     parser.add_argument("--tune-seed", type=int, default=0)
     parser.add_argument("--tune-weights", type=float, nargs="+", default=[1.0, 4.0, 16.0])
     parser.add_argument("--tune-temperatures", type=float, nargs="+", default=[0.3, 0.1])
@@ -415,14 +416,22 @@ def main(argv=None) -> dict:
                 groups += [("tune", h, args.tune_seed, tuple(chunk)) for chunk in split_evenly(todo, args.jobs) if chunk]
             print(f"tuning: {sum(len(g[3]) for g in groups)} candidate runs to train in {len(groups)} lockstep group(s)", flush=True)
             run_groups(groups, world, args, teacher_dir, finished)
-            records = [r for r in done.values() if r["stage"] == "tune" and r["seed"] == args.tune_seed and r["heads"] in args.heads]
-            tuning = {"chosen": choose(records, args.methods, args.heads), "weights": args.tune_weights, "temperatures": args.tune_temperatures,
+            # every head count tuned under this key so far (earlier commands' too), this command's candidates only
+            wanted = {(arm, json.dumps(params, sort_keys=True)) for arm in args.methods if arm not in NO_ATTENTION
+                      for params in candidates(arm, args.tune_weights, args.tune_temperatures, args.sweep_temperature)}
+            records = [r for r in done.values() if r["stage"] == "tune" and r["seed"] == args.tune_seed
+                       and (r["arm"], json.dumps(r["params"], sort_keys=True)) in wanted]
+            tuned_heads = sorted({r["heads"] for r in records})
+            tuning = {"chosen": choose(records, args.methods, tuned_heads), "weights": args.tune_weights, "temperatures": args.tune_temperatures,
                       "seed": args.tune_seed, "run_key": key,
                       "candidates": {str(h): {arm: [{"params": r["params"], "val_accuracy": r["val_accuracy"], "curve": r["curve"]}
                                                     for r in records if r["heads"] == h and r["arm"] == arm]
-                                              for arm in args.methods if arm not in NO_ATTENTION} for h in args.heads},
+                                              for arm in args.methods if arm not in NO_ATTENTION} for h in tuned_heads},
                       "train_seconds": results_page.group_seconds(records)}
             tuning_path.write_text(json.dumps(tuning, indent=2) + "\n")
+            if args.tune_only:
+                print(f"wrote {tuning_path} (--tune-only: no final runs)")
+                return tuning
         elif tuning_path.is_file():
             tuning = json.loads(tuning_path.read_text())
             if tuning.get("run_key") != key:

@@ -141,8 +141,8 @@ def regime_section(results: dict) -> list[str]:
     teacher = results["teacher"]
     normalization = config.get("normalization", "sum")
     lines = [f"## {REGIME_TITLES.get(regime, regime)}", ""]
-    if results.get("command"):
-        lines += [f"Command: `{results['command']}`", ""]
+    lines += [f"Command: `{results['command']}`" if results.get("command") else
+              "Command: not recorded in this JSON (written by an earlier version of the script; see docs/claim.md)", ""]
     shape = (f"pruned from the teacher to {config['layers']} layers (its most important heads, the whole FFN)" if regime == "pruned"
              else f"{config['layers']} layers, head_dim {config['head_dim']}, random weights")
     lines += [
