@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SOURCES = (ROOT / "benchmarks" / "results" / "compare_methods_pruned.json", ROOT / "benchmarks" / "results" / "compare_methods.json")
+RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_SOURCES = (RESULTS / "compare_methods_pruned.json", RESULTS / "compare_methods_pruned_4000steps.json", RESULTS / "compare_methods.json")
 DEFAULT_MD = ROOT / "docs" / "results.md"
 BASELINES = ("one_to_one_origin", "one_to_one", "logit_kd")
 REGIME_TITLES = {"pruned": "Students pruned from the teacher", "random": "Students from random weights"}
@@ -72,6 +73,13 @@ def _mean_std(values: list[float | None]) -> str:
 def _table(heads: list[int], rows: list[tuple[str, list[str]]], first: str) -> list[str]:
     lines = [f"| {first} | " + " | ".join(f"{h} heads" for h in heads) + " |", "| --- | " + " | ".join("---" for _ in heads) + " |"]
     return lines + [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows]
+
+
+def title(results: dict) -> str:
+    """The section title: the regime, its budget and its seeds."""
+    config = results["config"]
+    regime = REGIME_TITLES.get(results.get("regime", "random"), results.get("regime"))
+    return f"{regime}: {config['steps']} steps, {len(config['seeds'])} seed(s)"
 
 
 def verdict_summary(results: dict) -> list[str]:
@@ -140,9 +148,9 @@ def regime_section(results: dict) -> list[str]:
     regime = results.get("regime", "random")
     teacher = results["teacher"]
     normalization = config.get("normalization", "sum")
-    lines = [f"## {REGIME_TITLES.get(regime, regime)}", ""]
-    lines += [f"Command: `{results['command']}`" if results.get("command") else
-              "Command: not recorded in this JSON (written by an earlier version of the script; see docs/claim.md)", ""]
+    lines = [f"## {title(results)}", ""]
+    lines += [(f"Command: `{results['command']}`" + (f" ({results['command_note']})" if results.get("command_note") else ""))
+              if results.get("command") else "Command: not recorded in this JSON (written by an earlier version of the script)", ""]
     shape = (f"pruned from the teacher to {config['layers']} layers (its most important heads, the whole FFN)" if regime == "pruned"
              else f"{config['layers']} layers, head_dim {config['head_dim']}, random weights")
     lines += [
@@ -192,7 +200,7 @@ def write_page(path: Path, regimes: list[dict]) -> None:
              "# Distillation methods on the built-in benchmark", "",
              "Does AMAD beat the baselines? Per regime and head count (test accuracy, paired over seeds, verdict only beyond 2 standard errors):", ""]
     for results in regimes:
-        lines += [f"{REGIME_TITLES.get(results.get('regime', 'random'), results.get('regime'))}:", ""] + verdict_summary(results) + [""]
+        lines += [f"{title(results)}:", ""] + verdict_summary(results) + [""]
     for results in regimes:
         lines += regime_section(results)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -195,5 +195,5 @@ def test_results_page_gives_verdicts_only_beyond_two_standard_errors(tmp_path):
     assert "| amad_t1 − logit_kd | +2.33 ± 0.88 (better) | +1.00 ± 1.53 (no clear difference) |" in text
     assert "| amad_t1 − one_to_one_origin | -3.00 ± 0.00 (worse) | +0.00 ± 0.00 (no clear difference) |" in text
     assert "- **amad_t1** vs one_to_one_origin: 2 heads worse (-3.00 ± 0.00), 4 heads no clear difference (+0.00 ± 0.00)" in text
-    assert "## Students pruned from the teacher" in text and "## Students from random weights" in text
+    assert "## Students pruned from the teacher: 1200 steps, 3 seed(s)" in text and "## Students from random weights: 1200 steps, 3 seed(s)" in text
     assert "+10.00 (1 seed: no error bar)" in text and "2 heads 1 seed: no verdict (+10.00 ± nan)" in text
