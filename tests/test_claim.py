@@ -197,3 +197,14 @@ def test_results_page_gives_verdicts_only_beyond_two_standard_errors(tmp_path):
     assert "- **amad_t1** vs one_to_one_origin: 2 heads worse (-3.00 ± 0.00), 4 heads no clear difference (+0.00 ± 0.00)" in text
     assert "## Students pruned from the teacher: 1200 steps, 3 seed(s)" in text and "## Students from random weights: 1200 steps, 3 seed(s)" in text
     assert "+10.00 (1 seed: no error bar)" in text and "2 heads 1 seed: no verdict (+10.00 ± nan)" in text
+
+
+def test_the_committed_results_page_is_what_the_generator_writes_from_the_committed_json(tmp_path):
+    """docs/results.md is generated: regenerating it from benchmarks/results/ changes nothing."""
+    page = load_script("results_page")
+    sources = [path for path in page.DEFAULT_SOURCES if path.is_file()]
+    assert sources, "no committed comparison results"
+    import json
+
+    page.write_page(tmp_path / "results.md", [json.loads(path.read_text()) for path in sources])
+    assert (tmp_path / "results.md").read_text() == page.DEFAULT_MD.read_text()
