@@ -427,7 +427,8 @@ def main(argv=None) -> dict:
                       "candidates": {str(h): {arm: [{"params": r["params"], "val_accuracy": r["val_accuracy"], "curve": r["curve"]}
                                                     for r in records if r["heads"] == h and r["arm"] == arm]
                                               for arm in args.methods if arm not in NO_ATTENTION} for h in tuned_heads},
-                      "train_seconds": results_page.group_seconds(records)}
+                      "train_seconds": results_page.group_seconds(records),
+                      "command": ("python benchmarks/compare_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()}
             tuning_path.write_text(json.dumps(tuning, indent=2) + "\n")
             if args.tune_only:
                 print(f"wrote {tuning_path} (--tune-only: no final runs)")

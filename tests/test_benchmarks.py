@@ -219,7 +219,7 @@ def test_compare_methods_quick_run_writes_json_and_the_generated_results_page(tm
             best = max(tuning["candidates"]["2"][arm], key=lambda c: c["val_accuracy"])
             assert per_heads["2"] == best["params"]
     assert again["accuracy"] == tuned["accuracy"] and again["reused_runs"] == 9
-    assert only["chosen"] == tuning["chosen"] and len((tmp_path / "cm.runs.jsonl").read_text().splitlines()) == lines
+    assert only["command"].endswith("--tune --tune-only") and only["chosen"] == tuning["chosen"] and len((tmp_path / "cm.runs.jsonl").read_text().splitlines()) == lines
     assert set(tuned["accuracy"]) == set(compare.ARMS)
     for field in ("accuracy", "relational_accuracy", "nonrelational_accuracy"):
         for arm, per_heads in tuned[field].items():
