@@ -369,7 +369,7 @@ class DistillationObjective:
         mask = student.query_masks.get(kind)
         if self.method == "amad":
 
-            def loss(t: Tensor, s: Tensor) -> Tensor:
+            def loss(t: Tensor, s: Tensor, si: int, ti: int) -> Tensor:
                 return amad_loss(
                     t,
                     s,
@@ -384,22 +384,22 @@ class DistillationObjective:
                 return one_to_one_loss(t, s, mask, teacher_heads=self._origin_heads(si, ti, len(s_maps)))
         else:
 
-            def loss(t: Tensor, s: Tensor) -> Tensor:
+            def loss(t: Tensor, s: Tensor, si: int, ti: int) -> Tensor:
                 return head_mean_loss(t, s, mask)
 
         pairs = resolve_layer_map(self.layer_map, len(t_maps), len(s_maps))
         terms = []
         for si, ti in pairs:
             t, s = t_maps[ti].detach(), s_maps[si]
-            term = loss(t, s, si, ti) if self.method == "one_to_one" else loss(t, s)
-            terms.append(term / self._aligned_targets(t, s))
+            terms.append(loss(t, s, si, ti) / self._aligned_targets(t, s))
         return terms
 
     def _aligned_targets(self, t: Tensor, s: Tensor) -> int:
-        """What a layer's term is divided by: 1 for ``"sum"``; the teacher targets it aligns else."""
+        """What a layer's map term is divided by: 1 for ``"sum"``; the teacher targets it aligns else
+        (relation terms are scaled in :meth:`_relation_terms`)."""
         if self.attention_normalization == "sum":
             return 1
-        return {"amad": t.shape[1], "one_to_one": s.shape[1], "head_mean": 1, "relation": 3}[self.method]
+        return {"amad": t.shape[1], "one_to_one": s.shape[1], "head_mean": 1}[self.method]
 
     def _origin_heads(self, si: int, ti: int, student_layers: int) -> list[int] | None:
         """The teacher heads of student layer ``si`` by origin (None: by index)."""
