@@ -33,8 +33,12 @@ number of candidates, ``len(--tune-weights)``: the attention weights for arms wi
 ``amad_tuned`` the same weights, each paired with a temperature from ``--tune-temperatures`` in turn
 (a design that spans both ranges with the same budget). The candidates of one head count train in
 lockstep (split over ``--jobs`` processes); each arm keeps the candidate with the best final
-validation accuracy (``<out stem>.tuning.json``). The final runs then use those values with every
-seed and report the test split. Without a tuning file, weight 1 and temperature ``--sweep-temperature``.
+validation accuracy (``<out stem>.tuning.json``; a tie keeps the earlier candidate in the grid). The
+final runs then use those values with every seed and report the test split. A run is the same
+computation whatever stage asked for it (training is deterministic on CPU: the same arm, settings,
+head count and seed give the same student), so every run also records its test accuracy, and the
+chosen candidate's tuning run *is* that arm's final run for the tuning seed (its test accuracy took
+no part in the choice); likewise a logged final run serves as a tuning candidate. Without a tuning file, weight 1 and temperature ``--sweep-temperature``.
 
 **Budget and curves.** ``--steps`` AdamW steps of ``--batch-size`` on the teacher's training split,
 warm-up then cosine decay to 0.1 lr, clip 1.0; validation accuracy every ``--eval-every`` steps is
@@ -116,25 +120,32 @@ def default_params(arm: str, sweep_temperature: float) -> dict:
     return {"attention_weight": 1.0, **({"amad_temperature": sweep_temperature} if arm == "amad_tuned" else {})}
 
 
-def objective_for(arm: str, params: dict, *, relation_heads: int, normalization: str, origins=None) -> DistillationObjective:
-    """The arm's objective with its (tuned) ``params``; ``origins`` (a pruned student's) for one_to_one_origin."""
-    if arm == "task":
-        return DistillationObjective(method="none", task_weight=1.0, logit_kd_weight=0.0, attention_weight=0.0)
-    if arm == "logit_kd":
-        return DistillationObjective(method="none", task_weight=1.0, logit_kd_weight=1.0, attention_weight=0.0)
+def objective_settings(arm: str, params: dict, *, relation_heads: int, normalization: str) -> dict:
+    """The arm's :class:`DistillationObjective` arguments with its (tuned) ``params``, as the job config's
+    ``objective`` keys (so ``tune_configs/claim/sweep.yaml`` can be checked against them)."""
+    if arm in NO_ATTENTION:  # the normalisation of an absent term changes nothing; stated so every arm's settings read alike
+        return {"method": "none", "task_weight": 1.0, "logit_kd_weight": 0.0 if arm == "task" else 1.0, "attention_weight": 0.0,
+                "attention_normalization": normalization}
     kd = {"task_weight": 1.0, "logit_kd_weight": 1.0, "layer_map": "uniform", "attention_normalization": normalization,
           "attention_weight": params["attention_weight"]}
-    if arm == "relation":
-        return DistillationObjective(method="relation", relation_heads=relation_heads, **kd)
-    if arm == "one_to_one":
-        return DistillationObjective(method="one_to_one", **kd)
-    if arm == "one_to_one_origin":
-        return DistillationObjective(method="one_to_one", one_to_one_pairing="origin", head_origins=origins, **kd)
-    if arm == "head_mean":
-        return DistillationObjective(method="head_mean", **kd)
-    if arm == "amad_mse":
-        return DistillationObjective(method="amad", amad_variant="mse", amad_temperature=1.0, **kd)
-    return DistillationObjective(method="amad", amad_temperature=params.get("amad_temperature", 1.0), **kd)
+    by_arm = {
+        "relation": {"method": "relation", "relation_heads": relation_heads},
+        "one_to_one": {"method": "one_to_one"},
+        "one_to_one_origin": {"method": "one_to_one", "one_to_one_pairing": "origin"},
+        "head_mean": {"method": "head_mean"},
+        "amad_mse": {"method": "amad", "amad_variant": "mse", "amad_temperature": 1.0},
+        "amad_t1": {"method": "amad", "amad_temperature": 1.0},
+        "amad_tuned": {"method": "amad", "amad_temperature": params.get("amad_temperature", 1.0)},
+    }
+    return {**by_arm[arm], **kd}
+
+
+def objective_for(arm: str, params: dict, *, relation_heads: int, normalization: str, origins=None) -> DistillationObjective:
+    """The arm's objective with its (tuned) ``params``; ``origins`` (a pruned student's) for one_to_one_origin."""
+    settings = objective_settings(arm, params, relation_heads=relation_heads, normalization=normalization)
+    if settings.get("one_to_one_pairing") == "origin":
+        settings["head_origins"] = origins
+    return DistillationObjective(**settings)
 
 
 def temperature_of(arm: str, params: dict) -> float:
@@ -244,13 +255,27 @@ def run_key(args, teacher_dir: Path, layers: int) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_id(stage: str, arm: str, params: dict, heads: int, seed: int) -> str:
-    return json.dumps([stage, arm, params, heads, seed], sort_keys=True)
+def run_id(arm: str, params: dict, heads: int, seed: int) -> str:
+    """A run's identity under one run key; the stage that asked for it is not part of it (see the module doc)."""
+    return json.dumps([arm, params, heads, seed], sort_keys=True)
+
+
+def complete_for(stage: str, record: dict | None) -> bool:
+    """Whether a logged run serves ``stage``: tuning needs its validation accuracy, a final run its test split
+    (runs logged before tuning runs recorded the test split have validation only)."""
+    return record is not None and (stage == "tune" or "test" in record)
+
+
+def remember(done: dict[str, dict], record: dict) -> None:
+    """Log ``record`` in ``done`` unless a record of the same run with more in it is there."""
+    rid = run_id(record["arm"], record["params"], record["heads"], record["seed"])
+    if not complete_for("final", done.get(rid)) or complete_for("final", record):
+        done[rid] = record
 
 
 def read_run_log(path: Path, key: str) -> dict[str, dict]:
     """Finished runs recorded under ``key``; a line cut short by a kill is skipped, other keys are kept in the file."""
-    done = {}
+    done: dict[str, dict] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
@@ -258,7 +283,7 @@ def read_run_log(path: Path, key: str) -> dict[str, dict]:
             except json.JSONDecodeError:
                 continue
             if record.get("key") == key and "stage" in record:
-                done[run_id(record["stage"], record["arm"], record["params"], record["heads"], record["seed"])] = record
+                remember(done, record)
     return done
 
 
@@ -303,8 +328,8 @@ def _init_worker(teacher_dir: str, args) -> None:
 def run_group(task: tuple, world: dict | None = None) -> list[dict]:
     """Train the students of one group in lockstep and evaluate them; one record per student.
 
-    ``task``: ``(stage, heads, seed, ((arm, params), ...))``. Stage ``"tune"`` records validation
-    accuracy only; ``"final"`` also the test split and, for AMAD arms, the alignment summary.
+    ``task``: ``(stage, heads, seed, ((arm, params), ...))``. Every record has the validation curve,
+    the test split and, for AMAD arms, the alignment summary, whatever the stage (which is recorded).
     """
     world = world or _WORKER
     args, teacher = world["args"], world["teacher"]
@@ -331,11 +356,10 @@ def run_group(task: tuple, world: dict | None = None) -> list[dict]:
         student = trained[name]
         record = {"stage": stage, "arm": arm, "params": params, "heads": heads, "seed": seed,
                   "val_accuracy": curves[name][-1][1], "curve": curves[name]}
-        if stage == "final":
-            report = accuracy_report(predict(student, ViltAdapter, world["test"])[0], world["test"])
-            record["test"] = {k: report[k] for k in ("accuracy", "relational_accuracy", "nonrelational_accuracy") if k in report}
-            if arm.startswith("amad"):
-                record["alignment"] = alignment_summary(teacher, student, world["val"], temperature_of(arm, params))
+        report = accuracy_report(predict(student, ViltAdapter, world["test"])[0], world["test"])
+        record["test"] = {k: report[k] for k in ("accuracy", "relational_accuracy", "nonrelational_accuracy") if k in report}
+        if arm.startswith("amad"):
+            record["alignment"] = alignment_summary(teacher, student, world["val"], temperature_of(arm, params))
         records.append(record)
     seconds = round(time.perf_counter() - clock, 1)
     for record in records:
@@ -392,7 +416,7 @@ def main(argv=None) -> dict:
 
         def finished(record: dict) -> None:
             record["key"] = key
-            done[run_id(record["stage"], record["arm"], record["params"], record["heads"], record["seed"])] = record
+            remember(done, record)
             with log_path.open("a") as log:  # one line per run, flushed: a kill loses at most the group in flight
                 log.write(json.dumps(record) + "\n")
             shown = record.get("test", {}).get("accuracy", record["val_accuracy"])
@@ -402,7 +426,7 @@ def main(argv=None) -> dict:
 
         def pending(stage: str, members: list[tuple[str, dict]], h: int, seed: int) -> list[tuple[str, dict]]:
             nonlocal reused
-            todo = [m for m in members if run_id(stage, m[0], m[1], h, seed) not in done]
+            todo = [m for m in members if not complete_for(stage, done.get(run_id(m[0], m[1], h, seed)))]
             reused += len(members) - len(todo)
             return todo
 
@@ -417,10 +441,10 @@ def main(argv=None) -> dict:
             print(f"tuning: {sum(len(g[3]) for g in groups)} candidate runs to train in {len(groups)} lockstep group(s)", flush=True)
             run_groups(groups, world, args, teacher_dir, finished)
             # every head count tuned under this key so far (earlier commands' too), this command's candidates only
-            wanted = {(arm, json.dumps(params, sort_keys=True)) for arm in args.methods if arm not in NO_ATTENTION
-                      for params in candidates(arm, args.tune_weights, args.tune_temperatures, args.sweep_temperature)}
-            records = [r for r in done.values() if r["stage"] == "tune" and r["seed"] == args.tune_seed
-                       and (r["arm"], json.dumps(r["params"], sort_keys=True)) in wanted]
+            grid = [(arm, json.dumps(params, sort_keys=True)) for arm in args.methods if arm not in NO_ATTENTION
+                    for params in candidates(arm, args.tune_weights, args.tune_temperatures, args.sweep_temperature)]
+            records = sorted((r for r in done.values() if r["seed"] == args.tune_seed and (r["arm"], json.dumps(r["params"], sort_keys=True)) in grid),
+                             key=lambda r: grid.index((r["arm"], json.dumps(r["params"], sort_keys=True))))  # grid order: the tie rule
             tuned_heads = sorted({r["heads"] for r in records})
             tuning = {"chosen": choose(records, args.methods, tuned_heads), "weights": args.tune_weights, "temperatures": args.tune_temperatures,
                       "seed": args.tune_seed, "run_key": key,
@@ -455,7 +479,7 @@ def main(argv=None) -> dict:
         teacher_report = accuracy_report(predict(world["teacher"], ViltAdapter, test)[0], test)
 
     finals = {(r["arm"], r["heads"], r["seed"]): r for r in done.values()
-              if r["stage"] == "final" and r["params"] == params_for(r["arm"], r["heads"])}
+              if complete_for("final", r) and r["params"] == params_for(r["arm"], r["heads"])}
     runs = [finals[(arm, h, s)] for arm in args.methods for h in args.heads for s in args.seeds]
 
     def per_seed(field: str) -> dict:
@@ -487,7 +511,8 @@ def main(argv=None) -> dict:
     }
     results["command"] = ("python benchmarks/compare_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     out.write_text(json.dumps(results, indent=2) + "\n")
-    sources = [out] if args.quick or args.out not in {str(p) for p in DEFAULT_OUT.values()} else list(DEFAULT_OUT.values())
+    defaults = [p.resolve() for p in results_page.DEFAULT_SOURCES]
+    sources = list(results_page.DEFAULT_SOURCES) if not args.quick and out.resolve() in defaults else [out]
     results_page.write_page(Path(args.results_md), [json.loads(p.read_text()) for p in sources if p.is_file()])
     print(f"wrote {out} and {args.results_md}")
     return results
