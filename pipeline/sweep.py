@@ -139,7 +139,7 @@ def sweep_importance(cfg: SweepConfig, teacher, workdir: Path) -> dict | None:
     """The teacher's importance scores, once for every trial, when any trial prunes its student from it."""
     from pipeline import train_distill
 
-    pruned = cfg.job.student.init == "pruned" or "pruned" in (cfg.space.get("student.init").values if "student.init" in cfg.space else ())
+    pruned = cfg.job.student.init == "pruned" or "pruned" in cfg.possible_values("student.init")
     if not pruned:
         return None
     job = cfg.job.model_copy(update={"student": cfg.job.student.model_copy(update={"init": "pruned"})})

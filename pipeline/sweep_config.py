@@ -12,18 +12,30 @@ Search-space entries, one per searchable field of the distill job (dotted path, 
     {uniform: [low, high]}       # float in [low, high]
     {loguniform: [low, high]}    # float, log-uniform, 0 < low
     {randint: [low, high]}       # integer in [low, high], both ends included
+
+and, under a key that *names* the cases rather than a field (e.g. ``arm``)::
+
+    {cases: {label: {field: value, ...}, ...}}   # every case, like a grid of labels
+
+A case sets several fields together: the listed combinations and no others, which crossing grid
+entries cannot express (e.g. "one-to-one at weights 1 and 4, AMAD at weight 1 with tau 1 and 0.3":
+each method gets its own candidates). The trial's sampled value is the label (it is what the trials
+table, MLflow and ``fail_when`` see); its job gets the case's fields. A field set by a case may not
+also be a key of the space or be set by another cases entry.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from pipeline.config import DistillJobConfig, StorageConfig, Strict
 
-KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
+KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "cases")
+CASE_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@=+-]*$")  # shown in trial tables and MLflow params
 # Top-level parts of the distill job a sweep may search (scaling is per-trial resources, not a
 # hyperparameter; train.epochs is the scheduler's max_epochs).
 SEARCHABLE_ROOTS = ("student", "objective", "train", "data", "seed")
@@ -50,13 +62,14 @@ def searchable_fields(model: type[BaseModel] = DistillJobConfig, prefix: str = "
 
 
 class SpaceEntry(Strict):
-    """One searchable field: exactly one of the five kinds."""
+    """One searchable field (exactly one of the five value kinds), or a named set of ``cases``."""
 
     choice: list[Any] | None = None
     grid: list[Any] | None = None
     uniform: tuple[float, float] | None = None
     loguniform: tuple[float, float] | None = None
     randint: tuple[int, int] | None = None
+    cases: dict[str, dict[str, Any]] | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "SpaceEntry":
@@ -65,8 +78,12 @@ class SpaceEntry(Strict):
             raise ValueError(f"give exactly one of {', '.join(KINDS)} (got {', '.join(given) or 'none'})")
         kind = given[0]
         values = getattr(self, kind)
-        if kind in ("choice", "grid") and not values:
-            raise ValueError(f"{kind} is empty: list at least one value")
+        if kind in ("choice", "grid", "cases") and not values:
+            raise ValueError(f"{kind} is empty: list at least one {'case' if kind == 'cases' else 'value'}")
+        if kind == "cases":
+            for label in values:
+                if not CASE_LABEL.match(label):
+                    raise ValueError(f"case label {label!r}: use letters, digits and . _ @ = + - (it names trials in tables)")
         if kind in ("uniform", "loguniform", "randint"):
             low, high = values
             if low > high:
@@ -86,7 +103,7 @@ class SpaceEntry(Strict):
     def probes(self) -> list[Any]:
         """Values that stand for this entry when checking the space: every listed value, a range's
         ends and (for float ranges) its middle, which catches a float range over an integer field."""
-        if self.kind in ("choice", "grid"):
+        if self.kind in ("choice", "grid", "cases"):
             return list(self.values)
         low, high = self.values
         if self.kind == "randint":
@@ -100,8 +117,8 @@ class SpaceEntry(Strict):
 
         if self.kind == "choice":
             return tune.choice(list(self.values))
-        if self.kind == "grid":
-            return tune.grid_search(list(self.values))
+        if self.kind in ("grid", "cases"):
+            return tune.grid_search(list(self.values))  # cases: the labels; trial_job expands them
         low, high = self.values
         if self.kind == "uniform":
             return tune.uniform(low, high)
@@ -159,11 +176,27 @@ class SweepConfig(Strict):
     @classmethod
     def _known_fields(cls, space: dict[str, SpaceEntry]) -> dict[str, SpaceEntry]:
         allowed = searchable_fields()
-        for key in space:
+
+        def check_field(key: str, where: str) -> None:
             if key in NOT_SEARCHABLE:
-                raise ValueError(f"{key} cannot be searched: {NOT_SEARCHABLE[key]}")
+                raise ValueError(f"{where}{key} cannot be searched: {NOT_SEARCHABLE[key]}")
             if key not in allowed:
-                raise ValueError(f"{key} is not a searchable field of the distill job (searchable: {', '.join(allowed)})")
+                raise ValueError(f"{where}{key} is not a searchable field of the distill job (searchable: {', '.join(allowed)})")
+
+        set_by_cases: dict[str, str] = {}
+        for key, entry in space.items():
+            if entry.kind != "cases":
+                check_field(key, "")
+                continue
+            if key in allowed or "." in key:
+                raise ValueError(f"{key}: a cases entry's key names the cases (e.g. arm), not a field; its cases set the fields")
+            for label, fields in entry.cases.items():
+                for field in fields:
+                    check_field(field, f"{key}.cases.{label}: ")
+                    if field in space:
+                        raise ValueError(f"{key}.cases.{label} sets {field}, which is also a key of space: set it in one place")
+                    if set_by_cases.setdefault(field, key) != key:
+                        raise ValueError(f"{field} is set by the cases of both {set_by_cases[field]} and {key}: merge them into one cases entry")
         return space
 
     @model_validator(mode="after")
@@ -171,9 +204,9 @@ class SweepConfig(Strict):
         if self.scheduler.type == "asha" and self.scheduler.grace_period > self.max_epochs:
             raise ValueError(f"scheduler.grace_period={self.scheduler.grace_period} > max_epochs={self.max_epochs}")
         if self.search.algorithm == "optuna":
-            grids = [key for key, entry in self.space.items() if entry.kind == "grid"]
+            grids = [key for key, entry in self.space.items() if entry.kind in ("grid", "cases")]
             if grids:
-                raise ValueError(f"search.algorithm=optuna takes no grid entries (space.{grids[0]}): use choice")
+                raise ValueError(f"search.algorithm=optuna takes no grid or cases entries (space.{grids[0]}): use choice, or search: random")
         if self.job.storage.path is not None:
             raise ValueError(
                 f"job.storage.path={self.job.storage.path!r}: a sweep's storage is set once for all its trials: "
@@ -194,10 +227,33 @@ class SweepConfig(Strict):
         product = itertools.product(*(self.space[key].probes() for key in keys))
         return [dict(zip(keys, values)) for values in itertools.islice(product, MAX_CHECKED_COMBINATIONS)]
 
+    def field_changes(self, sampled: dict[str, Any]) -> dict[str, Any]:
+        """The dotted-field changes of one trial: its sampled values, each case label replaced by its case's fields."""
+        changes: dict[str, Any] = {}
+        for key, value in sampled.items():
+            entry = self.space.get(key)
+            if entry is not None and entry.kind == "cases":
+                if value not in entry.cases:
+                    raise ValueError(f"space.{key}: no case named {value!r} (cases: {', '.join(entry.cases)})")
+                changes.update(entry.cases[value])
+            else:
+                changes[key] = value
+        return changes
+
+    def possible_values(self, field: str) -> list[Any]:
+        """The values the space lists for ``field`` (its choice or grid, or the cases that set it); not the job's own."""
+        found = []
+        for key, entry in self.space.items():
+            if key == field and entry.kind in ("choice", "grid"):
+                found += list(entry.values)
+            elif entry.kind == "cases":
+                found += [fields[field] for fields in entry.cases.values() if field in fields]
+        return found
+
     def trial_job(self, sampled: dict[str, Any]) -> dict:
         """The distill job values of one trial (plain dict, not yet validated)."""
         from pipeline.config import with_overrides
 
         values = self.job.model_dump(mode="json")
         values["train"]["epochs"] = self.max_epochs
-        return with_overrides(values, sampled)
+        return with_overrides(values, self.field_changes(sampled))

@@ -71,7 +71,19 @@ def epochs_logged(uri: str, run_id: str) -> list[int]:
         ({"space": {"student.heads": {"range": [2, 4]}}}, r"space.student.heads.range: unknown key"),
         ({"space": {"train.epochs": {"grid": [1, 2]}}}, r"train.epochs cannot be searched: set scheduler.max_epochs instead"),
         ({"scheduler": {"grace_period": 5, "max_epochs": 3}}, r"scheduler.grace_period=5 > max_epochs=3"),
-        ({"search": {"algorithm": "optuna"}}, r"search.algorithm=optuna takes no grid entries"),
+        ({"search": {"algorithm": "optuna"}}, r"search.algorithm=optuna takes no grid or cases entries"),
+        # cases: a key naming them, fields that are searchable, each field set in one place only
+        ({"space": {"arm": {"cases": {"a": {"objective.metod": "amad"}}}}},
+         r"space: arm.cases.a: objective.metod is not a searchable field of the distill job"),
+        ({"space": {"student.heads": {"cases": {"a": {"student.layers": 1}}}}}, r"student.heads: a cases entry's key names the cases \(e.g. arm\), not a field"),
+        ({"space": {"student.heads": {"grid": [2]}, "arm": {"cases": {"a": {"student.heads": 4}}}}},
+         r"arm.cases.a sets student.heads, which is also a key of space: set it in one place"),
+        ({"space": {"arm": {"cases": {"a": {"train.lr": 0.1}}}, "more": {"cases": {"b": {"train.lr": 0.2}}}}},
+         r"train.lr is set by the cases of both arm and more: merge them into one cases entry"),
+        ({"space": {"arm": {"cases": {"a": {"train.epochs": 2}}}}}, r"arm.cases.a: train.epochs cannot be searched"),
+        ({"space": {"arm": {"cases": {}}}}, r"space.arm: cases is empty: list at least one case"),
+        ({"space": {"arm": {"cases": {"a b": {}}}}}, r"space.arm: case label 'a b': use letters, digits"),
+        ({"search": {"algorithm": "optuna"}, "space": {"arm": {"cases": {"a": {}}}}}, r"takes no grid or cases entries \(space.arm\)"),
         ({"fail_when": {"student.layers": 1}}, r"fail_when.student.layers: not a key of space"),
         ({"max_concurent_trials": 2}, r"max_concurent_trials: unknown key"),
     ],
@@ -95,6 +107,9 @@ def test_bad_sweep_configs_name_the_key(tmp_path, change, message):
         # an explicit layer map out of range for a deeper student
         ({"student.layers": {"randint": [1, 3]}, "objective.layer_map": {"choice": [[[0, 1]], [[2, 1]]]}},
          r"objective.layer_map: pair \[2, 1\] is out of range: the student has 1 layers"),
+        # a case is checked as the fields it sets: one-to-one by origin needs a pruned student
+        ({"arm": {"cases": {"amad": {"objective.method": "amad"}, "origin": {"objective.method": "one_to_one", "objective.one_to_one_pairing": "origin"}}}},
+         r"(?s)space.arm='origin'.*one_to_one_pairing"),
     ],
 )
 def test_values_a_trial_would_reject_are_refused_before_ray(tmp_path, tiny_teacher, space, message):
@@ -219,6 +234,36 @@ def test_a_hole_in_tunes_history_is_filled_from_the_checkpoint_but_nothing_after
     assert fill_history_holes(whole, tmp_path / "missing") is whole
     assert fill_history_holes([], resumed) == []
     assert _epochs(fill_history_holes([{names.EPOCH: 2, names.VAL_ACCURACY: 0.2}], tmp_path / "missing")) == [(2, 0.2)]
+
+
+@pytest.mark.integration
+def test_a_cases_sweep_runs_each_case_with_the_fields_it_sets(ray_cluster, tiny_teacher, tmp_path, monkeypatch):
+    """tune_configs/tiny/claim/sweep.yaml: one trial per case; the trial's sampled value is the case's label
+    (trials table, MLflow), its job the case's fields (MLflow's flattened job params)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import sweep
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    values = yaml.safe_load((ROOT / "tune_configs" / "tiny" / "claim" / "sweep.yaml").read_text())
+    values["job"]["teacher"] = str(tiny_teacher)
+    cfg = parse_config(values, SweepConfig, "tiny claim sweep")
+    workdir = tmp_path / "work"
+    summary = sweep.main(cfg, workdir)
+    cases = cfg.space["arm"].cases
+    assert sorted(row["config"]["arm"] for row in summary["rows"]) == sorted(cases)
+    assert {row["status"] for row in summary["rows"]} == {sweep_report.COMPLETED}
+    with open(workdir / "sweeps" / cfg.name / names.TRIALS_CSV, newline="") as handle:
+        assert sorted(line["arm"] for line in csv.DictReader(handle)) == sorted(cases)
+    children = mlflow_children(summary["mlflow"]["tracking_uri"], summary["mlflow"]["run_id"])
+    assert len(children) == len(cases)
+    for run in children:
+        label = run.data.params["trial.arm"]
+        for field, value in cases[label].items():
+            assert run.data.params[field] == str(value), (label, field)
+    pairing = {run.data.params["trial.arm"]: run.data.params["objective.one_to_one_pairing"] for run in children}
+    assert pairing == {"logit_kd": "index", "one_to_one_origin-w1": "origin", "amad_t1-w4": "index"}
+    assert MlflowClient(summary["mlflow"]["tracking_uri"]).get_run(summary["mlflow"]["run_id"]).info.status == "FINISHED"
 
 
 # ---------------------------------------------------------------- the tiny sweep (shared by the tests below)
