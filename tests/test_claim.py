@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from amad.losses import amad_loss, one_to_one_loss, relation_loss
+from amad.losses import one_to_one_loss, relation_loss
 from amad.models import ViltAdapter
 from amad.objective import DistillationObjective
 from amad.outputs import QKV, VLOutputs
@@ -208,3 +208,49 @@ def test_the_committed_results_page_is_what_the_generator_writes_from_the_commit
 
     page.write_page(tmp_path / "results.md", [json.loads(path.read_text()) for path in sources])
     assert (tmp_path / "results.md").read_text() == page.DEFAULT_MD.read_text()
+
+
+# ---------------------------------------------------------------- the tuning as an `amad sweep`
+
+
+def test_the_claim_sweep_yaml_is_the_benchmarks_tuning_grid_case_for_case():
+    """tune_configs/claim/sweep.yaml searches exactly the candidates compare_methods.py tunes (weights 0.25 1 4,
+    temperatures 0.1 0.3), each case giving the objective the script builds for that arm, field by field (a
+    field a case and the script leave unset must be the objective's default), over the same students and
+    optimiser; and every one of its 69 trials is a valid job for the committed teacher."""
+    import inspect
+    import json
+
+    from pipeline.config import DistillJobConfig, load_config, parse_config
+    from pipeline.sweep import check_sweep
+    from pipeline.sweep_config import SweepConfig
+
+    compare = load_script("compare_methods")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "tune_configs" / "claim" / "sweep.yaml", SweepConfig)
+    args = compare.parse_args(["--start", "pruned"])
+    defaults = {name: p.default for name, p in inspect.signature(DistillationObjective).parameters.items() if name != "head_origins"}
+
+    def as_objective(settings: dict) -> dict:
+        return {name: tuple(v) if isinstance(v, list) else v for name, v in {**defaults, **settings}.items() if name in defaults}
+
+    wanted = {}
+    for arm in compare.ARMS:
+        for params in compare.candidates(arm, [0.25, 1.0, 4.0], [0.1, 0.3], args.sweep_temperature):
+            settings = compare.objective_settings(arm, params, relation_heads=compare.relation_heads_for(96, 96), normalization=args.normalization)
+            wanted[(arm, json.dumps(params, sort_keys=True))] = as_objective(settings)
+    found = {}
+    for label in cfg.space["arm"].cases:
+        job = parse_config(cfg.trial_job({"arm": label, "student.heads": 4}), DistillJobConfig, label)
+        objective = as_objective(job.objective.model_dump())
+        matches = [key for key, settings in wanted.items() if settings == objective]
+        assert len(matches) == 1, (label, objective)
+        assert label.startswith(matches[0][0]), label  # the label names its arm
+        found[matches[0]] = label
+    assert set(found) == set(wanted) and len(cfg.space["arm"].cases) == len(wanted) == 23
+
+    assert cfg.space["student.heads"].grid == [2, 4, 6] and cfg.scheduler.type == "fifo" and cfg.search.num_samples == 1
+    student, train = cfg.job.student, cfg.job.train
+    assert (student.init, student.layers, student.ffn_keep, student.importance_examples) == ("pruned", 2, 1.0, args.importance_examples)
+    assert train.batch_size * cfg.job.scaling.num_workers == args.batch_size and (train.lr, train.warmup_steps) == (args.lr, args.warmup)
+    assert (train.min_lr_ratio, train.weight_decay, train.grad_clip) == (0.1, 0.01, 1.0)  # benchmarks/lockstep.py's schedule and optimiser
+    check_sweep(cfg)
