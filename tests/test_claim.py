@@ -162,6 +162,24 @@ def test_every_tuned_arm_gets_the_same_number_of_candidates():
     assert compare.choose(records, ["amad_t1", "one_to_one"], [4]) == {"4": {"amad_t1": {"attention_weight": 4.0}}}  # a tie keeps the first
 
 
+def test_a_logged_run_serves_any_stage_that_needs_no_more_than_it_recorded(tmp_path):
+    """The run log keys runs by arm, settings, heads and seed: a final run serves tuning, a tuning run with its
+    test split serves a final run, one logged before runs recorded the test split serves tuning only."""
+    import json
+
+    compare = load_script("compare_methods")
+    run = {"arm": "amad_t1", "params": {"attention_weight": 1.0}, "heads": 4, "seed": 0, "val_accuracy": 0.6, "curve": [], "key": "k"}
+    old_tune = {**run, "stage": "tune"}
+    final = {**run, "stage": "final", "test": {"accuracy": 0.61}}
+    log = tmp_path / "cm.runs.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in (final, old_tune, {**final, "key": "other"})) + "\n{cut sho")
+    done = compare.read_run_log(log, "k")
+    assert list(done.values()) == [final]  # the fuller record stays, whatever the order; other keys and a cut line are ignored
+    rid = compare.run_id("amad_t1", {"attention_weight": 1.0}, 4, 0)
+    assert compare.complete_for("tune", done[rid]) and compare.complete_for("final", done[rid])
+    assert compare.complete_for("tune", old_tune) and not compare.complete_for("final", old_tune) and not compare.complete_for("tune", None)
+
+
 def _results(accuracy: dict, regime: str = "pruned") -> dict:
     heads = sorted({int(h) for per_heads in accuracy.values() for h in per_heads})
     return {"regime": regime, "accuracy": accuracy, "teacher": {"accuracy": 0.85, "heads": 12, "layers": 4},
