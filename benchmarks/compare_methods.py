@@ -227,6 +227,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sweep-temperature", type=float, default=0.3, help="amad_tuned's temperature when nothing was tuned")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--jobs", type=int, default=1, help="lockstep groups at once, one process each (--threads per process)")
+    parser.add_argument("--group-size", type=int, default=0,
+                        help="at most N students per lockstep group (default: tuning in --jobs groups per head count, one final group per "
+                             "seed and head count); smaller groups share the teacher forward less but lose less to a kill")
     parser.add_argument("--fresh", action="store_true", help="ignore finished runs logged next to --out (default: reuse them)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None, help="default benchmarks/results/compare_methods[_pruned].json")
@@ -238,6 +241,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.heads = args.heads or ([2] if args.quick else [2, 4, 6])
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     applicable = [arm for arm in ARMS if args.start == "pruned" or arm != "one_to_one_origin"]
+    if args.group_size < 0:
+        parser.error(f"--group-size {args.group_size}: give a positive number of students, or 0 for the default groups")
     if args.methods and "one_to_one_origin" in args.methods and args.start != "pruned":
         parser.error("one_to_one_origin needs students pruned from the teacher (--start pruned): a random student has no origin heads")
     args.methods = args.methods or applicable
@@ -380,6 +385,11 @@ def run_groups(groups: list[tuple], world: dict, args, teacher_dir: Path, finish
                 finished(record)
 
 
+def parts_for(items: list, args) -> int:
+    """How many lockstep groups ``items`` need under ``--group-size`` (1 without it)."""
+    return math.ceil(len(items) / args.group_size) if args.group_size > 0 else 1
+
+
 def split_evenly(items: list, parts: int) -> list[list]:
     parts = max(1, min(parts, len(items)))
     return [items[i::parts] for i in range(parts)]
@@ -437,7 +447,7 @@ def main(argv=None) -> dict:
                 members = [(arm, params) for arm in args.methods if arm not in NO_ATTENTION
                            for params in candidates(arm, args.tune_weights, args.tune_temperatures, args.sweep_temperature)]
                 todo = pending("tune", members, h, args.tune_seed)
-                groups += [("tune", h, args.tune_seed, tuple(chunk)) for chunk in split_evenly(todo, args.jobs) if chunk]
+                groups += [("tune", h, args.tune_seed, tuple(chunk)) for chunk in split_evenly(todo, max(args.jobs, parts_for(todo, args))) if chunk]
             print(f"tuning: {sum(len(g[3]) for g in groups)} candidate runs to train in {len(groups)} lockstep group(s)", flush=True)
             run_groups(groups, world, args, teacher_dir, finished)
             # every head count tuned under this key so far (earlier commands' too), this command's candidates only
@@ -471,7 +481,7 @@ def main(argv=None) -> dict:
             for h in args.heads:
                 todo = pending("final", [(arm, params_for(arm, h)) for arm in args.methods], h, seed)
                 if todo:
-                    groups.append(("final", h, seed, tuple(todo)))
+                    groups += [("final", h, seed, tuple(chunk)) for chunk in split_evenly(todo, parts_for(todo, args))]
         print(f"final: {len(args.methods) * len(args.heads) * len(args.seeds)} runs, {sum(len(g[3]) for g in groups)} to train in "
               f"{len(groups)} lockstep group(s) on {args.jobs} process(es); {reused} reused from {log_path}", flush=True)
         run_groups(groups, world, args, teacher_dir, finished)

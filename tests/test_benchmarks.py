@@ -249,8 +249,10 @@ def test_compare_methods_quick_run_writes_json_and_the_generated_results_page(tm
     assert done.returncode == 0, done.stderr[-3000:]
     parallel = json.loads((tmp_path / "jobs" / "cm.json").read_text())
     assert parallel["config"]["jobs"] == 2 and parallel["config"]["seeds"] == [0, 1] and parallel["regime"] == "random"
-    in_process = compare.main(["--quick", "--threads", "1", "--fresh", "--methods", "logit_kd", "amad_t1", "--out", str(tmp_path / "one" / "cm.json"),
-                               "--results-md", str(tmp_path / "one" / "results.md")])
+    # one student per group here, two per group there: lockstep shares nothing that changes a student
+    in_process = compare.main(["--quick", "--threads", "1", "--fresh", "--methods", "logit_kd", "amad_t1", "--group-size", "1",
+                               "--out", str(tmp_path / "one" / "cm.json"), "--results-md", str(tmp_path / "one" / "results.md")])
+    assert {json.loads(line)["group_size"] for line in (tmp_path / "one" / "cm.runs.jsonl").read_text().splitlines()} == {1}
     for method in ("logit_kd", "amad_t1"):
         assert parallel["accuracy"][method]["2"][0] == in_process["accuracy"][method]["2"][0], method
     torch.set_num_threads(threads)
