@@ -742,33 +742,46 @@ def relation_loss(
     return total.mean(0)
 
 
-def logit_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+def logit_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, mask: Tensor | None = None) -> Tensor:
     """Hinton et al. (2015) logit distillation.
 
     ``KL(softmax(t/T) || softmax(s/T)) * T^2``, summed over classes and averaged over the batch
-    (``batchmean``); the ``T^2`` keeps gradient magnitudes comparable across temperatures.
+    (``batchmean``); the ``T^2`` keeps gradient magnitudes comparable across temperatures. Per-token
+    logits (a decoder's) are distilled at every token and averaged over the real ones.
 
     Args:
-        student_logits: ``(B, C)``.
-        teacher_logits: ``(B, C)``.
+        student_logits: ``(B, C)``, or ``(B, T, C)`` per token.
+        teacher_logits: the same shape.
         temperature: ``T`` > 0.
+        mask: ``(B, T)`` bool for per-token logits, True on real tokens (None: all real); not for ``(B, C)``.
 
     Returns:
-        0-dim tensor.
+        0-dim tensor (0 when no token is real).
     """
     temperature = _positive("temperature", temperature)
-    if student_logits.dim() != 2:
+    if student_logits.dim() not in (2, 3):
         raise ValueError(
-            f"student_logits must be 2-D (B, C); got shape {tuple(student_logits.shape)}"
+            f"student_logits must be 2-D (B, C) or 3-D (B, T, C); got shape {tuple(student_logits.shape)}"
         )
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(
             f"student_logits has shape {tuple(student_logits.shape)} but teacher_logits has "
             f"{tuple(teacher_logits.shape)}: they must match"
         )
+    if mask is not None and (student_logits.dim() != 3 or tuple(mask.shape) != tuple(student_logits.shape[:2]) or mask.dtype != torch.bool):
+        raise ValueError(
+            f"mask must be a (B, T) bool tensor for per-token logits {tuple(student_logits.shape)}; got shape "
+            f"{tuple(mask.shape)}, dtype {mask.dtype}"
+        )
     dtype = _compute_dtype(student_logits, teacher_logits)
     log_s = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     log_t = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
-    # log-space target: exact for zero-probability classes, no eps needed.
-    kl = F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
-    return kl * temperature**2
+    if student_logits.dim() == 2:
+        # log-space target: exact for zero-probability classes, no eps needed.
+        kl = F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
+        return kl * temperature**2
+    per_token = F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(-1)  # (B, T)
+    if mask is None:
+        return per_token.mean() * temperature**2
+    # `where`: a padding token's logits may hold anything
+    return torch.where(mask, per_token, 0.0).sum() / mask.sum().clamp_min(1) * temperature**2

@@ -8,7 +8,7 @@ with. Everything model-specific arrives as :class:`~amad.outputs.VLOutputs`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 import torch
@@ -132,6 +132,11 @@ class DistillationObjective:
             ``("self", "cross")``.
         layer_map: see :func:`resolve_layer_map`; resolved per kind against that kind's layer
             counts when called.
+        layer_maps: kind -> its own layer map, for kinds whose stacks differ (an encoder's and a
+            decoder's); kinds not listed use ``layer_map``.
+        kind_weights: kind -> weight of that kind's term (default 1 each). The attention term is the
+            mean over ``kinds`` of ``weight * (mean over that kind's aligned layers)``; with one
+            kind it is the mean over its layers.
         attention_normalization: how one layer's attention term is scaled. ``"sum"`` (the
             papers' forms): AMAD sums over the ``Ht`` teacher heads, one-to-one over the ``Hs``
             aligned pairs, head-mean is one divergence of the mean maps and MiniLMv2 sums its three
@@ -170,6 +175,8 @@ class DistillationObjective:
         relation_heads: int | None = None,
         kinds: Sequence[str] = ("self",),
         layer_map: LayerMap = "uniform",
+        layer_maps: Mapping[str, LayerMap] | None = None,
+        kind_weights: Mapping[str, float] | None = None,
         attention_normalization: str = "sum",
         one_to_one_pairing: str = "index",
         head_origins: HeadOrigins | None = None,
@@ -222,12 +229,18 @@ class DistillationObjective:
         kinds = tuple(kinds)
         if method != "none" and not kinds:
             raise ValueError(f"kinds is empty: method={method!r} would have nothing to align")
-        if not isinstance(layer_map, str):
-            layer_map = tuple(_check_pairs(layer_map))
-        elif layer_map not in ("uniform", "last"):
-            raise ValueError(
-                f"layer_map must be 'uniform', 'last' or a list of pairs; got {layer_map!r}"
-            )
+        layer_map = _checked_layer_map(layer_map, "layer_map")
+        layer_maps = {kind: _checked_layer_map(m, f"layer_maps[{kind!r}]") for kind, m in (layer_maps or {}).items()}
+        kind_weights = {kind: float(w) for kind, w in (kind_weights or {}).items()}
+        for name, given in (("layer_maps", layer_maps), ("kind_weights", kind_weights)):
+            stray = sorted(set(given) - set(kinds))
+            if stray:
+                raise ValueError(f"{name} names {stray}, which kinds={list(kinds)} does not align")
+        for kind, w in kind_weights.items():
+            if not (w >= 0 and w != float("inf")):
+                raise ValueError(f"kind_weights[{kind!r}] must be a finite number >= 0; got {w}")
+        if kinds and kind_weights and not any(kind_weights.get(kind, 1.0) > 0 for kind in kinds):
+            raise ValueError(f"kind_weights={kind_weights} leaves no kind with a weight > 0")
 
         self.task_weight = float(task_weight)
         self.task_loss = task_loss
@@ -241,6 +254,8 @@ class DistillationObjective:
         self.relation_heads = relation_heads
         self.kinds = kinds
         self.layer_map = layer_map
+        self.layer_maps = layer_maps
+        self.kind_weights = kind_weights
         self.attention_normalization = attention_normalization
         self.one_to_one_pairing = one_to_one_pairing
         self.head_origins = head_origins
@@ -285,7 +300,7 @@ class DistillationObjective:
                 self.logit_kd_weight,
                 student,
                 lambda: logit_kd_loss(
-                    student.logits, teacher.logits.detach(), self.logit_temperature
+                    student.logits, teacher.logits.detach(), self.logit_temperature, student.logit_mask
                 ),
                 teacher_missing=teacher is None,
             ),
@@ -343,6 +358,16 @@ class DistillationObjective:
                 )
             wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
             return F.binary_cross_entropy_with_logits(wide, labels.to(wide.dtype)) * labels.shape[1]
+        if logits.dim() == 3:
+            # per-token logits (B, T, V) against (B, T) token ids, -100 where there is no token to predict
+            if labels.shape != logits.shape[:2] or labels.is_floating_point():
+                raise ValueError(
+                    f"labels must be (B, T) integer token ids (-100: ignored) for per-token logits {tuple(logits.shape)}; "
+                    f"got shape {tuple(labels.shape)}, dtype {labels.dtype}"
+                )
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1)
+            total = F.cross_entropy(wide, labels.flatten(), ignore_index=-100, reduction="sum")
+            return total / (labels != -100).sum().clamp_min(1)
         if labels.dim() != 1 or labels.shape[0] != logits.shape[0] or labels.is_floating_point():
             raise ValueError(
                 f"labels must be (B,) integer class indices; got shape {tuple(labels.shape)}, "
@@ -354,13 +379,17 @@ class DistillationObjective:
     def _attention(self, teacher: VLOutputs, student: VLOutputs) -> Tensor:
         if self.method == "none":
             return student.logits.new_zeros((), dtype=torch.float32)
-        terms: list[Tensor] = []
+        per_kind: list[Tensor] = []
         for kind in self.kinds:
+            weight = self.kind_weights.get(kind, 1.0)
+            if weight == 0:
+                continue
             if self.method == "relation":
-                terms += self._relation_terms(teacher, student, kind)
+                terms = self._relation_terms(teacher, student, kind)
             else:
-                terms += self._map_terms(teacher, student, kind)
-        return torch.stack(terms).mean()
+                terms = self._map_terms(teacher, student, kind)
+            per_kind.append(weight * torch.stack(terms).mean())
+        return torch.stack(per_kind).sum() / len(self.kinds)
 
     def _map_terms(self, teacher: VLOutputs, student: VLOutputs, kind: str) -> list[Tensor]:
         t_maps = _get(teacher.attentions, kind, "teacher", "attentions")
@@ -387,7 +416,7 @@ class DistillationObjective:
             def loss(t: Tensor, s: Tensor, si: int, ti: int) -> Tensor:
                 return head_mean_loss(t, s, mask)
 
-        pairs = resolve_layer_map(self.layer_map, len(t_maps), len(s_maps))
+        pairs = resolve_layer_map(self.layer_maps.get(kind, self.layer_map), len(t_maps), len(s_maps))
         terms = []
         for si, ti in pairs:
             t, s = t_maps[ti].detach(), s_maps[si]
@@ -433,7 +462,7 @@ class DistillationObjective:
             lists.append(out.qkv[kind])
         t_qkv, s_qkv = lists
         key_mask = student.key_masks.get(kind)
-        pairs = resolve_layer_map(self.layer_map, len(t_qkv), len(s_qkv))
+        pairs = resolve_layer_map(self.layer_maps.get(kind, self.layer_map), len(t_qkv), len(s_qkv))
         scale = 3 if self.attention_normalization == "per_head" else 1  # the Q-Q, K-K, V-V relations
         return [
             relation_loss(
@@ -442,6 +471,14 @@ class DistillationObjective:
             / scale
             for si, ti in pairs
         ]
+
+
+def _checked_layer_map(layer_map: LayerMap, name: str) -> LayerMap:
+    if not isinstance(layer_map, str):
+        return tuple(_check_pairs(layer_map))
+    if layer_map not in ("uniform", "last"):
+        raise ValueError(f"{name} must be 'uniform', 'last' or a list of pairs; got {layer_map!r}")
+    return layer_map
 
 
 def _check_origins(head_origins: HeadOrigins | None) -> tuple[tuple[tuple[int, int], ...], ...]:

@@ -29,12 +29,13 @@ class VLOutputs:
     """What one forward pass of a vision-language model exposes to distillation.
 
     Attributes:
-        logits: ``(B, num_labels)`` answer logits.
+        logits: ``(B, num_labels)`` answer logits, or ``(B, T, vocab)`` per token (a decoder's).
         attentions: attention kind (``"self"``, ``"cross"``, ...) -> one tensor per layer, each
             ``(B, H, Q, K)`` of probabilities (rows sum to 1 over ``K``).
         query_masks: kind -> ``(B, Q)`` bool, True for real query rows (padding is False).
         key_masks: kind -> ``(B, K)`` bool, True for real keys.
         qkv: kind -> one :class:`QKV` per layer; empty unless the caller asked for it.
+        logit_mask: ``(B, T)`` bool, True for real tokens, with per-token logits (None otherwise).
     """
 
     logits: Tensor
@@ -42,3 +43,4 @@ class VLOutputs:
     query_masks: dict[str, Tensor]
     key_masks: dict[str, Tensor]
     qkv: dict[str, list[QKV]] = field(default_factory=dict)
+    logit_mask: Tensor | None = None

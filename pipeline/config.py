@@ -229,6 +229,10 @@ class ObjectiveConfig(Strict):
     layer_map: Literal["uniform", "last"] | list[tuple[int, int]] = Field(
         "uniform", description="'uniform', 'last' or [student_layer, teacher_layer] pairs (0-based)"
     )
+    layer_maps: dict[str, Literal["uniform", "last"] | list[tuple[int, int]]] | None = Field(
+        None, description="kind -> its own layer map (e.g. the encoder's and the decoder's kinds of a captioner); others use layer_map"
+    )
+    kind_weights: dict[str, float] | None = Field(None, description="kind -> weight of its attention term (default 1 each)")
     attention_normalization: Literal["sum", "per_head"] = Field(
         "sum", description="'sum' over aligned heads (the papers' forms) or 'per_head': a mean per aligned teacher target, "
         "so one attention_weight means the same for every method (amad.objective.DistillationObjective)"
@@ -244,6 +248,9 @@ class ObjectiveConfig(Strict):
         values = self.model_dump()
         if not isinstance(values["layer_map"], str):
             values["layer_map"] = [tuple(pair) for pair in values["layer_map"]]
+        for kind, layer_map in (values["layer_maps"] or {}).items():
+            if not isinstance(layer_map, str):
+                values["layer_maps"][kind] = [tuple(pair) for pair in layer_map]
         if values["one_to_one_pairing"] == "origin":
             values["head_origins"] = head_origins
         return values

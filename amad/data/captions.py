@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-from amad.data.images import to_rgb_array
+from amad.data.images import pixels_from_uint8, to_rgb_array
 from amad.data.scenes import COLOURS, COUNT_WORDS, SHAPES, SceneObject, SceneSpec, render, sample_scene
 from amad.data.text import PAD, SEP, build_tokenizer
 
@@ -195,6 +195,46 @@ def teacher_forcing(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> di
     labels = input_ids[:, 1:].clone()
     labels[attention_mask[:, 1:] == 0] = -100
     return {"decoder_input_ids": input_ids[:, :-1], "decoder_attention_mask": attention_mask[:, :-1], "labels": labels}
+
+
+@dataclass
+class CaptionTrainingSet:
+    """(image, reference) pairs encoded for teacher forcing, over a shared image store.
+
+    A batch is a dict: ``pixel_values`` ``(B, 3, S, S)`` float32 in [-1, 1]; ``decoder_input_ids``,
+    ``decoder_attention_mask`` and ``labels`` ``(B, T-1)`` (:func:`teacher_forcing`; -100 on padding).
+    """
+
+    images: np.ndarray  # (N_img, S, S, 3) uint8
+    image_index: torch.Tensor  # (P,) long
+    input_ids: torch.Tensor  # (P, T) long
+    attention_mask: torch.Tensor  # (P, T) long
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pixel_values": pixels_from_uint8(self.images[self.image_index[indices].numpy()]),
+                **teacher_forcing(self.input_ids[indices], self.attention_mask[indices])}
+
+    def subset(self, indices: torch.Tensor) -> "CaptionTrainingSet":
+        return CaptionTrainingSet(self.images, self.image_index[indices], self.input_ids[indices], self.attention_mask[indices])
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None, drop_last: bool = False):
+        """Batches in order, or shuffled with ``generator`` (reproducible)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        stop = len(self) - (len(self) % batch_size if drop_last else 0)
+        for start in range(0, stop, batch_size):
+            yield self.batch(order[start:start + batch_size])
+
+
+def caption_training_set(split: CaptionSplit, tokenizer: Tokenizer, max_length: int) -> CaptionTrainingSet:
+    """Every (image, reference) pair of ``split``, encoded to ``max_length`` tokens."""
+    index, texts = split.pairs()
+    input_ids, attention_mask = encode_captions(tokenizer, texts, max_length)
+    return CaptionTrainingSet(split.images, index, input_ids, attention_mask)
 
 
 def decode_caption(tokenizer: Tokenizer, ids: list[int]) -> str:
