@@ -480,9 +480,13 @@ def _check_divides(total: int, parts: int, total_name: str, parts_name: str) -> 
 ADAPTERS = {ViltAdapter.family: ViltAdapter}
 
 
-def get_adapter(family: str) -> type[ViltAdapter]:
-    """The adapter for a model family name (``"vilt"``)."""
+def get_adapter(family: str):
+    """The adapter for a model family name: ``"vilt"`` (VQA) or ``"ved"`` (captioning, :mod:`amad.models_ved`)."""
+    if family == "ved":
+        from amad.models_ved import VedAdapter  # imports this module: resolved at call time
+
+        return VedAdapter
     try:
         return ADAPTERS[family]
     except KeyError:
-        raise ValueError(f"unknown model family {family!r}; known: {sorted(ADAPTERS)}") from None
+        raise ValueError(f"unknown model family {family!r}; known: {sorted([*ADAPTERS, 'ved'])}") from None

@@ -16,10 +16,17 @@ from pipeline.config import ConfigError, load_config
 
 
 def _teacher(args: argparse.Namespace) -> int:
-    from pipeline import train_teacher
-    from pipeline.config import TeacherJobConfig
+    from pipeline.config import CaptionTeacherJobConfig, parse_config, read_yaml, teacher_job_model
 
-    cfg = load_config(args.config, TeacherJobConfig)
+    values = read_yaml(args.config)
+    cfg = parse_config(values, teacher_job_model(values), str(args.config))
+    if isinstance(cfg, CaptionTeacherJobConfig):  # model.family: ved
+        from pipeline import train_captioner
+
+        metrics = train_captioner.main(cfg, args.workdir, args.output)
+        return 1 if math.isnan(metrics["test"]["teacher_greedy"]["cider_d"]) else 0
+    from pipeline import train_teacher
+
     metrics = train_teacher.main(cfg, args.workdir, args.output)
     return 1 if math.isnan(metrics["test"]["teacher"]["accuracy"]) else 0
 
@@ -254,9 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     teacher = commands.add_parser(
         "teacher",
-        help="train a ViLT teacher on the built-in benchmark (with its question-only baselines)",
-        description="Train a ViLT teacher on the generated VQA benchmark, train the question-only "
-        "baseline, and save a directory that from_pretrained loads (weights, config, tokenizer, metrics).",
+        help="train a teacher on the built-in benchmark: ViLT for VQA, or a captioner (model.family: ved), with its blind baselines",
+        description="Train a ViLT teacher on the generated VQA benchmark (or, with model.family: ved, a ViT+BERT captioner on "
+        "its captions), train the baseline that cannot see the image (question-only / text-only), and save a directory that "
+        "from_pretrained loads (weights, config, tokenizer, metrics).",
     )
     teacher.add_argument("--config", type=Path, default=Path("tune_configs/teacher.yaml"), help="job YAML (default: %(default)s)")
     teacher.add_argument("--workdir", type=Path, default=Path("runs/teacher"), help="where scratch and outputs go (default: %(default)s)")

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from amad.data.benchmark import BenchmarkSpec
+from amad.data.captions import CaptionSpec
 from amad.data.scenes import COLOURS, MAX_OBJECTS, SceneSpec
 from amad.objective import DistillationObjective
 
@@ -110,6 +111,72 @@ class TeacherJobConfig(Strict):
                 f" (data.scene.grid * data.scene.cell)"
             )
         return self
+
+
+class CaptionDataConfig(Strict):
+    """The built-in captioning benchmark (:mod:`amad.data.captions`): scenes and their templated captions."""
+
+    seed: int = 0
+    train_scenes: int = Field(10_000, ge=1)
+    val_scenes: int = Field(200, ge=1)
+    test_scenes: int = Field(1_000, ge=1)
+    references_per_image: int = Field(5, ge=1, description="captions per image (every one a training example)")
+    scene: SceneConfig = SceneConfig()
+
+    def caption_spec(self) -> CaptionSpec:
+        values = self.model_dump()
+        values["scene"] = SceneSpec(**values["scene"])
+        return CaptionSpec(**values)
+
+
+class CaptionModelConfig(Strict):
+    """A ViT-encoder / BERT-decoder captioner (``transformers.VisionEncoderDecoderModel``)."""
+
+    family: Literal["ved"] = "ved"
+    hidden_size: int = Field(96, ge=8)
+    heads: int = Field(12, ge=1)
+    layers: int = Field(4, ge=1, description="encoder layers")
+    decoder_layers: int | None = Field(None, ge=1, description="default: layers")
+    intermediate_size: int | None = Field(None, ge=1, description="default 4 * hidden_size")
+    patch_size: int = Field(8, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "CaptionModelConfig":
+        if self.hidden_size % self.heads:
+            raise ValueError(f"heads={self.heads} does not divide hidden_size={self.hidden_size}")
+        return self
+
+
+class CaptionTeacherJobConfig(Strict):
+    """``amad teacher`` with ``model.family: ved``: train a captioner, then a text-only decoder (images blanked)
+    that shows how much of its score comes from the image."""
+
+    data: CaptionDataConfig = CaptionDataConfig()
+    model: CaptionModelConfig = CaptionModelConfig()
+    train: OptimConfig
+    blind_steps: int = Field(2000, ge=0, description="steps for the text-only baseline (images blanked); 0 skips it")
+    eval_every: int = Field(500, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    num_beams: int = Field(3, ge=1, description="beam width of the test split's second decoding (the first is greedy)")
+    threads: int | None = Field(None, ge=1, description="torch threads; default: all cores")
+
+    @model_validator(mode="after")
+    def _patches_tile_image(self) -> "CaptionTeacherJobConfig":
+        size = self.data.scene.image_size
+        if size % self.model.patch_size:
+            raise ValueError(f"model.patch_size={self.model.patch_size} does not divide the image size {size} (data.scene.grid * data.scene.cell)")
+        return self
+
+
+def teacher_job_model(values: dict) -> type[TeacherJobConfig] | type[CaptionTeacherJobConfig]:
+    """The teacher job's config model for the YAML's ``model.family`` (``vilt`` by default, ``ved`` captions)."""
+    model = values.get("model") if isinstance(values, dict) else None
+    family = model.get("family", "vilt") if isinstance(model, dict) else "vilt"
+    models = {"vilt": TeacherJobConfig, "ved": CaptionTeacherJobConfig}
+    if family not in models:
+        raise ConfigError(f"model.family={family!r}: known families are 'vilt' (VQA, ViLT) and 'ved' (captioning, ViT encoder + BERT decoder)")
+    return models[family]
 
 
 class VqaV2FilesConfig(Strict):

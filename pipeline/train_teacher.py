@@ -67,6 +67,8 @@ def train_model(
     blank_images: bool,
     checkpoint_dir: Path | None,
     name: str,
+    step_loss=None,
+    validate=None,
 ) -> list[dict]:
     """Train ``model`` in place for ``steps`` optimizer steps; returns the evaluation log.
 
@@ -75,6 +77,10 @@ def train_model(
     A resumed run takes the steps an uninterrupted one takes: the checkpoint holds the data
     generator as it was when the current epoch's order was drawn and how many of that epoch's
     batches are done, so the epoch is redrawn and continued rather than replaced by a new order.
+
+    ``step_loss(model, batch)`` and ``validate(model, blank_images) -> dict`` (with ``val_loss`` and a
+    ``line`` to log) replace the VQA loss and validation for another task (captioning's
+    :mod:`pipeline.train_captioner`); ``train``/``val`` then only need ``batches``.
     """
     adapter = get_adapter(cfg.model.family)
     opt_cfg = cfg.train
@@ -113,8 +119,11 @@ def train_model(
         for batch in itertools.islice(epoch, epoch_done, None):
             if blank_images:
                 batch["pixel_values"] = torch.zeros_like(batch["pixel_values"])
-            logits = adapter.forward(model, batch, need_attentions=False).logits
-            loss = nn.functional.cross_entropy(logits, batch["labels"])
+            if step_loss is not None:
+                loss = step_loss(model, batch)
+            else:
+                logits = adapter.forward(model, batch, need_attentions=False).logits
+                loss = nn.functional.cross_entropy(logits, batch["labels"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
@@ -126,21 +135,20 @@ def train_model(
             running_loss += loss.item()
             if step % cfg.eval_every == 0 or step == steps:
                 elapsed = time.perf_counter() - started
-                report = evaluate(model, adapter, val, cfg.eval_batch_size, blank_images)
-                entry = {
-                    "step": step,
-                    "train_loss": running_loss / max(1, step - (history[-1]["step"] if history else 0)),
-                    "val_loss": report["loss"],
-                    "val_accuracy": report["accuracy"],
-                    "val_relational_accuracy": report.get("relational_accuracy"),
-                    "samples_per_s": seen / elapsed,
-                    "lr": schedule.get_last_lr()[0],
-                }
+                entry = {"step": step, "train_loss": running_loss / max(1, step - (history[-1]["step"] if history else 0))}
+                if validate is not None:
+                    found = validate(model, blank_images)
+                    line = found.pop("line")
+                    entry.update(found)
+                else:
+                    report = evaluate(model, adapter, val, cfg.eval_batch_size, blank_images)
+                    entry.update(val_loss=report["loss"], val_accuracy=report["accuracy"], val_relational_accuracy=report.get("relational_accuracy"))
+                    line = f"val_acc {entry['val_accuracy']:.3f} (relational {entry['val_relational_accuracy']:.3f})"
+                entry.update(samples_per_s=seen / elapsed, lr=schedule.get_last_lr()[0])
                 history.append(entry)
                 eta = (steps - step) * opt_cfg.batch_size / max(entry["samples_per_s"], 1e-9)
                 _log(
-                    f"[{name}] step {step}/{steps}  train_loss {entry['train_loss']:.3f}  "
-                    f"val_acc {entry['val_accuracy']:.3f} (relational {entry['val_relational_accuracy']:.3f})  "
+                    f"[{name}] step {step}/{steps}  train_loss {entry['train_loss']:.3f}  {line}  "
                     f"{entry['samples_per_s']:.0f} ex/s  eta {eta / 60:.1f} min"
                 )
                 running_loss = 0.0
