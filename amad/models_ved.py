@@ -28,6 +28,86 @@ from amad.models import StudentSpec, sincos_2d
 from amad.outputs import VLOutputs
 
 KINDS = ("encoder_self", "decoder_self", "cross")
+# The config attribute recording a pruned captioner's per-layer shapes (see amad/pruning_ved.py); saved in
+# config.json, so loading builds the pruned shapes before reading the weights.
+PRUNING_KEY = "amad_pruning"
+
+
+def encoder_layers(model) -> list[nn.Module]:
+    return list(model.encoder.layers)
+
+
+def decoder_layers(model) -> list[nn.Module]:
+    return list(model.decoder.bert.encoder.layer)
+
+
+def check_pruning_record(config: VisionEncoderDecoderConfig, record: dict) -> None:
+    """ValueError naming the problem when ``record`` does not fit ``config`` (layer counts, head indices, widths)."""
+    try:
+        encoder, decoder = record["encoder"], record["decoder"]
+        parts = {"encoder": (encoder["teacher_layers"], {"heads": encoder["heads"]}, encoder["intermediate_sizes"], config.encoder),
+                 "decoder": (decoder["teacher_layers"], {"self_heads": decoder["self_heads"], "cross_heads": decoder["cross_heads"]},
+                             decoder["intermediate_sizes"], config.decoder)}
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{PRUNING_KEY} needs 'encoder' (teacher_layers, heads, intermediate_sizes) and 'decoder' (teacher_layers, "
+                         f"self_heads, cross_heads, intermediate_sizes) ({err!r})") from None
+    for stack, (teacher_layers, head_lists, widths, part) in parts.items():
+        layers = part.num_hidden_layers
+        lengths = [len(teacher_layers), len(widths), *(len(v) for v in head_lists.values())]
+        if set(lengths) != {layers}:
+            raise ValueError(f"{PRUNING_KEY}.{stack} describes {lengths} layers but its num_hidden_layers={layers}")
+        for key, lists in head_lists.items():
+            for index, kept in enumerate(lists):
+                if not kept or len(set(kept)) != len(kept) or not all(0 <= int(h) < part.num_attention_heads for h in kept):
+                    raise ValueError(f"{PRUNING_KEY}.{stack}.{key}[{index}]={kept}: need distinct head indices in [0, {part.num_attention_heads})")
+        if any(int(n) < 1 for n in widths):
+            raise ValueError(f"{PRUNING_KEY}.{stack}.intermediate_sizes={widths}: every FFN needs at least one neuron")
+
+
+class AmadVisionEncoderDecoder(VisionEncoderDecoderModel):
+    """``VisionEncoderDecoderModel`` whose config may carry ``amad_pruning``: each layer is built with its own
+    head counts (encoder, decoder self, cross) and FFN width, so a pruned captioner saves and loads like any."""
+
+    def __init__(self, config: VisionEncoderDecoderConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        record = getattr(config, PRUNING_KEY, None)
+        if record:
+            _apply_pruned_shapes(self, config, record)
+
+
+def _linear_like(module: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=module.bias is not None)
+
+
+def _apply_pruned_shapes(model: AmadVisionEncoderDecoder, config: VisionEncoderDecoderConfig, record: dict) -> None:
+    check_pruning_record(config, record)
+    enc, dec = config.encoder, config.decoder
+    enc_dim, dec_dim = enc.hidden_size // enc.num_attention_heads, dec.hidden_size // dec.num_attention_heads
+    for layer, kept, width in zip(encoder_layers(model), record["encoder"]["heads"], record["encoder"]["intermediate_sizes"]):
+        attention, inner = layer.attention, len(kept) * enc_dim
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(attention, name, _linear_like(getattr(attention, name), enc.hidden_size, inner))
+        attention.o_proj = _linear_like(attention.o_proj, inner, enc.hidden_size)
+        attention.num_attention_heads = len(kept)
+        layer.mlp.fc1 = _linear_like(layer.mlp.fc1, enc.hidden_size, width)
+        layer.mlp.fc2 = _linear_like(layer.mlp.fc2, width, enc.hidden_size)
+    decoder = record["decoder"]
+    for layer, self_kept, cross_kept, width in zip(decoder_layers(model), decoder["self_heads"], decoder["cross_heads"], decoder["intermediate_sizes"]):
+        for block, kept in ((layer.attention, self_kept), (layer.crossattention, cross_kept)):
+            inner = len(kept) * dec_dim
+            attention = block.self
+            attention.query = nn.Linear(dec.hidden_size, inner)
+            attention.key = nn.Linear(attention.key.in_features, inner)
+            attention.value = nn.Linear(attention.value.in_features, inner)
+            attention.num_attention_heads, attention.all_head_size = len(kept), inner
+            block.output.dense = nn.Linear(inner, dec.hidden_size)
+        layer.intermediate.dense = nn.Linear(dec.hidden_size, width)
+        layer.output.dense = nn.Linear(width, dec.hidden_size)
+    for module in list(model.encoder.modules()) + list(model.decoder.modules()):
+        if isinstance(module, nn.Linear):
+            model._init_weights(module)
+
+
 
 
 def _eager(config: VisionEncoderDecoderConfig) -> VisionEncoderDecoderConfig:
@@ -114,7 +194,7 @@ class VedAdapter:
         return _eager(config)
 
     @staticmethod
-    def build(config: VisionEncoderDecoderConfig, seed: int | None = None) -> VisionEncoderDecoderModel:
+    def build(config: VisionEncoderDecoderConfig, seed: int | None = None) -> "AmadVisionEncoderDecoder":
         """A randomly initialised captioner (reproducible with ``seed``); image position embeddings start as a
         2D sin-cos grid (as for ViLT: where a patch is is readable from the first step)."""
         check_ved_config(config)
@@ -122,7 +202,7 @@ class VedAdapter:
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            model = VisionEncoderDecoderModel(config=config)
+            model = AmadVisionEncoderDecoder(config)
         with torch.no_grad():
             positions = model.encoder.embeddings.position_embeddings  # (1, 1 + P, D)
             grid = round((positions.shape[1] - 1) ** 0.5)
@@ -139,10 +219,12 @@ class VedAdapter:
         config = VisionEncoderDecoderConfig.from_pretrained(str(path))
         try:
             check_ved_config(config)
+            if getattr(config, PRUNING_KEY, None):
+                check_pruning_record(config, getattr(config, PRUNING_KEY))
         except ValueError as err:
             raise ValueError(f"{path}/config.json: {err}") from None
-        model, info = VisionEncoderDecoderModel.from_pretrained(str(path), config=_eager(config), ignore_mismatched_sizes=True,
-                                                                output_loading_info=True)
+        model, info = AmadVisionEncoderDecoder.from_pretrained(str(path), config=_eager(config), ignore_mismatched_sizes=True,
+                                                               output_loading_info=True)
         problems = [f"{name}: saved {tuple(saved)}, config.json builds {tuple(built)}" for name, saved, built in sorted(info["mismatched_keys"])]
         problems += [f"{name}: not in the saved weights" for name in sorted(info["missing_keys"])]
         if problems:

@@ -179,7 +179,7 @@ class DistillationObjective:
         kind_weights: Mapping[str, float] | None = None,
         attention_normalization: str = "sum",
         one_to_one_pairing: str = "index",
-        head_origins: HeadOrigins | None = None,
+        head_origins: HeadOrigins | Mapping[str, HeadOrigins] | None = None,
         report_zero_weight_terms: bool = False,
     ) -> None:
         weights = {
@@ -410,7 +410,7 @@ class DistillationObjective:
         elif self.method == "one_to_one":
 
             def loss(t: Tensor, s: Tensor, si: int, ti: int) -> Tensor:
-                return one_to_one_loss(t, s, mask, teacher_heads=self._origin_heads(si, ti, len(s_maps)))
+                return one_to_one_loss(t, s, mask, teacher_heads=self._origin_heads(si, ti, len(s_maps), kind))
         else:
 
             def loss(t: Tensor, s: Tensor, si: int, ti: int) -> Tensor:
@@ -430,11 +430,15 @@ class DistillationObjective:
             return 1
         return {"amad": t.shape[1], "one_to_one": s.shape[1], "head_mean": 1}[self.method]
 
-    def _origin_heads(self, si: int, ti: int, student_layers: int) -> list[int] | None:
+    def _origin_heads(self, si: int, ti: int, student_layers: int, kind: str = "self") -> list[int] | None:
         """The teacher heads of student layer ``si`` by origin (None: by index)."""
         if self.one_to_one_pairing == "index":
             return None
         origins = self.head_origins
+        if isinstance(origins, dict):  # per kind (a captioner's encoder, decoder and cross-attention heads)
+            if kind not in origins:
+                raise ValueError(f"head_origins has no {kind!r} entry (it has {sorted(origins)}): one-to-one by origin needs every aligned kind's")
+            origins = origins[kind]
         if len(origins) != student_layers:
             raise ValueError(
                 f"head_origins lists {len(origins)} student layers but the student returns "
@@ -481,7 +485,13 @@ def _checked_layer_map(layer_map: LayerMap, name: str) -> LayerMap:
     return layer_map
 
 
-def _check_origins(head_origins: HeadOrigins | None) -> tuple[tuple[tuple[int, int], ...], ...]:
+def _check_origins(head_origins):
+    """Validated origins: one list per student layer of ``(teacher_layer, teacher_head)``, or a mapping
+    kind -> such lists (checked each)."""
+    if isinstance(head_origins, Mapping):
+        if not head_origins:
+            raise ValueError("head_origins is an empty mapping: it needs the origins of every aligned kind")
+        return {kind: _check_origins(origins) for kind, origins in head_origins.items()}
     if head_origins is None:
         raise ValueError(
             "one_to_one_pairing='origin' needs head_origins, the teacher (layer, head) of every "
