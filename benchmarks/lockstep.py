@@ -1,7 +1,7 @@
 """Train several students against one teacher in lockstep: one teacher forward per step, shared.
 
 Used by the benchmarks that compare students under the same budget (``compare_methods.py``,
-``pruning_frontier.py``): every student sees the same batches in the same order, and the teacher's
+``compare_captioning.py``, ``pruning_frontier.py``): every student sees the same batches in the same order, and the teacher's
 forward (the dominant cost of an AMAD step) is paid once per step instead of once per student.
 """
 
@@ -35,6 +35,7 @@ def train_lockstep(
     weight_decay: float = 0.01,
     every: int = 0,
     on_step: Callable[[int, dict[str, nn.Module]], None] | None = None,
+    adapter=ViltAdapter,
 ) -> dict[str, nn.Module]:
     """Train ``students[name]`` on ``objectives[name]`` for ``steps`` AdamW steps (warm-up + cosine to
     0.1 lr, gradient clip 1.0); returns them in eval mode. No dropout is assumed (the presets' rates
@@ -42,6 +43,8 @@ def train_lockstep(
 
     ``on_step(step, students)`` is called after every ``every``-th step and after the last (for
     learning curves); the students are in eval mode during the call and back in training mode after.
+    ``adapter``: the model family's (:class:`amad.models_ved.VedAdapter` for captioners; ``train`` then
+    yields caption batches, whose ``labels`` are token ids).
     """
     students = {name: student.train() for name, student in students.items()}
     optimizers = {name: make_optimizer(student, lr, weight_decay) for name, student in students.items()}
@@ -56,12 +59,12 @@ def train_lockstep(
                 break
             factor = warmup_cosine(step, warmup, steps, 0.1)
             with torch.no_grad():
-                t_out = ViltAdapter.forward(teacher, batch, need_attentions=teacher_maps, need_qkv=teacher_qkv) if needs_teacher else None
+                t_out = adapter.forward(teacher, batch, need_attentions=teacher_maps, need_qkv=teacher_qkv) if needs_teacher else None
             for name, student in students.items():
                 objective, optimizer = objectives[name], optimizers[name]
                 for group in optimizer.param_groups:
                     group["lr"] = lr * factor
-                s_out = ViltAdapter.forward(student, batch, need_attentions=_needs_maps(objective), need_qkv=objective.method == "relation")
+                s_out = adapter.forward(student, batch, need_attentions=_needs_maps(objective), need_qkv=objective.method == "relation")
                 loss = objective(t_out if objective.needs_teacher else None, s_out, batch["labels"])["loss"]
                 loss.backward()
                 nn.utils.clip_grad_norm_(student.parameters(), 1.0)

@@ -261,6 +261,33 @@ def test_compare_methods_quick_run_writes_json_and_the_generated_results_page(tm
     assert refused.returncode == 2 and "one_to_one_origin needs students pruned from the teacher (--start pruned)" in refused.stderr
 
 
+def test_compare_captioning_quick_run_tunes_every_arm_alike_and_reuses_its_runs(tmp_path, capsys):
+    """The captioning claim on a random tiny captioner: every arm and kind scope, tuning, reuse of logged runs."""
+    compare = load_script("compare_captioning")
+    threads = torch.get_num_threads()
+    argv = ["--quick", "--threads", "1", "--out", str(tmp_path / "cc.json")]
+    try:
+        tuned = compare.main(argv + ["--tune"])
+        again = compare.main(argv + ["--tune"])
+    finally:
+        torch.set_num_threads(threads)
+    assert set(tuned["cider_d"]) == set(compare.ARMS) == set(tuned["bleu_4"])
+    assert {"one_to_one_origin/all", "one_to_one_origin/cross", "amad_t1/all", "amad_t1/cross"} <= set(compare.ARMS)
+    log = [json.loads(line) for line in (tmp_path / "cc.runs.jsonl").read_text().splitlines()]
+    assert len(log) == 8 * 3 + 2  # 8 tuned arms x 3 candidates, then task and logit_kd: the chosen candidates are not trained again
+    for arm, chosen in tuned["tuning"]["chosen"]["2"].items():
+        candidates = [r for r in log if r["arm"] == arm]
+        assert chosen == max(candidates, key=lambda r: r["val_cider_d"])["params"], arm
+        assert tuned["cider_d"][arm]["2"] == [next(r for r in candidates if r["params"] == chosen)["test"]["cider_d"]]
+    assert again["cider_d"] == tuned["cider_d"] and again["reused_runs"] == 24 + 10  # every candidate, then every final run
+    for arm, per_heads in tuned["cider_d"].items():
+        assert 0.0 <= per_heads["2"][0] <= 10.0 and 0.0 <= tuned["bleu_4"][arm]["2"][0] <= 1.0, arm
+    assert [step for step, _ in tuned["curves"]["amad_t1/all"]["2"][0]] == [6, 12]
+    assert "| amad_t1/cross |" in capsys.readouterr().out
+    objective = compare.objective_for("one_to_one_origin/cross", {"attention_weight": 2.0}, {k: [[(0, 1)]] for k in compare.KINDS})
+    assert objective.kinds == ("cross",) and objective.one_to_one_pairing == "origin" and set(objective.head_origins) == {"cross"}
+
+
 def sweep_efficiency_probe(probe: str):
     """Run ``probe`` (Python that imports the benchmark script) in a subprocess, since importing it sets
     the loopback environment; returns the JSON its last line printed."""
