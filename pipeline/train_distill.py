@@ -43,6 +43,7 @@ from pipeline.config import ConfigError, DistillJobConfig
 from pipeline.tracking import RunTracker, flatten, open_run, resolve_tracking_uri
 
 OWN_TEACHER_FILES = ("config.json", "model.safetensors", TOKENIZER_FILE)  # and benchmark.json for the generated data
+CAPTIONER_FILE = "captions.json"  # the data spec of a captioner `amad teacher` saved (pipeline.train_captioner.CAPTIONS_FILE)
 
 
 def _log(message: str) -> None:
@@ -91,6 +92,11 @@ def read_teacher(cfg: DistillJobConfig) -> Teacher:
         raise ConfigError(f"teacher: {err}") from None
     if not path.is_dir():
         raise ConfigError(f"teacher: {path} is not a teacher directory saved by `amad teacher` nor a Hugging Face ViLT checkpoint (no such directory)")
+    if (path / CAPTIONER_FILE).is_file():
+        raise ConfigError(
+            f"teacher: {path} is a captioning teacher (model.family: ved); `amad distill` and `amad sweep` take VQA teachers "
+            "only so far: distil captioners with benchmarks/compare_captioning.py (docs/captioning.md)"
+        )
     checkpoint = is_checkpoint_processor(path)
     if checkpoint:
         try:
