@@ -4,12 +4,14 @@ with cross-attention, for image captioning (issue 24; the paper's VL-T5 and BLIP
 Three attention kinds reach distillation (:class:`amad.outputs.VLOutputs`), one map per layer each:
 
 * ``encoder_self``: ``(B, H, P+1, P+1)`` over the image's CLS and patches; every row and key is real.
-* ``decoder_self``: ``(B, H, T, T)`` over the caption tokens, **causal**. Padding query rows are
-  masked (``query_masks``); the upper triangle and padding keys hold exact zeros in both the teacher's
-  and the student's maps (masked softmax), so they add nothing to a cosine similarity or a divergence.
-* ``cross``: ``(B, H, T, P+1)``, caption tokens attending to the image; padding query rows masked.
+* ``decoder_self``: ``(B, H, T, T)`` over the caption tokens, **causal**. Query rows that predict no
+  token (padding, and the input ``[SEP]``, whose label is -100) are masked (``query_masks``); the upper
+  triangle and padding keys hold exact zeros in both the teacher's and the student's maps (masked
+  softmax), so they add nothing to a cosine similarity or a divergence.
+* ``cross``: ``(B, H, T, P+1)``, caption tokens attending to the image; the same query rows masked.
 
-Logits are per token, ``(B, T, V)``, with ``logit_mask`` ``(B, T)`` marking real tokens.
+Logits are per token, ``(B, T, V)``, with ``logit_mask`` ``(B, T)`` marking the positions with a token
+to predict (``labels != -100``; without labels, the real input tokens).
 
 Trap (seen here with transformers 5.x): under the default ``sdpa`` attention, ``output_attentions=True``
 returns **empty tuples** and only logs a warning. Every model here is built and loaded with the eager
@@ -18,6 +20,7 @@ implementation, and :meth:`VedAdapter.forward` raises when a map it was asked fo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -118,7 +121,7 @@ def _eager(config: VisionEncoderDecoderConfig) -> VisionEncoderDecoderConfig:
 
 def check_ved_config(config) -> None:
     """ValueError naming the key when ``config`` is not a ViT-encoder / BERT-decoder captioner with cross-attention."""
-    if not isinstance(config, VisionEncoderDecoderConfig):
+    if not isinstance(config, VisionEncoderDecoderConfig) or not hasattr(config, "encoder") or not hasattr(config, "decoder"):
         raise ValueError(f"family 'ved' needs a VisionEncoderDecoderConfig (model_type 'vision-encoder-decoder'); got {type(config).__name__}")
     if config.encoder.model_type != "vit" or config.decoder.model_type != "bert":
         raise ValueError(f"family 'ved' supports a 'vit' encoder and a 'bert' decoder; this config has encoder "
@@ -126,7 +129,7 @@ def check_ved_config(config) -> None:
     if not getattr(config.decoder, "add_cross_attention", False) or not getattr(config.decoder, "is_decoder", False):
         raise ValueError("decoder.add_cross_attention and decoder.is_decoder must both be true: a decoder without "
                          "cross-attention cannot see the image (and has no 'cross' maps to distil)")
-    if config.decoder_start_token_id is None or config.pad_token_id is None or config.eos_token_id is None:
+    if any(getattr(config, key, None) is None for key in ("decoder_start_token_id", "pad_token_id", "eos_token_id")):
         raise ValueError("decoder_start_token_id, pad_token_id and eos_token_id must be set in the config (generation needs them)")
 
 
@@ -216,6 +219,10 @@ class VedAdapter:
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} holds no config.json: not a saved model directory")
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        if model_type != VisionEncoderDecoderConfig.model_type:
+            raise ValueError(f"{path}/config.json: model_type {model_type!r} is not a captioner ('{VisionEncoderDecoderConfig.model_type}'): "
+                             "family 'ved' loads VisionEncoderDecoder models")
         config = VisionEncoderDecoderConfig.from_pretrained(str(path))
         try:
             check_ved_config(config)
@@ -254,7 +261,10 @@ class VedAdapter:
                              "two sequences of different lengths (use amad, one_to_one or head_mean)")
         out = model(pixel_values=batch["pixel_values"], decoder_input_ids=batch["decoder_input_ids"],
                     decoder_attention_mask=batch["decoder_attention_mask"], output_attentions=need_attentions, return_dict=True)
-        tokens = batch["decoder_attention_mask"].bool()  # (B, T)
+        tokens = batch["decoder_attention_mask"].bool()  # (B, T) real input tokens: the keys
+        # positions with a next token to predict: the input [SEP] is real but predicts nothing the teacher
+        # learned, so it takes no part in logit KD or in the decoder's query rows
+        predicting = batch["labels"] != -100 if "labels" in batch else tokens
         attentions, query_masks, key_masks = {}, {}, {}
         if need_attentions:
             maps = {"encoder_self": out.encoder_attentions, "decoder_self": out.decoder_attentions, "cross": out.cross_attentions}
@@ -264,9 +274,9 @@ class VedAdapter:
                                      f"(attn_implementation='eager'; sdpa returns none and only warns)")
                 attentions[kind] = list(layers)
             image_tokens = torch.ones(tokens.shape[0], attentions["encoder_self"][0].shape[-1], dtype=torch.bool, device=tokens.device)
-            query_masks = {"encoder_self": image_tokens, "decoder_self": tokens, "cross": tokens}
+            query_masks = {"encoder_self": image_tokens, "decoder_self": predicting, "cross": predicting}
             key_masks = {"encoder_self": image_tokens, "decoder_self": tokens, "cross": image_tokens}
-        return VLOutputs(out.logits, attentions, query_masks, key_masks, logit_mask=tokens)
+        return VLOutputs(out.logits, attentions, query_masks, key_masks, logit_mask=predicting)
 
     @staticmethod
     def generate(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor, *, max_length: int, num_beams: int = 1) -> torch.Tensor:

@@ -112,7 +112,7 @@ def score(model: VisionEncoderDecoderModel, batches: Iterable[dict[str, Tensor]]
             size = batch["labels"].shape[0]
             gates.clear()
             gates.update({kind: [torch.ones(size, heads[kind], device=device, requires_grad=True) for _ in layers[kind]] for kind in GATED})
-            decoder_tokens[:] = [batch["decoder_attention_mask"].bool()]
+            decoder_tokens[:] = [batch["labels"] != -100]  # positions that predict a token (not padding, not the input [SEP])
             logits = model(pixel_values=batch["pixel_values"], decoder_input_ids=batch["decoder_input_ids"],
                            decoder_attention_mask=batch["decoder_attention_mask"], return_dict=True).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum")

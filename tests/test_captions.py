@@ -74,7 +74,8 @@ def test_generated_splits_are_deterministic_distinct_and_encode_within_the_lengt
     tokenizer = caption_tokenizer()
     ids, mask = encode_captions(tokenizer, texts, spec.max_caption_length)
     assert ids.shape == (120, MAX_CAPTION_WORDS + 2)
-    assert [decode_caption(tokenizer, row[1:].tolist()) for row in ids] == texts
+    assert [decode_caption(tokenizer, row.tolist()) for row in ids] == texts  # whole rows: [CLS] first, [PAD] after [SEP]
+    assert decode_caption(tokenizer, [2, tokenizer.token_to_id("red"), 0, 1, tokenizer.token_to_id("circle")]) == "red [UNK] circle"
     forced = teacher_forcing(ids, mask)
     assert forced["decoder_input_ids"].shape == forced["labels"].shape == (120, MAX_CAPTION_WORDS + 1)
     assert ((forced["labels"] == -100) == (mask[:, 1:] == 0)).all()

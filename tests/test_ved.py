@@ -40,8 +40,11 @@ def test_the_three_kinds_of_maps_have_their_shapes_masks_and_a_causal_decoder(ba
     assert [tuple(m.shape) for m in out.attentions["decoder_self"]] == [(B, 4, T, T)] * 2
     assert [tuple(m.shape) for m in out.attentions["cross"]] == [(B, 4, T, P)] * 2
     tokens = batch["decoder_attention_mask"].bool()
-    assert torch.equal(out.logit_mask, tokens) and torch.equal(out.query_masks["decoder_self"], tokens)
-    assert torch.equal(out.query_masks["cross"], tokens) and out.key_masks["cross"].all() and out.query_masks["encoder_self"].all()
+    predicting = batch["labels"] != -100  # the input [SEP] is a real token that predicts nothing
+    assert (tokens & ~predicting).sum() == B and not (predicting & ~tokens).any()
+    assert torch.equal(out.logit_mask, predicting) and torch.equal(out.query_masks["decoder_self"], predicting)
+    assert torch.equal(out.key_masks["decoder_self"], tokens)
+    assert torch.equal(out.query_masks["cross"], predicting) and out.key_masks["cross"].all() and out.query_masks["encoder_self"].all()
     for layer in out.attentions["decoder_self"]:
         # the upper triangle and padding keys hold exact zeros: they add nothing to cosines or divergences
         assert (layer.triu(diagonal=1) == 0).all()
@@ -90,6 +93,11 @@ def test_save_and_load_give_the_same_captioner(tmp_path, batch):
         VedAdapter.load(tmp_path / "m")
     with pytest.raises(FileNotFoundError, match=r"holds no config.json"):
         VedAdapter.load(tmp_path)
+    vilt = tmp_path / "vilt"
+    vilt.mkdir()
+    (vilt / "config.json").write_text('{"model_type": "vilt"}')
+    with pytest.raises(ValueError, match=r"vilt/config.json: model_type 'vilt' is not a captioner \('vision-encoder-decoder'\)"):
+        VedAdapter.load(vilt)
 
 
 def test_greedy_generation_is_the_argmax_of_teacher_forced_steps_and_beams_run(batch):
@@ -107,7 +115,11 @@ def test_greedy_generation_is_the_argmax_of_teacher_forced_steps_and_beams_run(b
             got = generated[row].tolist()
             assert got[:len(ids)] == ids and all(t == pad for t in got[len(ids):]), (got, ids)
     beams = VedAdapter.generate(model, pixels, max_length=8, num_beams=3)
-    assert (beams[:, 0] == start).all() and isinstance(decode_caption(TOKENIZER, beams[0].tolist()), str)
+    assert (beams[:, 0] == start).all()
+    for row in torch.cat([generated, beams]).tolist():  # whole rows, start token first: no special token reaches the text
+        words = decode_caption(TOKENIZER, row).split()
+        assert not {"[CLS]", "[PAD]", "[SEP]"} & set(words), words
+        assert words == [TOKENIZER.id_to_token(i) for i in row[1:row.index(eos) if eos in row else len(row)] if i != pad]
     with pytest.raises(ValueError, match=r"num_beams=0 >= 1"):
         VedAdapter.generate(model, pixels, max_length=8, num_beams=0)
 
@@ -125,7 +137,8 @@ def test_the_objective_on_captions_token_losses_per_kind_layer_maps_and_weights(
                       decoder_attention_mask=batch["decoder_attention_mask"], labels=labels).loss
     assert task_only(None, s_out, labels)["task"].item() == pytest.approx(hf_loss.item(), rel=1e-6)  # the model's own token CE
 
-    tokens = batch["decoder_attention_mask"].bool()
+    tokens = batch["labels"] != -100
+    assert torch.equal(s_out.logit_mask, tokens)
     per_token = torch.nn.functional.kl_div(s_out.logits.log_softmax(-1), t_out.logits.log_softmax(-1), reduction="none", log_target=True).sum(-1)
     assert logit_kd_loss(s_out.logits, t_out.logits, 1.0, tokens).item() == pytest.approx(per_token[tokens].mean().item(), rel=1e-6)
     assert logit_kd_loss(t_out.logits, t_out.logits, 1.0, tokens).item() == pytest.approx(0.0, abs=1e-6)

@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 
 from amad.data.images import pixels_from_uint8, to_rgb_array
 from amad.data.scenes import COLOURS, COUNT_WORDS, SHAPES, SceneObject, SceneSpec, render, sample_scene
-from amad.data.text import PAD, SEP, build_tokenizer
+from amad.data.text import CLS, PAD, SEP, build_tokenizer
 
 MAX_CAPTION_WORDS = 16
 RELATIONS = ("left of", "right of", "above", "below")
@@ -238,11 +238,15 @@ def caption_training_set(split: CaptionSplit, tokenizer: Tokenizer, max_length: 
 
 
 def decode_caption(tokenizer: Tokenizer, ids: list[int]) -> str:
-    """Generated token ids -> caption text: stops at the first ``[SEP]``, drops special tokens."""
+    """Generated token ids (``generate``'s rows, start token first) -> caption text: stops at the first
+    ``[SEP]`` and drops ``[CLS]`` and ``[PAD]``. (``build_tokenizer`` does not register them as special
+    tokens, so ``decode(skip_special_tokens=True)`` would keep them; a stray "[CLS]" word costs a
+    caption ~40 % of its CIDEr-D.) ``[UNK]`` stays: it is a word the model chose."""
     sep_id = tokenizer.token_to_id(SEP)
     if sep_id in ids:
         ids = ids[: ids.index(sep_id)]
-    return tokenizer.decode(ids, skip_special_tokens=True)
+    dropped = {tokenizer.token_to_id(CLS), tokenizer.token_to_id(PAD)}
+    return tokenizer.decode([i for i in ids if i not in dropped], skip_special_tokens=False)
 
 
 # ---------------------------------------------------------------- COCO-captions-format files
