@@ -157,11 +157,12 @@ def _run(cfg: SweepConfig, sweep_dir: Path, workdir: Path, teacher, tracking_uri
     use_gpu = train_distill.check_placement(cfg.job)
     # -- nothing above writes; from here on the sweep exists
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / names.SWEEP_JOB_FILE).write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     uri = resolve_tracking_uri(workdir, tracking_uri)
     parent = open_run(tracking_uri=uri, experiment=names.SWEEP_EXPERIMENT, run_name=cfg.name, run_dir=sweep_dir, workdir=workdir)
     parent.log_params(flatten(cfg.model_dump(mode="json")))
     parent.set_tags({names.TAG_TEACHER_PATH: str(teacher.path), names.TAG_RUN_DIR: str(sweep_dir)})
+    # written once MLflow took the run: a tracking failure above leaves no half-made sweep to --resume
+    (sweep_dir / names.SWEEP_JOB_FILE).write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     _log(f"[sweep {cfg.name}] {'resuming' if resume else 'starting'}: {_describe(cfg)}; MLflow run {parent.run_id} ({uri})")
     started = time.perf_counter()
     try:

@@ -35,7 +35,11 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pipeline.config import DistillJobConfig, StorageConfig, Strict
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "cases")
-CASE_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@=+-]*$")  # shown in trial tables and MLflow params
+CASE_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # part of MLflow param names (space.<key>.cases.<label>.<field>)
+MLFLOW_PARAM_KEY_MAX = 250  # MLflow's limit on a param name
+# The trials table's own columns (pipeline.sweep_report.CSV_COLUMNS): a cases key of that name would overwrite one.
+RESERVED_CASE_KEYS = frozenset({"trial_id", "status", "epochs", "val_accuracy", "val_loss", "best_epoch", "params", "latency_ms_per_example",
+                                "pareto", "within_budget", "selected", "checkpoint", "run_id", "error"})
 # Top-level parts of the distill job a sweep may search (scaling is per-trial resources, not a
 # hyperparameter; train.epochs is the scheduler's max_epochs).
 SEARCHABLE_ROOTS = ("student", "objective", "train", "data", "seed")
@@ -83,7 +87,7 @@ class SpaceEntry(Strict):
         if kind == "cases":
             for label in values:
                 if not CASE_LABEL.match(label):
-                    raise ValueError(f"case label {label!r}: use letters, digits and . _ @ = + - (it names trials in tables)")
+                    raise ValueError(f"case label {label!r}: use letters, digits, '.', '_' and '-' (it names trials in tables and MLflow params)")
         if kind in ("uniform", "loguniform", "randint"):
             low, high = values
             if low > high:
@@ -190,9 +194,16 @@ class SweepConfig(Strict):
                 continue
             if key in allowed or "." in key:
                 raise ValueError(f"{key}: a cases entry's key names the cases (e.g. arm), not a field; its cases set the fields")
+            if key in RESERVED_CASE_KEYS or not CASE_LABEL.match(key):
+                raise ValueError(f"{key}: name the cases with letters, digits, '.', '_' and '-', and not as a column of the trials table "
+                                 f"({', '.join(sorted(RESERVED_CASE_KEYS))})")
             for label, fields in entry.cases.items():
                 for field in fields:
                     check_field(field, f"{key}.cases.{label}: ")
+                    name = f"space.{key}.cases.{label}.{field}"
+                    if len(name) > MLFLOW_PARAM_KEY_MAX:
+                        raise ValueError(f"{key}.cases.{label}: the MLflow param {name[:60]}... is {len(name)} characters, over MLflow's "
+                                         f"{MLFLOW_PARAM_KEY_MAX}: shorten the label")
                     if field in space:
                         raise ValueError(f"{key}.cases.{label} sets {field}, which is also a key of space: set it in one place")
                     if set_by_cases.setdefault(field, key) != key:

@@ -60,6 +60,12 @@ def epochs_logged(uri: str, run_id: str) -> list[int]:
 # ---------------------------------------------------------------- config errors: before Ray, naming the key
 
 
+def test_the_reserved_cases_keys_are_the_trials_tables_columns():
+    from pipeline.sweep_config import RESERVED_CASE_KEYS
+
+    assert RESERVED_CASE_KEYS == set(sweep_report.CSV_COLUMNS)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -83,6 +89,9 @@ def epochs_logged(uri: str, run_id: str) -> list[int]:
         ({"space": {"arm": {"cases": {"a": {"train.epochs": 2}}}}}, r"arm.cases.a: train.epochs cannot be searched"),
         ({"space": {"arm": {"cases": {}}}}, r"space.arm: cases is empty: list at least one case"),
         ({"space": {"arm": {"cases": {"a b": {}}}}}, r"space.arm: case label 'a b': use letters, digits"),
+        ({"space": {"arm": {"cases": {"w=1": {}}}}}, r"space.arm: case label 'w=1': use letters, digits, '.', '_' and '-'"),  # not an MLflow param name
+        ({"space": {"status": {"cases": {"a": {}}}}}, r"status: name the cases .* not as a column of the trials table"),
+        ({"space": {"arm": {"cases": {"x" * 220: {"objective.attention_weight": 1.0}}}}}, r"the MLflow param space.arm.cases.x+\.\.\. is 2\d\d characters, over MLflow's 250"),
         ({"search": {"algorithm": "optuna"}, "space": {"arm": {"cases": {"a": {}}}}}, r"takes no grid or cases entries \(space.arm\)"),
         ({"fail_when": {"student.layers": 1}}, r"fail_when.student.layers: not a key of space"),
         ({"max_concurent_trials": 2}, r"max_concurent_trials: unknown key"),
