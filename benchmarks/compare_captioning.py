@@ -231,6 +231,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     out = Path(args.out)
     log_path = out.with_name(out.stem + ".runs.jsonl")
+    tuning_path = out.with_name(out.stem + ".tuning.json")
     with tempfile.TemporaryDirectory() as scratch:
         teacher_dir = quick_teacher(Path(scratch)) if args.quick else Path(args.teacher)
         if not (teacher_dir / CAPTIONS_FILE).is_file():
@@ -280,6 +281,13 @@ def main(argv=None) -> dict:
                         continue
                     runs = [done[run_id(arm, params, h, args.tune_seed)] for params in grid(arm)]
                     chosen.setdefault(str(h), {})[arm] = max(runs, key=lambda r: r["val_cider_d"])["params"]  # ties: the grid's first
+            tuning_path.write_text(json.dumps({"chosen": chosen, "weights": args.tune_weights, "temperatures": args.tune_temperatures,
+                                               "seed": args.tune_seed, "run_key": key}, indent=2) + "\n")
+        elif tuning_path.is_file():  # a later command (more seeds, a resumed one) keeps the tuned settings
+            saved = json.loads(tuning_path.read_text())
+            chosen = saved["chosen"]
+            if saved.get("run_key") != key:
+                print(f"note: {tuning_path} was tuned with other settings (run key {saved.get('run_key')} != {key}); using it anyway", flush=True)
 
         def params_for(arm: str, h: int) -> dict:
             if arm in NO_ATTENTION:
@@ -306,7 +314,7 @@ def main(argv=None) -> dict:
         "bleu_4": per_seed("bleu_4"),
         "curves": {arm: {str(h): [finals[(arm, h, s)]["curve"] for s in args.seeds] for h in args.heads} for arm in args.methods},
         "params": {arm: {str(h): params_for(arm, h) for h in args.heads} for arm in args.methods},
-        "tuning": {"chosen": chosen, "weights": args.tune_weights, "temperatures": args.tune_temperatures, "seed": args.tune_seed} if args.tune else None,
+        "tuning": json.loads(tuning_path.read_text()) if chosen and tuning_path.is_file() else None,
         "teacher": {k: v for k, v in teacher_scores.items() if k != "examples"},
         "seconds": time.perf_counter() - started,
         "reused_runs": reused,

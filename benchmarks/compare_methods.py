@@ -395,6 +395,22 @@ def split_evenly(items: list, parts: int) -> list[list]:
     return [items[i::parts] for i in range(parts)]
 
 
+def tuning_records(logged, grid: list[tuple[str, str]], seed: int) -> list[dict]:
+    """The logged runs that make up a tuning, in the grid's order (the tie rule of :func:`choose`).
+
+    ``grid``: ``(arm, json of its params)`` of every candidate. A head count and arm count as tuned only
+    when every candidate of the arm's grid is logged with ``seed``: a lone default-weight final run
+    (itself a grid member) is not a tuning.
+    """
+    logged = [r for r in logged if r["seed"] == seed and (r["arm"], json.dumps(r["params"], sort_keys=True)) in grid]
+    wanted = {arm: sum(1 for a, _ in grid if a == arm) for arm, _ in grid}
+    found: dict[tuple[int, str], int] = {}
+    for r in logged:
+        found[(r["heads"], r["arm"])] = found.get((r["heads"], r["arm"]), 0) + 1
+    return sorted((r for r in logged if found[(r["heads"], r["arm"])] == wanted[r["arm"]]),
+                  key=lambda r: grid.index((r["arm"], json.dumps(r["params"], sort_keys=True))))
+
+
 def choose(tuning_records: list[dict], arms, heads: list[int]) -> dict[str, dict[str, dict]]:
     """Per head count and arm, the candidate with the best final validation accuracy (the first on a tie)."""
     chosen: dict[str, dict[str, dict]] = {}
@@ -453,15 +469,14 @@ def main(argv=None) -> dict:
             # every head count tuned under this key so far (earlier commands' too), this command's candidates only
             grid = [(arm, json.dumps(params, sort_keys=True)) for arm in args.methods if arm not in NO_ATTENTION
                     for params in candidates(arm, args.tune_weights, args.tune_temperatures, args.sweep_temperature)]
-            records = sorted((r for r in done.values() if r["seed"] == args.tune_seed and (r["arm"], json.dumps(r["params"], sort_keys=True)) in grid),
-                             key=lambda r: grid.index((r["arm"], json.dumps(r["params"], sort_keys=True))))  # grid order: the tie rule
+            records = tuning_records(done.values(), grid, args.tune_seed)
             tuned_heads = sorted({r["heads"] for r in records})
             tuning = {"chosen": choose(records, args.methods, tuned_heads), "weights": args.tune_weights, "temperatures": args.tune_temperatures,
                       "seed": args.tune_seed, "run_key": key,
                       "candidates": {str(h): {arm: [{"params": r["params"], "val_accuracy": r["val_accuracy"], "curve": r["curve"]}
                                                     for r in records if r["heads"] == h and r["arm"] == arm]
                                               for arm in args.methods if arm not in NO_ATTENTION} for h in tuned_heads},
-                      "train_seconds": results_page.group_seconds(records),
+                      "train_seconds": results_page.run_seconds(records),
                       "command": ("python benchmarks/compare_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()}
             tuning_path.write_text(json.dumps(tuning, indent=2) + "\n")
             if args.tune_only:
@@ -509,7 +524,7 @@ def main(argv=None) -> dict:
                     "heads": world["teacher"].config.num_attention_heads, "layers": world["teacher"].config.num_hidden_layers},
         "seconds": time.perf_counter() - started,
         "reused_runs": reused,
-        "train_seconds": results_page.group_seconds(runs),
+        "train_seconds": results_page.run_seconds(runs),
         "config": {
             "teacher": "random tiny (quick)" if args.quick else _shown(Path(args.teacher)), "start": args.start,
             "heads": args.heads, "seeds": args.seeds, "methods": args.methods, "layers": layers,

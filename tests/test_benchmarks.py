@@ -268,7 +268,7 @@ def test_compare_captioning_quick_run_tunes_every_arm_alike_and_reuses_its_runs(
     argv = ["--quick", "--threads", "1", "--out", str(tmp_path / "cc.json")]
     try:
         tuned = compare.main(argv + ["--tune"])
-        again = compare.main(argv + ["--tune"])
+        again = compare.main(argv)  # no --tune: the tuning file is read back, every run reused
     finally:
         torch.set_num_threads(threads)
     assert set(tuned["cider_d"]) == set(compare.ARMS) == set(tuned["bleu_4"])
@@ -279,7 +279,8 @@ def test_compare_captioning_quick_run_tunes_every_arm_alike_and_reuses_its_runs(
         candidates = [r for r in log if r["arm"] == arm]
         assert chosen == max(candidates, key=lambda r: r["val_cider_d"])["params"], arm
         assert tuned["cider_d"][arm]["2"] == [next(r for r in candidates if r["params"] == chosen)["test"]["cider_d"]]
-    assert again["cider_d"] == tuned["cider_d"] and again["reused_runs"] == 24 + 10  # every candidate, then every final run
+    assert again["cider_d"] == tuned["cider_d"] and again["reused_runs"] == 10 and again["params"] == tuned["params"]
+    assert json.loads((tmp_path / "cc.tuning.json").read_text())["chosen"] == tuned["tuning"]["chosen"]
     for arm, per_heads in tuned["cider_d"].items():
         assert 0.0 <= per_heads["2"][0] <= 10.0 and 0.0 <= tuned["bleu_4"][arm]["2"][0] <= 1.0, arm
     assert [step for step, _ in tuned["curves"]["amad_t1/all"]["2"][0]] == [6, 12]

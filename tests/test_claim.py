@@ -180,6 +180,19 @@ def test_a_logged_run_serves_any_stage_that_needs_no_more_than_it_recorded(tmp_p
     assert compare.complete_for("tune", old_tune) and not compare.complete_for("final", old_tune) and not compare.complete_for("tune", None)
 
 
+def test_only_a_complete_grid_counts_as_a_tuning():
+    """A default-weight final run is a grid member too; alone it must not make its head count look tuned."""
+    import json
+
+    compare = load_script("compare_methods")
+    grid = [("amad_t1", json.dumps({"attention_weight": w})) for w in (4.0, 1.0, 0.25)]
+    run = lambda w, h, seed=0: {"arm": "amad_t1", "params": {"attention_weight": w}, "heads": h, "seed": seed, "val_accuracy": 0.5}  # noqa: E731
+    logged = [run(1.0, 6), run(0.25, 4), run(1.0, 4), run(4.0, 4), run(4.0, 2, seed=1)]
+    records = compare.tuning_records(logged, grid, seed=0)
+    assert [(r["heads"], r["params"]["attention_weight"]) for r in records] == [(4, 4.0), (4, 1.0), (4, 0.25)]  # grid order; 6 heads has 1 of 3
+    assert compare.choose(records, ["amad_t1"], [4, 6]) == {"4": {"amad_t1": {"attention_weight": 4.0}}}  # all tie: the grid's first
+
+
 def _results(accuracy: dict, regime: str = "pruned") -> dict:
     heads = sorted({int(h) for per_heads in accuracy.values() for h in per_heads})
     return {"regime": regime, "accuracy": accuracy, "teacher": {"accuracy": 0.85, "heads": 12, "layers": 4},
@@ -271,4 +284,9 @@ def test_the_claim_sweep_yaml_is_the_benchmarks_tuning_grid_case_for_case():
     assert (student.init, student.layers, student.ffn_keep, student.importance_examples) == ("pruned", 2, 1.0, args.importance_examples)
     assert train.batch_size * cfg.job.scaling.num_workers == args.batch_size and (train.lr, train.warmup_steps) == (args.lr, args.warmup)
     assert (train.min_lr_ratio, train.weight_decay, train.grad_clip) == (0.1, 0.01, 1.0)  # benchmarks/lockstep.py's schedule and optimiser
-    check_sweep(cfg)
+    teacher = check_sweep(cfg)
+    # the budget a trial gets, as its header states it (a sweep counts epochs, the script steps)
+    questions = teacher.data.train_scenes * teacher.data.questions_per_scene
+    steps = cfg.max_epochs * ((questions // cfg.job.scaling.num_workers) // (train.batch_size))
+    header = (Path(__file__).resolve().parents[1] / "tune_configs" / "claim" / "sweep.yaml").read_text()
+    assert steps == 4686 and f"3 x {steps // 3:,} = {steps:,} steps of 64" in header
