@@ -31,7 +31,6 @@ import argparse
 import copy
 import hashlib
 import json
-import multiprocessing
 import os
 import platform
 import statistics
@@ -61,6 +60,7 @@ from amad.objective import DistillationObjective  # noqa: E402
 from amad.pruning_ved import plan, prune_from_plan, recorded_origins, score  # noqa: E402
 from pipeline.registry import file_sha256  # noqa: E402
 from lockstep import train_lockstep  # noqa: E402
+import compare_methods  # noqa: E402
 from compare_methods import candidates, split_evenly  # noqa: E402
 
 KINDS = ("encoder_self", "decoder_self", "cross")
@@ -201,16 +201,7 @@ def run_group(task: tuple, world: dict | None = None) -> list[dict]:
 
 
 def run_groups(groups: list[tuple], world: dict, args, teacher_dir: Path, finished) -> None:
-    if args.jobs == 1 or len(groups) <= 1:
-        for group in groups:
-            for record in run_group(group, world):
-                finished(record)
-        return
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(min(args.jobs, len(groups)), initializer=_init_worker, initargs=(str(teacher_dir), args)) as pool:
-        for records in pool.imap_unordered(run_group, groups):
-            for record in records:
-                finished(record)
+    compare_methods.run_groups(groups, world, args, teacher_dir, finished, worker=run_group, initializer=_init_worker)
 
 
 def run_key(args, teacher_dir: Path, layers: int) -> str:

@@ -372,15 +372,20 @@ def run_group(task: tuple, world: dict | None = None) -> list[dict]:
     return records
 
 
-def run_groups(groups: list[tuple], world: dict, args, teacher_dir: Path, finished) -> None:
+def run_groups(groups: list[tuple], world: dict, args, teacher_dir: Path, finished, worker=None, initializer=None) -> None:
+    """Train ``groups`` in this process (``--jobs 1``) or in ``--jobs`` worker processes, calling ``finished`` per record.
+
+    ``worker(group, world)`` / ``initializer(teacher_dir, args)``: another script's (``compare_captioning.py``); default this one's.
+    """
+    worker, initializer = worker or run_group, initializer or _init_worker
     if args.jobs == 1 or len(groups) <= 1:
         for group in groups:
-            for record in run_group(group, world):
+            for record in worker(group, world):
                 finished(record)
         return
     context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state
-    with context.Pool(min(args.jobs, len(groups)), initializer=_init_worker, initargs=(str(teacher_dir), args)) as pool:
-        for records in pool.imap_unordered(run_group, groups):
+    with context.Pool(min(args.jobs, len(groups)), initializer=initializer, initargs=(str(teacher_dir), args)) as pool:
+        for records in pool.imap_unordered(worker, groups):
             for record in records:
                 finished(record)
 
