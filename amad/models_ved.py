@@ -69,10 +69,16 @@ def check_pruning_record(config: VisionEncoderDecoderConfig, record: dict) -> No
 
 class AmadVisionEncoderDecoder(VisionEncoderDecoderModel):
     """``VisionEncoderDecoderModel`` whose config may carry ``amad_pruning``: each layer is built with its own
-    head counts (encoder, decoder self, cross) and FFN width, so a pruned captioner saves and loads like any."""
+    head counts (encoder, decoder self, cross) and FFN width, so a pruned captioner saves and loads like any.
+
+    The ViT encoder's pooler is removed: the decoder reads the encoder's hidden states, never the pooled
+    vector, so the pooler's weights took no part in any loss (dead parameters, and DDP refuses parameters
+    that get no gradient). A captioner saved with one loads without it.
+    """
 
     def __init__(self, config: VisionEncoderDecoderConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
+        self.encoder.pooler = None
         record = getattr(config, PRUNING_KEY, None)
         if record:
             _apply_pruned_shapes(self, config, record)
