@@ -481,8 +481,9 @@ ADAPTERS = {ViltAdapter.family: ViltAdapter}
 
 
 def get_adapter(family: str):
-    """The adapter for a model family name: ``"vilt"`` (VQA) or ``"ved"`` (captioning, :mod:`amad.models_ved`)."""
-    if family == "ved":
+    """The adapter for a model family name: ``"vilt"`` (VQA) or ``"ved"`` (captioning, :mod:`amad.models_ved`);
+    a ``config.json``'s ``model_type`` names them too (``vilt``, ``vision-encoder-decoder``)."""
+    if family in ("ved", "vision-encoder-decoder"):
         from amad.models_ved import VedAdapter  # imports this module: resolved at call time
 
         return VedAdapter

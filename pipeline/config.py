@@ -199,6 +199,9 @@ class DistillDataConfig(Strict):
     report), read through the teacher's own pre-processing and answer labels (``id2label``). A Hugging
     Face checkpoint teacher needs this source; ``amad data export-vqa-v2`` writes the generated
     benchmark in this format.
+
+    A captioning teacher (``model.family: ved``) reads the generated captions it was trained on (its
+    ``captions.json``), with the same ``train_scenes``/``val_scenes`` overrides (in images).
     """
 
     source: Literal["generated", "vqa_v2"] = "generated"
@@ -392,7 +395,11 @@ class DistillJobConfig(Strict):
     scaling: ScalingSettings = ScalingSettings()
     storage: StorageConfig = Field(StorageConfig(), description="checkpoints go to <storage.path>/ray/<run_name>/")
     run_name: str = Field("distill", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
-    checkpoints_to_keep: int = Field(2, ge=1, description="best by val_accuracy; the latest is always kept too")
+    checkpoints_to_keep: int = Field(2, ge=1, description="best by the selection metric; the latest is always kept too")
+    selection_metric: Literal["val_accuracy", "val_relational_accuracy", "val_vqa_accuracy", "val_cider_d", "val_bleu_4"] | None = Field(
+        None, description="the validation metric that picks the best checkpoint (higher is better); default the teacher family's: "
+        "val_accuracy for a VQA teacher, val_cider_d for a captioner (pipeline.names.SELECTION_METRICS)",
+    )
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint; -1: unlimited")
     seed: int = Field(0, ge=0)
     eval_batch_size: int = Field(256, ge=1)

@@ -6,7 +6,9 @@ only start a run -- the CLI driver, a sweep's trial actor -- never pay for the m
 
 Each epoch is seeded from ``(seed, epoch)`` (data order) and ``(seed, epoch, rank)`` (torch RNG), so a
 resumed run takes the same steps as an uninterrupted one; the checkpoint holds the student as
-``from_pretrained`` loads it, ``tokenizer.json``, ``benchmark.json`` and ``train_state.pt``.
+``from_pretrained`` loads it, ``tokenizer.json``, the data spec (``benchmark.json``, a captioner's
+``captions.json``) and ``train_state.pt``. What differs per model family (data, validation, the new
+student) is the task's (:mod:`pipeline.distill_tasks`).
 """
 
 from __future__ import annotations
@@ -23,16 +25,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from amad.data.dataset import VQASplit
-from amad.data.preprocess import Preprocessor, load_preprocessor
-from amad.data.sources import load_split, model_labels, source_from_dict
-from amad.models import StudentSpec, get_adapter
+from amad.models import get_adapter
 from amad.objective import DistillationObjective
-from amad.pruning import recorded_origins
 from amad.training import make_optimizer, warmup_cosine
 from pipeline import names, storage
 from pipeline.config import DistillJobConfig
 from pipeline.cpu_allocator import retain_freed_memory
+from pipeline.distill_tasks import _all_reduce, _distributed, _to, task_for
 from pipeline.tracking import RunTracker
 
 # Workers log through logging: Ray Train V2 patches print() in workers and a print shows up twice.
@@ -61,64 +60,9 @@ def _epoch_seed(seed: int, epoch: int, rank: int | None = None) -> int:
     return (seed * 1_000_003 + epoch) * 1_009 + (0 if rank is None else rank + 1)
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _all_reduce(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if _distributed():
-        dist.all_reduce(values, op=op)
-    return values
-
-
 def _barrier() -> None:
     if _distributed():
         dist.barrier()
-
-
-@torch.no_grad()
-def validate(model: nn.Module, adapter, split: VQASplit, rank: int, world: int, batch_size: int, device: torch.device) -> dict[str, float]:
-    """Accuracy and mean cross-entropy over the WHOLE ``split``: each worker evaluates every
-    ``world``-th question from ``rank`` and the counts are summed across workers.
-
-    Runs in fp32 on the unwrapped model (no DDP collectives per batch, and the figures are the ones
-    ``amad.training.evaluate`` gives for the saved student).
-    """
-    qtypes = len(split.qtypes)
-    shard = split.subset(torch.arange(rank, len(split), world))
-    loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
-    soft_sum = torch.zeros(1, dtype=torch.float64, device=device)  # VQA accuracy, where the split has human answers
-    correct = torch.zeros(qtypes, dtype=torch.float64, device=device)  # per question type
-    count = torch.zeros(qtypes, dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
-    done = 0
-    for batch in shard.batches(batch_size):
-        batch = _to(batch, device)
-        logits = adapter.forward(model, batch, need_attentions=False).logits.float()  # (B, answers)
-        loss_sum += nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").double()
-        predicted = logits.argmax(dim=-1)
-        hit = predicted == batch["labels"]
-        correct += torch.bincount(batch["qtype"][hit], minlength=qtypes).double()
-        count += torch.bincount(batch["qtype"], minlength=qtypes).double()
-        if shard.human_answers is not None:
-            rows = torch.arange(done, done + len(predicted))
-            soft_sum += shard.human_answers[rows].accuracy(predicted.cpu()).sum().double().to(device)
-        done += len(predicted)
-    model.train(was_training)
-    totals = _all_reduce(torch.cat([loss_sum, soft_sum, correct, count]))
-    loss_sum, soft_sum, correct, count = totals[0], totals[1], totals[2 : 2 + qtypes], totals[2 + qtypes :]
-    relational = torch.tensor([name in split.relational_qtypes for name in split.qtypes], device=device)
-    metrics = {names.VAL_ACCURACY: (correct.sum() / count.sum()).item(), names.VAL_LOSS: (loss_sum / count.sum()).item()}
-    if relational.any():  # the generated benchmark's relational questions; VQA-v2 has no such type
-        metrics[names.VAL_RELATIONAL_ACCURACY] = (correct[relational].sum() / count[relational].sum().clamp(min=1)).item()
-    if split.human_answers is not None:
-        metrics[names.VAL_VQA_ACCURACY] = (soft_sum / count.sum()).item()
-    return metrics
 
 
 def train_loop(loop_config: dict) -> dict:
@@ -141,19 +85,18 @@ def train_loop(loop_config: dict) -> dict:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.scaling.precision)
 
     # setup: data, teacher, student, objective, optimizer
-    data = source_from_dict(loop_config["data"])
-    preprocessor = load_preprocessor(teacher_path)
-    labels = model_labels(teacher_path)
-    (train, _), (val, _) = (load_split(data, split, preprocessor, labels) for split in ("train", "val"))
+    adapter = get_adapter(json.loads((teacher_path / "config.json").read_text())["model_type"])
+    task = task_for(adapter.family, cfg, teacher_path, loop_config["data"])
+    selection = names.selection_metric(adapter.family, cfg.selection_metric)
+    train = task.train
     per_worker = len(train) // world
     steps_per_epoch = per_worker // cfg.train.batch_size
     if steps_per_epoch < 1:
-        raise ValueError(f"{len(train)} train questions over {world} workers give no batch of {cfg.train.batch_size}")
+        raise ValueError(f"{len(train)} training examples over {world} workers give no batch of {cfg.train.batch_size}")
     total_steps = cfg.train.epochs * steps_per_epoch
 
-    adapter = get_adapter(json.loads((teacher_path / "config.json").read_text())["model_type"])
     teacher = adapter.load(teacher_path).eval().requires_grad_(False).to(device)
-    target_key = "soft_targets" if cfg.objective.task_loss == "vqa_bce" else "labels"
+    target_key = task.target_key
     need_maps = cfg.objective.method not in ("none", "relation")
 
     state = None
@@ -163,9 +106,9 @@ def train_loop(loop_config: dict) -> dict:
             student = adapter.load(directory).to(device).train()
             state = torch.load(Path(directory) / names.TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
     else:
-        student = _new_student(cfg, adapter, teacher, loop_config.get("importance")).to(device).train()
+        student = task.new_student(cfg, adapter, teacher, loop_config.get("importance")).to(device).train()
     # one-to-one by origin reads the student's pruning record (kept in its saved config on resume)
-    origins = recorded_origins(student) if cfg.objective.one_to_one_pairing == "origin" else None
+    origins = task.origins(student) if cfg.objective.one_to_one_pairing == "origin" else None
     objective = DistillationObjective(**cfg.objective.kwargs(origins))
     prepared = ray.train.torch.prepare_model(student)  # moves to device; DDP when world > 1
     model = _ThroughDDP(prepared, student)
@@ -222,7 +165,7 @@ def train_loop(loop_config: dict) -> dict:
             names.TRAIN_TASK_LOSS: sums[1].item(),
             names.TRAIN_LOGIT_KD_LOSS: sums[2].item(),
             names.TRAIN_ATTENTION_LOSS: sums[3].item(),
-            **validate(student, adapter, val, rank, world, cfg.eval_batch_size, device),
+            **task.validate(student, adapter, rank, world, cfg.eval_batch_size, device),
             names.SAMPLES_PER_S: steps_per_epoch * cfg.train.batch_size * world / seconds,
             names.EPOCH_SECONDS: seconds,
         }
@@ -234,7 +177,7 @@ def train_loop(loop_config: dict) -> dict:
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:  # every worker reports (it is a barrier); only rank 0 writes the checkpoint
-                _write_checkpoint(Path(directory), student, preprocessor, loop_config["data"], state)
+                _write_checkpoint(Path(directory), student, task, state)
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
         if rank == 0:
@@ -242,39 +185,22 @@ def train_loop(loop_config: dict) -> dict:
                 tracker.log_metrics(metrics, step=epoch + 1)
             _worker_log.info(
                 f"[{cfg.run_name}] epoch {epoch + 1}/{cfg.train.epochs}  step {step}  train_loss {metrics[names.TRAIN_LOSS]:.4f}  "
-                f"val_acc {metrics[names.VAL_ACCURACY]:.4f}  val_loss {metrics[names.VAL_LOSS]:.4f}  "
+                f"{selection} {metrics[selection]:.4f}  val_loss {metrics[names.VAL_LOSS]:.4f}  "
                 f"{metrics[names.SAMPLES_PER_S]:.0f} samples/s"
             )
     return {"history": history, "step": step}
 
 
-def _new_student(cfg: DistillJobConfig, adapter, teacher: nn.Module, importance: dict | None) -> nn.Module:
-    """The student before its first step: random, regrouped from the teacher, or pruned from it."""
-    if cfg.student.init == "pruned":
-        from amad.pruning import Importance, plan, prune_from_plan
-
-        if importance is None:
-            raise ValueError("student.init=pruned but no teacher importance reached the worker (the driver computes it)")
-        kept = plan(Importance.from_dict(importance), cfg.student.heads, cfg.student.layers, cfg.student.ffn_keep)
-        return prune_from_plan(teacher, kept)
-    spec = StudentSpec(cfg.student.heads, cfg.student.layers, cfg.student.resolved_head_dim(), cfg.student.intermediate_ratio)
-    student = adapter.build(adapter.student_config(teacher.config, spec), seed=cfg.seed)
-    if cfg.student.init == "teacher":
-        adapter.init_from_teacher(student, teacher)
-    return student
-
-
-def _write_checkpoint(directory: Path, student: nn.Module, preprocessor: Preprocessor, data: dict, state: dict) -> None:
-    """The student as ``from_pretrained`` loads it, the teacher's pre-processing files, the data source, the train state."""
+def _write_checkpoint(directory: Path, student: nn.Module, task, state: dict) -> None:
+    """The student as ``from_pretrained`` loads it, the task's files (pre-processing, data spec), the train state."""
     student.save_pretrained(directory)
-    preprocessor.save(directory)
-    (directory / names.BENCHMARK_FILE).write_text(json.dumps(data, indent=2))
+    task.write_files(directory)
     torch.save(state, directory / names.TRAIN_STATE_FILE)
 
 
 def _backfill(tracker: RunTracker, history: list[dict]) -> None:
     """Log epochs a crashed attempt reported to Ray but not to MLflow."""
-    logged = tracker.logged_steps(names.VAL_ACCURACY)
+    logged = tracker.logged_steps(names.VAL_LOSS)  # every family reports it
     for metrics in history:
         if metrics[names.EPOCH] not in logged:
             tracker.log_metrics(metrics, step=metrics[names.EPOCH])

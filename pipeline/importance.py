@@ -40,18 +40,19 @@ def teacher_importance(teacher_path: Path, data, examples: int, workdir: Path, l
     VQA-v2 files); the first ``examples`` training questions score the teacher (fewer if the split
     is smaller), pre-processed as the teacher's directory says.
     """
+    from amad.data.captions import CaptionSpec
     from amad.data.sources import VqaV2Source, source_to_dict
 
     teacher_path = Path(teacher_path)
+    if isinstance(data, CaptionSpec):
+        return _captioner_importance(teacher_path, data, examples, workdir, log)
     generated = not isinstance(data, VqaV2Source)
     questions = min(examples, data.train_scenes * data.questions_per_scene) if generated else examples
     key = cache_key(teacher_path, source_to_dict(data), questions)
     cache_file = Path(workdir) / CACHE_DIR / f"{key}.json"
-    if cache_file.is_file():
-        try:
-            return json.loads(cache_file.read_text())
-        except ValueError:
-            pass  # a torn write by a killed process: score again
+    cached = _cached(cache_file)
+    if cached is not None:
+        return cached
     import torch
 
     from amad.data.preprocess import load_preprocessor
@@ -66,9 +67,52 @@ def teacher_importance(teacher_path: Path, data, examples: int, workdir: Path, l
     model = ViltAdapter.load(teacher_path).eval()
     importance = score(model, train.subset(torch.arange(questions)).batches(SCORE_BATCH_SIZE))
     values = {**importance.to_dict(), "teacher": str(teacher_path), "key": key}
+    _write(cache_file, values)
+    log(f"scored the teacher's heads and FFN neurons on {questions} training questions -> {cache_file}")
+    return values
+
+
+def _cached(cache_file: Path) -> dict | None:
+    if cache_file.is_file():
+        try:
+            return json.loads(cache_file.read_text())
+        except ValueError:
+            pass  # a torn write by a killed process: score again
+    return None
+
+
+def _write(cache_file: Path, values: dict) -> None:
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     partial = cache_file.with_suffix(f".{os.getpid()}.tmp")
     partial.write_text(json.dumps(values))
     partial.replace(cache_file)  # atomic: a reader sees the whole file or none
-    log(f"scored the teacher's heads and FFN neurons on {questions} training questions -> {cache_file}")
+
+
+def _captioner_importance(teacher_path: Path, spec, examples: int, workdir: Path, log) -> dict:
+    """:class:`amad.pruning_ved.VedImportance` as a dict: a captioner's heads per kind and FFN neurons per stack,
+    scored on its first ``examples`` training (image, reference) pairs; cached like the VQA teacher's."""
+    from amad.data.sources import source_to_dict
+
+    pairs = min(examples, spec.train_scenes * spec.references_per_image)
+    key = cache_key(teacher_path, source_to_dict(spec), pairs)
+    cache_file = Path(workdir) / CACHE_DIR / f"{key}.json"
+    cached = _cached(cache_file)
+    if cached is not None:
+        return cached
+    import torch
+
+    from amad.data.captions import caption_training_set, make_caption_split
+    from amad.data.text import load_tokenizer
+    from amad.models_ved import VedAdapter
+    from amad.pruning_ved import score
+
+    # generation is sequential per split: the first images of a smaller spec are the job's first images
+    scenes = math.ceil(pairs / spec.references_per_image)
+    train = caption_training_set(make_caption_split(dataclasses.replace(spec, train_scenes=scenes), "train"),
+                                 load_tokenizer(teacher_path), spec.max_caption_length)
+    pairs = min(pairs, len(train))
+    importance = score(VedAdapter.load(teacher_path).eval(), train.subset(torch.arange(pairs)).batches(SCORE_BATCH_SIZE))
+    values = {**importance.to_dict(), "teacher": str(teacher_path), "key": key}
+    _write(cache_file, values)
+    log(f"scored the captioner's heads (per kind) and FFN neurons on {pairs} training captions -> {cache_file}")
     return values

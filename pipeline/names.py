@@ -18,13 +18,30 @@ TRAIN_ATTENTION_LOSS = "train_attention_loss"
 VAL_ACCURACY = "val_accuracy"  # over the whole validation split, combined across workers
 VAL_RELATIONAL_ACCURACY = "val_relational_accuracy"
 VAL_VQA_ACCURACY = "val_vqa_accuracy"  # VQA soft accuracy, for data with human answers (VQA-v2 files)
-VAL_LOSS = "val_loss"  # mean cross-entropy against the labels (as amad.training.evaluate)
+VAL_LOSS = "val_loss"  # mean cross-entropy against the labels (as amad.training.evaluate); captioners: per token
+VAL_CIDER_D = "val_cider_d"  # captioners: CIDEr-D of greedy captions of every validation image (amad.metrics)
+VAL_BLEU_4 = "val_bleu_4"
 SAMPLES_PER_S = "samples_per_s"  # training examples per second, all workers together
 EPOCH_SECONDS = "epoch_seconds"  # wall time of the epoch's training steps (validation excluded)
 
-# Which metric picks the best checkpoint, and in which direction.
-SELECTION_METRIC = VAL_ACCURACY
+# Which metric picks the best checkpoint, and in which direction: a job's ``selection_metric``, by
+# default its teacher's family's (every one of them is "higher is better").
+SELECTION_METRIC = VAL_ACCURACY  # the VQA family's (ViLT); kept for code that only ever sees VQA students
 SELECTION_MODE = "max"
+SELECTION_METRICS = {  # family -> the metrics a job of that family may select by (the first is the default)
+    "vilt": (VAL_ACCURACY, VAL_RELATIONAL_ACCURACY, VAL_VQA_ACCURACY),
+    "ved": (VAL_CIDER_D, VAL_BLEU_4),
+}
+
+
+def selection_metric(family: str, chosen: str | None = None) -> str:
+    """The metric that picks a job's best checkpoint: ``chosen`` (validated against the family) or the family's default."""
+    allowed = SELECTION_METRICS[family]
+    if chosen is None:
+        return allowed[0]
+    if chosen not in allowed:
+        raise ValueError(f"selection_metric: {chosen!r} is not reported for a {family} teacher (it reports {', '.join(allowed)})")
+    return chosen
 
 # Files inside a distillation checkpoint (besides config.json / model.safetensors from
 # save_pretrained and tokenizer.json).

@@ -72,6 +72,11 @@ def check_sweep(cfg: SweepConfig):
         if importlib.util.find_spec("optuna") is None:
             raise ConfigError("search.algorithm=optuna: optuna is not installed (pip install optuna), or use algorithm: random")
     teacher = train_distill.check_job(cfg.job)
+    if teacher.family != "vilt":
+        raise ConfigError(
+            f"job.teacher: {teacher.path} is a captioning teacher ({teacher.family}); `amad sweep` searches VQA students only so far "
+            "(its trial metric and selection are val_accuracy): distil a captioner with `amad distill` (docs/captioning.md)"
+        )
     for sampled in cfg.combinations():
         where = ", ".join(f"space.{key}={value!r}" for key, value in sampled.items())
         job = parse_config(cfg.trial_job(sampled), DistillJobConfig, f"sweep {cfg.name!r} trial with {where}")

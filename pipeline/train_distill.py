@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from amad.data.benchmark import BenchmarkSpec
+from amad.data.captions import CaptionSpec
 from amad.data.preprocess import PROCESSOR_FILES, is_checkpoint_processor
 from amad.data.sources import VQA_V2, DataSource, VqaV2Source, resolve_paths, source_from_dict, source_to_dict
 from amad.data.text import TOKENIZER_FILE
@@ -59,13 +60,23 @@ class Teacher:
 
     path: Path
     data: DataSource  # the generated spec with the job's size overrides, or VQA-v2 files (absolute paths)
-    test_accuracy: float | None
+    test_accuracy: float | None  # VQA teachers; a captioner's test scores are in test_scores
     checkpoint: bool = False  # a Hugging Face checkpoint (its own processor), not a teacher `amad teacher` saved
+    family: str = "vilt"  # the model family (amad.models.get_adapter): "vilt" answers questions, "ved" writes captions
+    test_scores: dict | None = None  # a captioner's greedy test scores (bleu_1 ... cider_d) from its metrics.json
 
     @property
     def data_dict(self) -> dict:
         """The data source as ``benchmark.json`` and loop configs carry it."""
         return source_to_dict(self.data)
+
+    @property
+    def test_summary(self) -> str:
+        """The teacher's test figure for logs and tags: accuracy, or a captioner's greedy CIDEr-D."""
+        if self.family == "ved":
+            cider = (self.test_scores or {}).get("cider_d")
+            return "unknown" if cider is None else f"CIDEr-D {cider:.4f}"
+        return "unknown" if self.test_accuracy is None else f"{self.test_accuracy:.6f}"
 
 
 def data_spec(teacher_benchmark: dict, cfg: DistillJobConfig) -> BenchmarkSpec:
@@ -77,12 +88,40 @@ def data_spec(teacher_benchmark: dict, cfg: DistillJobConfig) -> BenchmarkSpec:
     return BenchmarkSpec.from_dict(values)
 
 
+def read_captioner(cfg: DistillJobConfig, path: Path) -> Teacher:
+    """A captioning teacher `amad teacher` saved (``model.family: ved``): its files, its captions spec with the
+    job's size overrides, and its test scores; ConfigError naming what is missing or wrong."""
+    from amad.data.captions import CaptionSpec
+
+    missing = [name for name in OWN_TEACHER_FILES if not (path / name).is_file()]
+    if missing:
+        raise ConfigError(f"teacher: {path} has {CAPTIONER_FILE} but is not a captioner `amad teacher` saved (missing {', '.join(missing)})")
+    if cfg.data.source != "generated":
+        raise ConfigError(
+            f"data.source: {cfg.data.source} is a VQA data source; the captioning teacher {path} distils on the generated captions "
+            f"it was trained on ({CAPTIONER_FILE}): remove data.source"
+        )
+    try:
+        values = json.loads((path / CAPTIONER_FILE).read_text())
+        for key in ("train_scenes", "val_scenes"):
+            if getattr(cfg.data, key) is not None:
+                values[key] = getattr(cfg.data, key)
+        spec = CaptionSpec.from_dict(values)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"teacher: {path / CAPTIONER_FILE} is not a captions spec `amad teacher` wrote: {err}") from None
+    scores = None
+    metrics_file = path / "metrics.json"
+    if metrics_file.is_file():
+        scores = (json.loads(metrics_file.read_text()).get("test") or {}).get("teacher_greedy")
+    return Teacher(path, spec, None, family="ved", test_scores=scores)
+
+
 def read_teacher(cfg: DistillJobConfig) -> Teacher:
     """The job's :class:`Teacher` from the teacher directory's small JSON files; ConfigError if it is not one.
 
-    A teacher is a directory `amad teacher` saved, or a Hugging Face ViLT VQA checkpoint (``config.json``,
-    weights, the processor's and tokenizer's files; a local directory or a hub name), which reads
-    VQA-v2 files (``data.source: vqa_v2``).
+    A teacher is a directory `amad teacher` saved (a VQA model, or a captioner: ``captions.json``), or a
+    Hugging Face ViLT VQA checkpoint (``config.json``, weights, the processor's and tokenizer's files; a
+    local directory or a hub name), which reads VQA-v2 files (``data.source: vqa_v2``).
     Reads no weights and imports no model code: a sweep trial, whose job :func:`check_job` checked
     before Ray started, starts its run from this alone.
     """
@@ -93,10 +132,7 @@ def read_teacher(cfg: DistillJobConfig) -> Teacher:
     if not path.is_dir():
         raise ConfigError(f"teacher: {path} is not a teacher directory saved by `amad teacher` nor a Hugging Face ViLT checkpoint (no such directory)")
     if (path / CAPTIONER_FILE).is_file():
-        raise ConfigError(
-            f"teacher: {path} is a captioning teacher (model.family: ved); `amad distill` and `amad sweep` take VQA teachers "
-            "only so far: distil captioners with benchmarks/compare_captioning.py (docs/captioning.md)"
-        )
+        return read_captioner(cfg, path)
     checkpoint = is_checkpoint_processor(path)
     if checkpoint:
         try:
@@ -138,6 +174,9 @@ def check_data(teacher: Teacher, splits: tuple[str, ...] = ("train", "val")) -> 
     are only listed, not decoded. The generated benchmark is counted from its spec. Remembered per
     process (a sweep checks every trial's job against the same data).
     """
+    if isinstance(teacher.data, CaptionSpec):  # every (image, reference) pair is a training example
+        spec = teacher.data
+        return {split: {"questions": getattr(spec, f"{split}_scenes") * spec.references_per_image} for split in splits}
     if not isinstance(teacher.data, VqaV2Source):
         spec = teacher.data
         return {split: {"questions": getattr(spec, f"{split}_scenes") * spec.questions_per_scene} for split in splits}
@@ -167,7 +206,7 @@ def check_data(teacher: Teacher, splits: tuple[str, ...] = ("train", "val")) -> 
 def check_job(cfg: DistillJobConfig) -> Teacher:
     """Everything that can be checked from the config and the teacher's small files; ConfigError if not.
 
-    Reads ``config.json``, ``benchmark.json`` and ``metrics.json`` only (no weights, no Ray).
+    Reads ``config.json``, ``benchmark.json`` / ``captions.json`` and ``metrics.json`` only (no weights, no Ray).
     """
     from transformers import AutoConfig
 
@@ -180,6 +219,18 @@ def check_job(cfg: DistillJobConfig) -> Teacher:
         adapter = get_adapter(teacher_config.model_type)
     except ValueError as err:
         raise ConfigError(f"teacher: {err}") from None
+    if adapter.family != teacher.family:
+        raise ConfigError(f"teacher: {path}/config.json is a {adapter.family} model ({teacher_config.model_type}) but the directory "
+                          f"holds the data of a {teacher.family} teacher")
+    if teacher.family == "ved" and teacher.data.scene.image_size != teacher_config.encoder.image_size:
+        raise ConfigError(
+            f"teacher: {path / CAPTIONER_FILE} draws {teacher.data.scene.image_size}-pixel images but the captioner's encoder takes "
+            f"{teacher_config.encoder.image_size} pixels ({path}/config.json): the spec is not the one it was trained on"
+        )
+    try:
+        names.selection_metric(teacher.family, cfg.selection_metric)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     spec = StudentSpec(cfg.student.heads, cfg.student.layers, cfg.student.resolved_head_dim(), cfg.student.intermediate_ratio)
     if cfg.student.init == "pruned":
         check_pruned_student(cfg, teacher_config, path)
@@ -188,26 +239,18 @@ def check_job(cfg: DistillJobConfig) -> Teacher:
     except ValueError as err:
         raise ConfigError(f"student: {err}") from None
     if cfg.student.init == "teacher":
+        if not hasattr(adapter, "check_teacher_init"):
+            raise ConfigError(f"student.init: teacher (regrouped heads) is not available for {adapter.family} teachers; use pruned or random")
         try:
             adapter.check_teacher_init(teacher_config, student_config)
         except ValueError as err:
             raise ConfigError(f"student.init: {err}") from None
-    teacher_layers, student_layers = teacher_config.num_hidden_layers, student_config.num_hidden_layers
     objective = cfg.objective
-    if not isinstance(objective.layer_map, str):
-        for s, t in objective.layer_map:
-            if not (0 <= s < student_layers and 0 <= t < teacher_layers):
-                raise ConfigError(
-                    f"objective.layer_map: pair [{s}, {t}] is out of range: the student has {student_layers} layers "
-                    f"(student.layers) and the teacher {teacher_layers} ({path}/config.json); indices are 0-based"
-                )
+    check_objective_for(cfg, adapter, teacher_config, student_config, path)
     if objective.method == "relation":
         for who, hidden in (("student", student_config.hidden_size), ("teacher", teacher_config.hidden_size)):
             if hidden % objective.relation_heads:
                 raise ConfigError(f"objective.relation_heads={objective.relation_heads} does not divide the {who}'s hidden size {hidden}")
-    unknown_kinds = set(objective.kinds) - set(adapter.kinds) if objective.method != "none" else set()
-    if unknown_kinds:
-        raise ConfigError(f"objective.kinds: {sorted(unknown_kinds)} are not attention kinds of {adapter.family} (it has {list(adapter.kinds)})")
 
     if cfg.objective.task_loss == "vqa_bce" and cfg.data.source != VQA_V2:
         raise ConfigError("objective.task_loss: vqa_bce trains on the human answers of VQA-v2 files; set data.source: vqa_v2")
@@ -215,21 +258,56 @@ def check_job(cfg: DistillJobConfig) -> Teacher:
     questions = counts["train"].get("kept", counts["train"]["questions"])
     if questions // cfg.scaling.num_workers < cfg.train.batch_size:
         raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size}: {questions} train questions over scaling.num_workers="
-            f"{cfg.scaling.num_workers} leave fewer than one batch per worker"
+            f"train.batch_size={cfg.train.batch_size}: {questions} train {'captions' if teacher.family == 'ved' else 'questions'} over "
+            f"scaling.num_workers={cfg.scaling.num_workers} leave fewer than one batch per worker"
         )
     return teacher
 
 
+# Which stack's layers a kind of attention map indexes, per family (a layer map pairs those).
+_KIND_STACKS = {"self": None, "encoder_self": "encoder", "decoder_self": "decoder", "cross": "decoder"}
+
+
+def check_objective_for(cfg: DistillJobConfig, adapter, teacher_config, student_config, path: Path) -> None:
+    """The objective's kinds exist in the family and its layer maps fit both models; ConfigError naming the key."""
+    objective = cfg.objective
+    if objective.method != "none":
+        unknown_kinds = set(objective.kinds) - set(adapter.kinds)
+        if unknown_kinds:
+            hint = " (set objective.kinds, e.g. [encoder_self, decoder_self, cross])" if adapter.family == "ved" and objective.kinds == ("self",) else ""
+            raise ConfigError(f"objective.kinds: {sorted(unknown_kinds)} are not attention kinds of {adapter.family} (it has {list(adapter.kinds)}){hint}")
+    if objective.method == "relation" and adapter.family != "vilt":
+        raise ConfigError(f"objective.method: relation (MiniLMv2) is implemented for ViLT only, not for {adapter.family} teachers")
+
+    def layers(config, kind: str) -> int:
+        stack = _KIND_STACKS.get(kind)
+        return config.num_hidden_layers if stack is None else getattr(config, stack).num_hidden_layers
+
+    for kind in objective.kinds:
+        layer_map = (objective.layer_maps or {}).get(kind, objective.layer_map)
+        if isinstance(layer_map, str):
+            continue
+        key = f"objective.layer_maps.{kind}" if kind in (objective.layer_maps or {}) else "objective.layer_map"
+        student_layers, teacher_layers = layers(student_config, kind), layers(teacher_config, kind)
+        for s, t in layer_map:
+            if not (0 <= s < student_layers and 0 <= t < teacher_layers):
+                raise ConfigError(
+                    f"{key}: pair [{s}, {t}] is out of range{'' if kind == 'self' else f' for {kind} maps'}: the student has {student_layers} layers "
+                    f"(student.layers) and the teacher {teacher_layers} ({path}/config.json); indices are 0-based"
+                )
+
+
 def check_pruned_student(cfg: DistillJobConfig, teacher_config, path: Path) -> None:
     """A pruned student keeps at most what the teacher has; ConfigError naming the key otherwise."""
-    for key, asked, has in (("heads", cfg.student.heads, teacher_config.num_attention_heads),
-                            ("layers", cfg.student.layers, teacher_config.num_hidden_layers)):
-        if asked > has:
-            raise ConfigError(
-                f"student.{key}={asked}: a pruned student keeps at most the teacher's {has} {key}"
-                f"{' per layer' if key == 'heads' else ''} ({path}/config.json)"
-            )
+    stacks = [("", teacher_config)] if not hasattr(teacher_config, "encoder") else [
+        ("encoder ", teacher_config.encoder), ("decoder ", teacher_config.decoder)]
+    for stack, part in stacks:
+        for key, asked, has in (("heads", cfg.student.heads, part.num_attention_heads), ("layers", cfg.student.layers, part.num_hidden_layers)):
+            if asked > has:
+                raise ConfigError(
+                    f"student.{key}={asked}: a pruned student keeps at most the teacher's {has} {stack}{key}"
+                    f"{' per layer' if key == 'heads' else ''} ({path}/config.json)"
+                )
     if getattr(teacher_config, "amad_pruning", None):
         raise ConfigError(f"student.init=pruned: the teacher {path} is itself pruned; prune an unpruned teacher")
 
@@ -339,10 +417,10 @@ def _run(cfg: DistillJobConfig, teacher: "Teacher", workdir: Path, tracking_uri:
     tracker.set_tags({names.TAG_BEST_CHECKPOINT: summary["best_checkpoint"]})
     tracker.finish("FINISHED")
     (run_dir / names.SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    best = summary["best"]
+    best, selection = summary["best"], summary["selection_metric"]
     _log(
-        f"[{cfg.run_name}] best: epoch {best[names.EPOCH]} val_acc {best[names.VAL_ACCURACY]:.4f} "
-        f"(teacher test accuracy {teacher.test_accuracy}) -> {summary['best_checkpoint']}"
+        f"[{cfg.run_name}] best: epoch {best[names.EPOCH]} {selection} {best[selection]:.4f} "
+        f"(teacher test {'' if teacher.family == 'ved' else 'accuracy '}{teacher.test_summary}) -> {summary['best_checkpoint']}"
     )
     return summary
 
@@ -355,13 +433,16 @@ def _open_tracking(cfg, teacher: Teacher, workdir: Path, run_dir: Path, uri: str
     tracker.log_params(params)
     tracker.set_tags({
         names.TAG_TEACHER_PATH: str(teacher.path),
-        names.TAG_TEACHER_TEST_ACCURACY: "unknown" if teacher.test_accuracy is None else f"{teacher.test_accuracy:.6f}",
+        names.TAG_TEACHER_TEST_ACCURACY: teacher.test_summary,
         names.TAG_RUN_DIR: str(run_dir),
     })
     return tracker
 
 
 def _data_summary(data: DataSource) -> dict:
+    if isinstance(data, CaptionSpec):
+        return {"source": "captions", "train_scenes": data.train_scenes, "val_scenes": data.val_scenes,
+                "references_per_image": data.references_per_image}
     if isinstance(data, VqaV2Source):
         return {"source": VQA_V2, **{split: files["questions"] for split, files in data.splits.items()}}
     return {"train_scenes": data.train_scenes, "val_scenes": data.val_scenes}
@@ -416,7 +497,7 @@ def _fit(
             name=storage.name(run_dir),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.checkpoints_to_keep,
-                checkpoint_score_attribute=names.SELECTION_METRIC,
+                checkpoint_score_attribute=names.selection_metric(teacher.family, cfg.selection_metric),
                 checkpoint_score_order=names.SELECTION_MODE,
             ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -433,10 +514,13 @@ def _summarise(cfg, teacher: Teacher, run_dir: Path, tracker: RunTracker, result
     if not result.best_checkpoints:
         raise RuntimeError(f"{ray_dir}: the run finished without a checkpoint")
     # best by the selection metric; ties go to the lower validation loss
-    checkpoint, best = max(result.best_checkpoints, key=lambda item: (item[1][names.SELECTION_METRIC], -item[1][names.VAL_LOSS]))
+    selection = names.selection_metric(teacher.family, cfg.selection_metric)
+    checkpoint, best = max(result.best_checkpoints, key=lambda item: (item[1][selection], -item[1][names.VAL_LOSS]))
     returned = result.return_value or {}
     return {
         "run_name": cfg.run_name,
+        "family": teacher.family,
+        "selection_metric": selection,
         "run_dir": str(run_dir),
         "storage_dir": ray_dir,
         "best_checkpoint": store.location_of(checkpoint.path),
@@ -444,7 +528,7 @@ def _summarise(cfg, teacher: Teacher, run_dir: Path, tracker: RunTracker, result
         "latest": result.metrics,
         "history": returned.get("history", []),
         "checkpoints": [store.location_of(c.path) for c, _ in result.best_checkpoints],
-        "teacher": {"path": str(teacher.path), "test_accuracy": teacher.test_accuracy},
+        "teacher": {"path": str(teacher.path), "test_accuracy": teacher.test_accuracy, "test_scores": teacher.test_scores},
         "mlflow": {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id, "run_id": tracker.run_id},
         "num_workers": cfg.scaling.num_workers,
         "use_gpu": use_gpu,

@@ -34,6 +34,7 @@ import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TEACHER_CONFIG = ROOT / "tune_configs" / "tiny" / "teacher.yaml"
+TINY_CAPTIONER_CONFIG = ROOT / "tune_configs" / "tiny" / "captioning-teacher.yaml"
 
 
 def pytest_configure(config):
@@ -73,6 +74,29 @@ def save_tiny_teacher(directory: Path, seed: int = 0) -> Path:
     metrics = {"test": {"teacher": evaluate(model, ViltAdapter, test)}, "note": "randomly initialised test fixture"}
     (directory / train_teacher.METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return directory
+
+
+def save_tiny_captioner(directory: Path, seed: int = 0) -> Path:
+    """A randomly initialised captioner of ``tune_configs/tiny/captioning-teacher.yaml``'s shape, saved as
+    `amad teacher` saves one (weights, tokenizer, ``captions.json``), without training it."""
+    from amad.data.captions import caption_tokenizer
+    from amad.data.text import save_tokenizer
+    from pipeline import train_captioner
+    from pipeline.config import CaptionTeacherJobConfig, load_config
+
+    cfg = load_config(TINY_CAPTIONER_CONFIG, CaptionTeacherJobConfig)
+    model = train_captioner.build_captioner(cfg, seed=seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    save_tokenizer(caption_tokenizer(), directory)
+    (directory / train_captioner.CAPTIONS_FILE).write_text(json.dumps(cfg.data.caption_spec().to_dict(), indent=2))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_captioner_dir(tmp_path_factory) -> Path:
+    """A saved (untrained) tiny captioning teacher directory."""
+    return save_tiny_captioner(tmp_path_factory.mktemp("tiny-captioner"))
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ reported accuracy, resuming by name; and bad configs refused before anything is 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -207,18 +206,6 @@ def test_bad_configs_name_the_field_and_write_nothing(tmp_path, tiny_teacher, ch
     values["teacher"] = str(tiny_teacher)
     values.update(change)
     _refused(tmp_path, values, message)
-
-
-def test_a_captioning_teacher_is_refused_by_name_until_distill_takes_captioners(tmp_path, tiny_teacher):
-    from pipeline import train_captioner
-
-    captioner = tmp_path / "captioner"
-    shutil.copytree(tiny_teacher, captioner)
-    (captioner / train_captioner.CAPTIONS_FILE).write_text("{}")
-    values = yaml.safe_load(TINY.read_text())
-    values["teacher"] = str(captioner)
-    _refused(tmp_path, values, r"teacher: .*captioner is a captioning teacher \(model.family: ved\); `amad distill` and `amad sweep` take VQA teachers only so far")
-    assert train_captioner.CAPTIONS_FILE == train_distill.CAPTIONER_FILE
 
 
 @pytest.mark.integration

@@ -3,7 +3,8 @@
 A data source is saved as a small JSON dict (``benchmark.json`` beside a teacher or checkpoint, and
 in every worker's loop config): the generated benchmark's :class:`~amad.data.benchmark.BenchmarkSpec`
 as it always was (no ``source`` key), or ``{"source": "vqa_v2", "train": {questions, annotations,
-images}, "val": {...}, "test": {...}}``. :func:`load_split` turns one split of either into a
+images}, "val": {...}, "test": {...}}``; the generated captions of a captioner (``{"source":
+"captions", ...}``, :class:`~amad.data.captions.CaptionSpec`). :func:`load_split` turns one split of either into a
 :class:`~amad.data.dataset.VQASplit` through the model's :class:`~amad.data.preprocess.Preprocessor`,
 with the model's answer labels.
 """
@@ -14,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from amad.data.benchmark import SPLITS, BenchmarkSpec, make_split
+from amad.data.captions import CaptionSpec
 from amad.data.dataset import VQASplit
 from amad.data.preprocess import Preprocessor, WordLevelSquare
 
-GENERATED, VQA_V2 = "generated", "vqa_v2"
-SOURCES = (GENERATED, VQA_V2)
+GENERATED, VQA_V2, CAPTIONS = "generated", "vqa_v2", "captions"
+SOURCES = (GENERATED, VQA_V2, CAPTIONS)
 FILE_KEYS = ("questions", "annotations", "images")
 OPTIONAL_KEYS = ("max_questions",)
 
@@ -39,7 +41,7 @@ class VqaV2Source:
         return self.splits[split]
 
 
-DataSource = BenchmarkSpec | VqaV2Source
+DataSource = BenchmarkSpec | VqaV2Source | CaptionSpec
 
 
 def source_from_dict(values: dict) -> DataSource:
@@ -48,6 +50,8 @@ def source_from_dict(values: dict) -> DataSource:
     source = values.pop("source", GENERATED)
     if source == GENERATED:
         return BenchmarkSpec.from_dict(values)
+    if source == CAPTIONS:
+        return CaptionSpec.from_dict(values)
     if source == VQA_V2:
         unknown = set(values) - set(SPLITS)
         if unknown:
@@ -61,10 +65,14 @@ def source_from_dict(values: dict) -> DataSource:
 
 
 def source_to_dict(source: DataSource) -> dict:
+    if isinstance(source, CaptionSpec):  # captions.json beside a captioner has no source key; a loop config needs one
+        return {"source": CAPTIONS, **source.to_dict()}
     return source.to_dict()
 
 
 def source_name(source: DataSource) -> str:
+    if isinstance(source, CaptionSpec):
+        return CAPTIONS
     return VQA_V2 if isinstance(source, VqaV2Source) else GENERATED
 
 

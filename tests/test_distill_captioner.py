@@ -1,0 +1,163 @@
+"""``amad distill`` with a captioning teacher (``model.family: ved``): a student pruned per kind of head,
+AMAD on all three kinds of maps, DDP on two nodes, checkpoints selected by validation CIDEr-D that
+reproduce it, MLflow; and captioner configs that cannot work refused by name before anything is written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import names, train_distill
+from pipeline.config import ConfigError, DistillJobConfig, parse_config, with_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tune_configs" / "tiny" / "distill-captioner.yaml"
+
+
+def captioner_config(teacher: Path, **changes) -> DistillJobConfig:
+    values = yaml.safe_load(TINY.read_text())
+    values["teacher"] = str(teacher)
+    return parse_config(with_overrides(values, changes), DistillJobConfig, "tiny distill-captioner")
+
+
+def _refused(tmp_path: Path, values: dict, message: str) -> None:
+    workdir = tmp_path / "work"
+    with pytest.raises(ConfigError, match=message):
+        train_distill.main(parse_config(values, DistillJobConfig), workdir)
+    assert not workdir.exists() or not any(workdir.iterdir()), "a refused job wrote files"
+
+
+@pytest.fixture(scope="module")
+def captioner_run(ray_cluster, tiny_captioner_dir, tmp_path_factory, monkeypatch_module):
+    workdir = tmp_path_factory.mktemp("distill-captioner")
+    monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = captioner_config(tiny_captioner_dir, **{"scaling.cpus_per_worker": 1})  # one worker per 1-CPU node: DDP across nodes
+    summary = train_distill.main(cfg, workdir)
+    return cfg, workdir, summary
+
+
+@pytest.mark.integration
+def test_a_pruned_captioner_trains_on_two_nodes_and_reports_caption_scores_every_epoch(captioner_run):
+    cfg, _, summary = captioner_run
+    assert summary["family"] == "ved" and summary["selection_metric"] == names.VAL_CIDER_D
+    assert [h[names.EPOCH] for h in summary["history"]] == [1, 2]
+    for epoch in summary["history"]:
+        assert {names.VAL_CIDER_D, names.VAL_BLEU_4, names.VAL_LOSS, names.TRAIN_ATTENTION_LOSS} <= set(epoch)
+        assert names.VAL_ACCURACY not in epoch
+        assert epoch[names.TRAIN_ATTENTION_LOSS] > 0  # the three kinds of maps were aligned
+        assert 0 <= epoch[names.VAL_BLEU_4] <= 1 and epoch[names.VAL_CIDER_D] >= 0
+    best = summary["best"]
+    assert best[names.VAL_CIDER_D] == max(h[names.VAL_CIDER_D] for h in summary["history"])
+
+
+@pytest.mark.integration
+def test_the_best_captioner_checkpoint_is_pruned_loads_and_reproduces_its_validation_scores(captioner_run):
+    """Decoding the saved student alone, on one process, gives the CIDEr-D and loss the two workers reported together."""
+    import torch
+
+    from amad.captioning import caption_report, teacher_forced_loss
+    from amad.data.captions import CaptionSpec, caption_training_set, make_caption_split
+    from amad.data.text import load_tokenizer
+    from amad.models_ved import VedAdapter
+    from amad.pruning_ved import recorded_origins
+
+    cfg, _, summary = captioner_run
+    checkpoint = Path(summary["best_checkpoint"])
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "captions.json", names.TRAIN_STATE_FILE):
+        assert (checkpoint / name).is_file(), name
+    student = VedAdapter.load(checkpoint).eval()
+    assert VedAdapter.layers(student) == {"encoder": 1, "decoder": 1}
+    origins = recorded_origins(student)  # per kind: one layer of the 2 teacher heads each kept
+    assert {kind: [len(heads) for heads in layers] for kind, layers in origins.items()} == {"encoder_self": [2], "decoder_self": [2], "cross": [2]}
+    spec = CaptionSpec.from_dict(json.loads((checkpoint / "captions.json").read_text()))
+    assert (spec.train_scenes, spec.val_scenes) == (40, 6)  # the job's overrides of the teacher's spec
+    val = make_caption_split(spec, "val")
+    tokenizer = load_tokenizer(checkpoint)
+    torch.set_num_threads(1)
+    report = caption_report(student, val, tokenizer, max_length=spec.max_caption_length)
+    assert report["cider_d"] == pytest.approx(summary["best"][names.VAL_CIDER_D], abs=1e-9)
+    assert report["bleu_4"] == pytest.approx(summary["best"][names.VAL_BLEU_4], abs=1e-9)
+    loss = teacher_forced_loss(student, caption_training_set(val, tokenizer, spec.max_caption_length))
+    assert loss == pytest.approx(summary["best"][names.VAL_LOSS], rel=1e-5)
+
+
+@pytest.mark.integration
+def test_mlflow_holds_the_caption_metrics_and_the_teacher_family(captioner_run):
+    from mlflow.tracking import MlflowClient
+
+    _, _, summary = captioner_run
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    run = client.get_run(summary["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, names.VAL_CIDER_D)
+    assert [m.step for m in history] == [1, 2]
+    assert run.data.params["selection_metric"] == names.VAL_CIDER_D
+    assert json.loads(run.data.params["objective.kinds"]) == ["encoder_self", "decoder_self", "cross"]
+    assert run.data.tags[names.TAG_TEACHER_TEST_ACCURACY] == "unknown"  # the fixture captioner has no metrics.json
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, names.BEST_CHECKPOINT_ARTIFACT)}
+    assert f"{names.BEST_CHECKPOINT_ARTIFACT}/captions.json" in artifacts
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"objective": {"method": "amad"}},
+         r"objective.kinds: \['self'\] are not attention kinds of ved \(it has \['encoder_self', 'decoder_self', 'cross'\]\) \(set objective.kinds"),
+        ({"objective": {"method": "relation", "kinds": ["cross"], "relation_heads": 2}}, r"objective.method: relation \(MiniLMv2\) is implemented for ViLT only"),
+        ({"objective": {"method": "amad", "kinds": ["cross"], "layer_maps": {"encoder_self": "last"}}},
+         r"objective: layer_maps names \['encoder_self'\], which kinds=\['cross'\] does not align"),
+        ({"objective": {"method": "amad", "kinds": ["cross"], "layer_maps": {"cross": [[0, 2]]}}},
+         r"objective.layer_maps.cross: pair \[0, 2\] is out of range for cross maps: the student has 1 layers .* the teacher 2"),
+        ({"selection_metric": "val_accuracy"}, r"selection_metric: 'val_accuracy' is not reported for a ved teacher \(it reports val_cider_d, val_bleu_4\)"),
+        ({"student": {"heads": 5, "layers": 1, "init": "pruned"}}, r"student.heads=5: a pruned student keeps at most the teacher's 4 encoder heads per layer"),
+        ({"student": {"heads": 2, "layers": 2, "init": "pruned"}}, r"student.layers=2: a pruned student keeps at most the teacher's 1 encoder layers"),
+        ({"student": {"heads": 2, "layers": 1, "head_dim": 8, "init": "teacher"}}, r"student.init: teacher \(regrouped heads\) is not available for ved teachers"),
+        ({"data": {"train_scenes": 4}}, r"train.batch_size=16: 8 train captions over scaling.num_workers=2 leave fewer than one batch per worker"),
+    ],
+)
+def test_captioner_configs_that_cannot_work_name_the_key_and_write_nothing(tmp_path, tiny_captioner_dir, change, message):
+    values = yaml.safe_load(TINY.read_text())
+    values["teacher"] = str(tiny_captioner_dir)
+    values.update(change)
+    _refused(tmp_path, values, message)
+
+
+def test_a_vqa_data_source_for_a_captioner_and_a_broken_captions_spec_are_named(tmp_path, tiny_captioner_dir):
+    values = yaml.safe_load(TINY.read_text())
+    files = {"questions": "q.json", "annotations": "a.json", "images": "img"}
+    _refused(tmp_path, {**values, "teacher": str(tiny_captioner_dir), "data": {"source": "vqa_v2", "train": files, "val": files}},
+             r"data.source: vqa_v2 is a VQA data source; the captioning teacher .* distils on the generated captions")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_captioner_dir, broken)
+    spec = json.loads((tiny_captioner_dir / "captions.json").read_text())
+    (broken / "captions.json").write_text(json.dumps({**spec, "references_per_image": 0}))
+    _refused(tmp_path, {**values, "teacher": str(broken)},
+             r"teacher: .*captions.json is not a captions spec `amad teacher` wrote: references_per_image=0 must be >= 1")
+    (broken / "captions.json").write_text(json.dumps({**spec, "scene": {**spec["scene"], "cell": 12}}))
+    _refused(tmp_path, {**values, "teacher": str(broken)},
+             r"teacher: .*captions.json draws 48-pixel images but the captioner's encoder takes 32 pixels")
+
+
+def test_a_vqa_model_beside_a_captions_spec_is_refused(tmp_path, tiny_teacher):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny_teacher, mixed)
+    (mixed / "captions.json").write_text("{}")
+    values = yaml.safe_load(TINY.read_text())
+    _refused(tmp_path, {**values, "teacher": str(mixed)}, r"teacher: .*mixed/config.json is a vilt model \(vilt\) but the directory holds the data of a ved teacher")
+
+
+def test_a_sweep_over_a_captioner_is_refused_by_name(tmp_path, tiny_captioner_dir):
+    from pipeline.config import load_config
+    from pipeline.sweep import check_sweep
+    from pipeline.sweep_config import SweepConfig
+
+    values = yaml.safe_load((ROOT / "tune_configs" / "tiny" / "sweep.yaml").read_text())
+    values["job"] = {**yaml.safe_load(TINY.read_text()), "teacher": str(tiny_captioner_dir)}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(values))
+    with pytest.raises(ConfigError, match=r"job.teacher: .* is a captioning teacher \(ved\); `amad sweep` searches VQA students only so far"):
+        check_sweep(load_config(path, SweepConfig))
