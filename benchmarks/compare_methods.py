@@ -325,6 +325,11 @@ def initial_student(world: dict, heads: int, seed: int) -> nn.Module:
     return ViltAdapter.build(ViltAdapter.student_config(teacher.config, StudentSpec(heads, layers, args.head_dim)), seed=seed)
 
 
+def per_type(report: dict) -> dict[str, float]:
+    """``{question type: accuracy}`` from an ``accuracy_report`` (its ``acc/<type>`` keys), rounded for the run log."""
+    return {key.split("/", 1)[1]: round(value, 6) for key, value in report.items() if key.startswith("acc/")}
+
+
 def _init_worker(teacher_dir: str, args) -> None:
     torch.set_num_threads(max(1, args.threads or 1))
     _WORKER.update(_load_world(Path(teacher_dir), args))
@@ -348,11 +353,14 @@ def run_group(task: tuple, world: dict | None = None) -> list[dict]:
                   for name, (arm, params) in zip(names_, members)}
     students = {name: copy.deepcopy(start) for name in names_}  # every arm from the same weights
     curves: dict[str, list[list[float]]] = {name: [] for name in names_}
+    # per question type: the plateau some runs sit on is a few types at chance, so the curves keep them
+    type_curves: dict[str, list[list]] = {name: [] for name in names_}
 
     def record_curves(step: int, trained: dict[str, nn.Module]) -> None:
         for name, student in trained.items():
-            accuracy = accuracy_report(predict(student, ViltAdapter, world["val"])[0], world["val"])["accuracy"]
-            curves[name].append([step, round(accuracy, 6)])
+            report = accuracy_report(predict(student, ViltAdapter, world["val"])[0], world["val"])
+            curves[name].append([step, round(report["accuracy"], 6)])
+            type_curves[name].append([step, per_type(report)])
 
     trained = train_lockstep(teacher, students, objectives, world["train"], steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              warmup=args.warmup, seed=seed, every=args.eval_every, on_step=record_curves)
@@ -360,9 +368,10 @@ def run_group(task: tuple, world: dict | None = None) -> list[dict]:
     for name, (arm, params) in zip(names_, members):
         student = trained[name]
         record = {"stage": stage, "arm": arm, "params": params, "heads": heads, "seed": seed,
-                  "val_accuracy": curves[name][-1][1], "curve": curves[name]}
+                  "val_accuracy": curves[name][-1][1], "curve": curves[name], "type_curve": type_curves[name]}
         report = accuracy_report(predict(student, ViltAdapter, world["test"])[0], world["test"])
         record["test"] = {k: report[k] for k in ("accuracy", "relational_accuracy", "nonrelational_accuracy") if k in report}
+        record["test"]["per_type"] = per_type(report)
         if arm.startswith("amad"):
             record["alignment"] = alignment_summary(teacher, student, world["val"], temperature_of(arm, params))
         records.append(record)
