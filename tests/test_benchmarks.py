@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from amad.data.scenes import QUESTION_TYPES
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -214,6 +216,11 @@ def test_compare_methods_quick_run_writes_json_and_the_generated_results_page(tm
     grid = [(arm, json.dumps(params, sort_keys=True)) for arm in compare.ARMS for params in compare.candidates(arm, [1.0, 4.0, 16.0], [0.3, 0.1], 0.3)]
     assert sorted(trained) == sorted(grid)  # every candidate and baseline trained exactly once, whichever stage asked
     assert all("test" in r for r in log)
+    qtypes = set(QUESTION_TYPES)  # every run says which question types it answers, on test and along its curve
+    for record in log:
+        assert set(record["test"]["per_type"]) == qtypes and all(0.0 <= v <= 1.0 for v in record["test"]["per_type"].values())
+        assert [step for step, _ in record["type_curve"]] == [step for step, _ in record["curve"]]
+        assert all(set(per_type) == qtypes for _, per_type in record["type_curve"])
     assert first["params"]["amad_t1"]["2"] == {"attention_weight": 1.0} and first["accuracy"]["task"] == tuned["accuracy"]["task"]
     tuning = json.loads((tmp_path / "cm.tuning.json").read_text())
     for arm, per_heads in tuned["params"].items():
