@@ -88,6 +88,9 @@ def run_record(source: Source, filename: str) -> dict | None:
     return None
 
 
+CAPTIONER_FILE = "captions.json"  # beside a captioner (pipeline.train_captioner.CAPTIONS_FILE)
+
+
 def check_model_dir(path: Path, what: str, *, needs_data: bool = True) -> Path:
     """A saved model directory: weights, config, pre-processing files (our ``tokenizer.json`` or a
     checkpoint's processor) and, with ``needs_data`` (a student checkpoint), the ``benchmark.json``
@@ -95,6 +98,9 @@ def check_model_dir(path: Path, what: str, *, needs_data: bool = True) -> Path:
     path = Path(path).expanduser().resolve()
     if not path.is_dir():
         raise ConfigError(f"{what}: {path} is not a directory")
+    if (path / CAPTIONER_FILE).is_file():
+        raise ConfigError(f"{what}: {path} is a captioner (model.family: ved); exporting, registering and serving captioners "
+                          "is not built yet (docs/captioning.md): amad export and amad run ship VQA students only")
     missing = [name for name in MODEL_FILES if not (path / name).is_file()]
     if not (path / TOKENIZER_FILE).is_file() and not is_checkpoint_processor(path):
         missing.append(f"{TOKENIZER_FILE} or {' / '.join(PROCESSOR_FILES)}")

@@ -75,4 +75,4 @@ TAG_TRIAL_STATUS = "sweep.status"  # completed | stopped_early | failed
 TAG_TRIAL_ERROR = "sweep.error"
 TAG_BEST_TRIAL = "best.trial_id"
 TAG_BEST_RUN = "best.run_id"
-TAG_BEST_VAL_ACCURACY = "best.val_accuracy"
+TAG_BEST_VAL_ACCURACY = "best.val_accuracy"  # a sweep selecting by another metric tags best.<metric>

@@ -72,11 +72,6 @@ def check_sweep(cfg: SweepConfig):
         if importlib.util.find_spec("optuna") is None:
             raise ConfigError("search.algorithm=optuna: optuna is not installed (pip install optuna), or use algorithm: random")
     teacher = train_distill.check_job(cfg.job)
-    if teacher.family != "vilt":
-        raise ConfigError(
-            f"job.teacher: {teacher.path} is a captioning teacher ({teacher.family}); `amad sweep` searches VQA students only so far "
-            "(its trial metric and selection are val_accuracy): distil a captioner with `amad distill` (docs/captioning.md)"
-        )
     for sampled in cfg.combinations():
         where = ", ".join(f"space.{key}={value!r}" for key, value in sampled.items())
         job = parse_config(cfg.trial_job(sampled), DistillJobConfig, f"sweep {cfg.name!r} trial with {where}")
@@ -170,13 +165,14 @@ def _run(cfg: SweepConfig, sweep_dir: Path, workdir: Path, teacher, tracking_uri
     (sweep_dir / names.SWEEP_JOB_FILE).write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     _log(f"[sweep {cfg.name}] {'resuming' if resume else 'starting'}: {_describe(cfg)}; MLflow run {parent.run_id} ({uri})")
     started = time.perf_counter()
+    metric = names.selection_metric(teacher.family, cfg.job.selection_metric)  # ranks epochs, trials and the best
     try:
-        _tune(cfg, sweep_dir, workdir, parent, use_gpu, resume, importance, results)
-        rows = collect(cfg, sweep_dir, workdir, parent, store)
+        _tune(cfg, sweep_dir, workdir, parent, use_gpu, resume, importance, results, metric)
+        rows = collect(cfg, sweep_dir, workdir, parent, store, metric)
     except BaseException:
         parent.finish("KILLED")
         raise
-    summary = report(cfg, sweep_dir, parent, rows, time.perf_counter() - started, store)
+    summary = report(cfg, sweep_dir, parent, rows, time.perf_counter() - started, store, metric)
     parent.finish("KILLED" if summary["interrupted"] else "FINISHED")
     return summary
 
@@ -192,7 +188,7 @@ def _describe(cfg: SweepConfig) -> str:
 
 
 def _tune(cfg: SweepConfig, sweep_dir: Path, workdir: Path, parent: RunTracker, use_gpu: bool, resume: bool, importance: dict | None = None,
-          results: str | None = None) -> None:
+          results: str | None = None, metric: str = names.VAL_ACCURACY) -> None:
     """Run Tune; ``results``: the sweep's directory in the storage (a path or a URI; default ``sweep_dir``)."""
     from ray import tune
 
@@ -211,7 +207,7 @@ def _tune(cfg: SweepConfig, sweep_dir: Path, workdir: Path, parent: RunTracker, 
             trainable,
             param_space={key: entry.to_tune() for key, entry in cfg.space.items()},
             tune_config=tune.TuneConfig(
-                metric=names.SELECTION_METRIC,
+                metric=metric,
                 mode=names.SELECTION_MODE,
                 search_alg=_search_algorithm(cfg),
                 scheduler=_scheduler(cfg),
@@ -226,7 +222,7 @@ def _tune(cfg: SweepConfig, sweep_dir: Path, workdir: Path, parent: RunTracker, 
                 name=TUNE_DIR,
                 storage_path=results,
                 failure_config=tune.FailureConfig(max_failures=0),  # a crashed trial is recorded, not retried
-                callbacks=[Progress(cfg.name, cfg.max_epochs), TrialRuns(cfg, parent, sweep_dir, workdir)],
+                callbacks=[Progress(cfg.name, cfg.max_epochs, metric), TrialRuns(cfg, parent, sweep_dir, workdir)],
                 verbose=0,  # Progress prints one line per event instead of Tune's tables
             ),
         )
@@ -267,8 +263,8 @@ class Progress(Callback):
     finished before the interruption too.
     """
 
-    def __init__(self, sweep: str, max_epochs: int):
-        self.sweep, self.max_epochs = sweep, max_epochs
+    def __init__(self, sweep: str, max_epochs: int, metric: str = names.VAL_ACCURACY):
+        self.sweep, self.max_epochs, self.metric = sweep, max_epochs, metric
 
     def _line(self, trials, event: str, latest: tuple[str, float] | None = None) -> None:
         completed = stopped = failed = running = 0
@@ -279,10 +275,10 @@ class Progress(Callback):
                 completed, stopped = (completed + 1, stopped) if epoch >= self.max_epochs else (completed, stopped + 1)
             failed += trial.status == "ERROR"
             running += trial.status == "RUNNING"
-            top = (trial.metric_analysis.get(names.VAL_ACCURACY) or {}).get("max")
+            top = (trial.metric_analysis.get(self.metric) or {}).get("max")
             if top is not None and (best is None or top > best[1]):
                 best = (trial.trial_id, top)
-        best_text = f"best so far {best[0]} val_acc {best[1]:.4f}" if best else "no result yet"
+        best_text = f"best so far {best[0]} {self._name} {best[1]:.4f}" if best else "no result yet"
         _log(
             f"[sweep {self.sweep}] {event} | {completed} completed, {stopped} stopped early, {failed} failed, "
             f"{running} running, {len(trials)} created | {best_text}"
@@ -291,12 +287,16 @@ class Progress(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         self._line(trials, f"trial {trial.trial_id} started {_short(trial.config)}")
 
+    @property
+    def _name(self) -> str:
+        return "val_acc" if self.metric == names.VAL_ACCURACY else self.metric
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        accuracy = result.get(names.VAL_ACCURACY)
+        score = result.get(self.metric)
         self._line(
             trials,
-            f"trial {trial.trial_id} epoch {result.get(names.EPOCH)}/{self.max_epochs} val_acc {accuracy if accuracy is not None else float('nan'):.4f}",
-            latest=(trial.trial_id, accuracy) if accuracy is not None else None,
+            f"trial {trial.trial_id} epoch {result.get(names.EPOCH)}/{self.max_epochs} {self._name} {score if score is not None else float('nan'):.4f}",
+            latest=(trial.trial_id, score) if score is not None else None,
         )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -369,7 +369,7 @@ class TrialRuns(Callback):
     def _child(self, trial) -> tuple[RunTracker, set[int]]:
         if trial.trial_id not in self._runs:  # re-opens the trial's own run after a --resume
             child = open_child(self.parent, self.cfg.name, trial.trial_id, self.sweep_dir / TRIALS_DIR / trial.trial_id, self.workdir)
-            self._runs[trial.trial_id] = (child, child.logged_steps(names.VAL_ACCURACY))
+            self._runs[trial.trial_id] = (child, child.logged_steps(names.VAL_LOSS))  # every family reports it
         return self._runs[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -412,9 +412,10 @@ def _error_text(err: BaseException | str, limit: int = 4000) -> str:
 # ---------------------------------------------------------------- after Tune: one row per trial
 
 
-def collect(cfg: SweepConfig, sweep_dir: Path, workdir: Path, parent: RunTracker, store: storage.Storage | None = None) -> list[dict]:
+def collect(cfg: SweepConfig, sweep_dir: Path, workdir: Path, parent: RunTracker, store: storage.Storage | None = None,
+            metric: str = names.VAL_ACCURACY) -> list[dict]:
     """Read every trial back from Tune's saved experiment (in the storage, default the workdir); close
-    each child MLflow run with its outcome."""
+    each child MLflow run with its outcome. A trial's best epoch is the best by ``metric``."""
     from ray.tune import ExperimentAnalysis
 
     store = store or storage.resolve(cfg.storage.path, workdir)
@@ -431,7 +432,7 @@ def collect(cfg: SweepConfig, sweep_dir: Path, workdir: Path, parent: RunTracker
             "epochs": history[-1][names.EPOCH] if history else 0,
             "status": _outcome(trial.status, history, cfg.max_epochs),
         }
-        row.update(_best_epoch(history, store))
+        row.update(_best_epoch(history, store, metric))
         child = open_child(parent, cfg.name, trial.trial_id, run_dir, workdir)  # re-opens the trial's own run
         row["run_id"] = child.run_id
         row["error"] = _trial_error(trial, results, store) if trial.status == "ERROR" else None
@@ -500,15 +501,15 @@ def _checkpoint_history(run_dir: str | Path) -> list[dict]:
 
 EPOCH_METRICS = (
     names.EPOCH, names.STEP, names.LR, names.TRAIN_LOSS, names.TRAIN_TASK_LOSS, names.TRAIN_LOGIT_KD_LOSS,
-    names.TRAIN_ATTENTION_LOSS, names.VAL_ACCURACY, names.VAL_RELATIONAL_ACCURACY, names.VAL_VQA_ACCURACY, names.VAL_LOSS, names.SAMPLES_PER_S,
-    names.EPOCH_SECONDS,
+    names.TRAIN_ATTENTION_LOSS, names.VAL_ACCURACY, names.VAL_RELATIONAL_ACCURACY, names.VAL_VQA_ACCURACY, names.VAL_CIDER_D, names.VAL_BLEU_4,
+    names.VAL_LOSS, names.SAMPLES_PER_S, names.EPOCH_SECONDS,
 )
 
 
 def _backfill(child: RunTracker, history: list[dict]) -> None:
     """Log to the child run the epochs Tune saved but :class:`TrialRuns` did not log (e.g. results
     that reached Tune's saved state while an interrupted driver was stopping)."""
-    logged = child.logged_steps(names.VAL_ACCURACY)
+    logged = child.logged_steps(names.VAL_LOSS)
     for metrics in history:
         epoch = int(metrics[names.EPOCH])
         if epoch not in logged:
@@ -529,8 +530,8 @@ def _outcome(status: str, history: list[dict], max_epochs: int) -> str:
     return sweep_report.COMPLETED if history[-1][names.EPOCH] >= max_epochs else sweep_report.STOPPED_EARLY
 
 
-def _best_epoch(history: list[dict], store: storage.Storage) -> dict:
-    """The best epoch whose checkpoint Ray Train kept (it keeps the best by val_accuracy). Its
+def _best_epoch(history: list[dict], store: storage.Storage, metric: str = names.VAL_ACCURACY) -> dict:
+    """The best epoch by ``metric`` whose checkpoint Ray Train kept (it keeps the best by the same metric). Its
     ``checkpoint`` is a location in the storage: Tune's ``checkpoint_path`` is a path on the storage's
     filesystem (without a URI's scheme)."""
     located = [{**m, "checkpoint_path": store.location_of(m["checkpoint_path"])} for m in history
@@ -538,11 +539,11 @@ def _best_epoch(history: list[dict], store: storage.Storage) -> dict:
     kept = [m for m in located if storage.is_dir(m["checkpoint_path"])]
     if not kept:
         return {"checkpoint": None}
-    best = max(kept, key=lambda m: (m[names.VAL_ACCURACY], -m[names.VAL_LOSS], -m[names.EPOCH]))
+    best = max(kept, key=lambda m: (m[metric], -m[names.VAL_LOSS], -m[names.EPOCH]))
     return {
         "checkpoint": best["checkpoint_path"],
         "best_epoch": int(best[names.EPOCH]),
-        names.VAL_ACCURACY: float(best[names.VAL_ACCURACY]),
+        metric: float(best[metric]),
         names.VAL_LOSS: float(best[names.VAL_LOSS]),
         "metrics": {key: best[key] for key in best if key.startswith(("val_", "train_")) or key in (names.EPOCH, names.STEP, names.SAMPLES_PER_S)},
     }
@@ -574,18 +575,16 @@ def measure(rows: list[dict], sweep_dir: Path, cfg: SweepConfig, workdir: Path |
     (default workdir: the one holding ``sweep_dir``).
 
     Latency: the driver, after the sweep, one torch thread, a batch of ``latency_batch_size``
-    validation examples, ``latency_repeats`` timed forward passes after 3 warm-up passes; the median
-    per example. Measured here rather than in trials so that every model is timed under the same
-    load (no training running beside it).
+    validation examples, ``latency_repeats`` timed passes after 3 warm-up passes; the median per
+    example. A VQA student's pass is a forward pass; a captioner's is greedy decoding of a caption for
+    each image (what serving it costs). Measured here rather than in trials so that every model is
+    timed under the same load (no training running beside it).
     """
     import torch
 
-    from amad.data.sources import split_for_model
-    from amad.models import get_adapter, head_counts
-
     cache_file = sweep_dir / names.MEASUREMENTS_FILE
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    batches = {}
+    inputs = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -595,39 +594,82 @@ def measure(rows: list[dict], sweep_dir: Path, cfg: SweepConfig, workdir: Path |
                 continue
             if path not in cache:
                 directory = storage.local_checkpoint(path, workdir or sweep_dir.parent.parent, f"trial {row['trial_id']}'s checkpoint")
-                adapter = get_adapter(json.loads((directory / "config.json").read_text())["model_type"])
-                model = adapter.load(directory).eval()
-                spec_text = (directory / names.BENCHMARK_FILE).read_text()
-                if spec_text not in batches:
-                    val = split_for_model(directory, "val")
-                    batches[spec_text] = val.batch(torch.arange(min(cfg.selection.latency_batch_size, len(val))))
-                batch = batches[spec_text]
-                size = len(batch["labels"])
-                seconds = []
-                with torch.no_grad():
-                    for index in range(3 + cfg.selection.latency_repeats):
-                        tick = time.perf_counter()
-                        adapter.forward(model, batch, need_attentions=False)
-                        if index >= 3:
-                            seconds.append(time.perf_counter() - tick)
-                cache[path] = {
-                    names.PARAMS: sum(p.numel() for p in model.parameters()),
-                    names.LATENCY_MS: statistics.median(seconds) * 1000 / size,
-                    "heads": max(head_counts(model.config)),
-                    "layers": model.config.num_hidden_layers,
-                }
+                cache[path] = _measure_checkpoint(directory, cfg, inputs)
             row.update(cache[path])
     finally:
         torch.set_num_threads(threads)
     cache_file.write_text(json.dumps(cache, indent=2))
 
 
-def report(cfg: SweepConfig, sweep_dir: Path, parent: RunTracker, rows: list[dict], seconds: float, store: storage.Storage | None = None) -> dict:
-    """Pareto front, selection, ``trials.csv``, plots and ``best.json``; all logged to the parent run."""
+def _measure_checkpoint(directory: Path, cfg: SweepConfig, inputs: dict) -> dict:
+    """``params``, ``latency_ms_per_example``, ``heads`` (most per layer) and ``layers`` of one checkpoint.
+
+    ``inputs``: the timed batches by data spec, shared by the checkpoints of one sweep.
+    """
+    import torch
+
+    from amad.models import get_adapter
+
+    adapter = get_adapter(json.loads((directory / "config.json").read_text())["model_type"])
+    model = adapter.load(directory).eval()
+    size = cfg.selection.latency_batch_size
+    if adapter.family == "ved":
+        from amad.data.captions import CaptionSpec, make_caption_split
+        from amad.data.images import pixels_from_uint8
+        from amad.pruning_ved import recorded_origins
+        from pipeline.distill_tasks import CAPTIONS_FILE
+
+        spec_text = (directory / CAPTIONS_FILE).read_text()
+        spec = CaptionSpec.from_dict(json.loads(spec_text))
+        if spec_text not in inputs:
+            inputs[spec_text] = pixels_from_uint8(make_caption_split(spec, "val").images[:size])
+
+        def run() -> None:
+            adapter.generate(model, inputs[spec_text], max_length=spec.max_caption_length)
+
+        count = len(inputs[spec_text])
+        if getattr(model.config, "amad_pruning", None):
+            heads = max(len(layer) for layers in recorded_origins(model).values() for layer in layers)
+        else:
+            heads = max(adapter.heads(model).values())
+        layers = max(adapter.layers(model).values())
+    else:
+        from amad.data.sources import split_for_model
+        from amad.models import head_counts
+
+        spec_text = (directory / names.BENCHMARK_FILE).read_text()
+        if spec_text not in inputs:
+            val = split_for_model(directory, "val")
+            inputs[spec_text] = val.batch(torch.arange(min(size, len(val))))
+
+        def run() -> None:
+            adapter.forward(model, inputs[spec_text], need_attentions=False)
+
+        count = len(inputs[spec_text]["labels"])
+        heads, layers = max(head_counts(model.config)), model.config.num_hidden_layers
+    seconds = []
+    with torch.no_grad():
+        for index in range(3 + cfg.selection.latency_repeats):
+            tick = time.perf_counter()
+            run()
+            if index >= 3:
+                seconds.append(time.perf_counter() - tick)
+    return {
+        names.PARAMS: sum(p.numel() for p in model.parameters()),
+        names.LATENCY_MS: statistics.median(seconds) * 1000 / count,
+        "heads": heads,
+        "layers": layers,
+    }
+
+
+def report(cfg: SweepConfig, sweep_dir: Path, parent: RunTracker, rows: list[dict], seconds: float, store: storage.Storage | None = None,
+           metric: str = names.VAL_ACCURACY) -> dict:
+    """Pareto front, selection by ``metric``, ``trials.csv``, plots and ``best.json``; all logged to the parent run."""
     counts = {status: sum(r["status"] == status for r in rows) for status in (
         sweep_report.COMPLETED, sweep_report.STOPPED_EARLY, sweep_report.FAILED, sweep_report.NOT_STARTED, sweep_report.UNFINISHED)}
     interrupted = counts[sweep_report.UNFINISHED] > 0
     summary = {"sweep": cfg.name, "sweep_dir": str(sweep_dir), "trials": len(rows), "counts": counts, "interrupted": interrupted,
+               "selection_metric": metric,
                "seconds": seconds, "mlflow": {"tracking_uri": parent.tracking_uri, "experiment_id": parent.experiment_id, "run_id": parent.run_id}}
     if interrupted:
         _log(f"[sweep {cfg.name}] interrupted with {counts[sweep_report.UNFINISHED]} trials unfinished: re-run with --resume to continue")
@@ -637,18 +679,18 @@ def report(cfg: SweepConfig, sweep_dir: Path, parent: RunTracker, rows: list[dic
     workdir = sweep_dir.parent.parent
     store = store or storage.resolve(cfg.storage.path, workdir)
     measure(rows, sweep_dir, cfg, workdir)
-    front = sweep_report.pareto_front(rows)
+    front = sweep_report.pareto_front(rows, metric)
     budget = cfg.selection
-    best = sweep_report.select_best(rows, budget.max_params, budget.max_latency_ms)
+    best = sweep_report.select_best(rows, budget.max_params, budget.max_latency_ms, metric)
     for row in rows:
         row["pareto"] = row["trial_id"] in front
         row["within_budget"] = sweep_report.within_budget(row, budget.max_params, budget.max_latency_ms)
         row["selected"] = best is not None and row["trial_id"] == best["trial_id"]
 
     space_keys = list(cfg.space)
-    sweep_report.write_csv(rows, space_keys, sweep_dir / names.TRIALS_CSV)
+    sweep_report.write_csv(rows, space_keys, sweep_dir / names.TRIALS_CSV, metric)
     shapes = {r["trial_id"]: {"heads": r.get("heads"), "layers": r.get("layers")} for r in rows}
-    plots = sweep_report.plot(rows, sweep_dir / PLOTS_DIR, shapes)
+    plots = sweep_report.plot(rows, sweep_dir / PLOTS_DIR, shapes, metric)
     summary.update(
         budget={"max_params": budget.max_params, "max_latency_ms": budget.max_latency_ms},
         pareto_front=sorted(front),
@@ -656,7 +698,7 @@ def report(cfg: SweepConfig, sweep_dir: Path, parent: RunTracker, rows: list[dic
         rows=[{k: v for k, v in r.items() if k != "metrics"} for r in rows],
     )
     if best is None:
-        summary["reason"] = "no trial reported a validation accuracy within the budget"
+        summary["reason"] = f"no trial reported a {metric} within the budget"
     best_file = sweep_dir / names.BEST_FILE
     best_file.write_text(json.dumps(summary, indent=2, default=str))
 
@@ -669,12 +711,12 @@ def report(cfg: SweepConfig, sweep_dir: Path, parent: RunTracker, rows: list[dic
     if best:
         parent.set_tags({
             names.TAG_BEST_TRIAL: best["trial_id"], names.TAG_BEST_RUN: best["run_id"],
-            names.TAG_BEST_CHECKPOINT: best["checkpoint"], names.TAG_BEST_VAL_ACCURACY: f"{best[names.VAL_ACCURACY]:.6f}",
+            names.TAG_BEST_CHECKPOINT: best["checkpoint"], f"best.{metric}": f"{best[metric]:.6f}",
         })
         _log(
             f"[sweep {cfg.name}] done in {seconds:.0f} s: {counts[sweep_report.COMPLETED]} completed, "
             f"{counts[sweep_report.STOPPED_EARLY]} stopped early, {counts[sweep_report.FAILED]} failed; best {best['trial_id']} "
-            f"val_acc {best[names.VAL_ACCURACY]:.4f}, {best[names.PARAMS]} params, {best[names.LATENCY_MS]:.3f} ms/example "
+            f"{'val_acc' if metric == names.VAL_ACCURACY else metric} {best[metric]:.4f}, {best[names.PARAMS]} params, {best[names.LATENCY_MS]:.3f} ms/example "
             f"-> {best_file}"
         )
     else:

@@ -38,7 +38,8 @@ KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "cases")
 CASE_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # part of MLflow param names (space.<key>.cases.<label>.<field>)
 MLFLOW_PARAM_KEY_MAX = 250  # MLflow's limit on a param name
 # The trials table's own columns (pipeline.sweep_report.CSV_COLUMNS): a cases key of that name would overwrite one.
-RESERVED_CASE_KEYS = frozenset({"trial_id", "status", "epochs", "val_accuracy", "val_loss", "best_epoch", "params", "latency_ms_per_example",
+RESERVED_CASE_KEYS = frozenset({"trial_id", "status", "epochs", "val_accuracy", "val_cider_d", "val_bleu_4", "val_relational_accuracy",
+                                "val_vqa_accuracy", "val_loss", "best_epoch", "params", "latency_ms_per_example",
                                 "pareto", "within_budget", "selected", "checkpoint", "run_id", "error"})
 # Top-level parts of the distill job a sweep may search (scaling is per-trial resources, not a
 # hyperparameter; train.epochs is the scheduler's max_epochs).
@@ -147,11 +148,12 @@ class SchedulerConfig(Strict):
 
 
 class SelectionConfig(Strict):
-    """Which trial wins: the best val_accuracy within the budgets; ties go to the smaller model."""
+    """Which trial wins: the best selection metric (``job.selection_metric``; by default ``val_accuracy`` for
+    VQA students, ``val_cider_d`` for captioners) within the budgets; ties go to the smaller model."""
 
     max_params: int | None = Field(None, ge=1, description="student parameters")
-    max_latency_ms: float | None = Field(None, gt=0, description="measured CPU latency per example, ms")
-    latency_batch_size: int = Field(32, ge=1, description="validation examples per timed forward pass")
+    max_latency_ms: float | None = Field(None, gt=0, description="measured CPU latency per example, ms (a captioner's: greedy decoding per image)")
+    latency_batch_size: int = Field(32, ge=1, description="validation examples per timed pass")
     latency_repeats: int = Field(20, ge=1, description="timed passes; the median is kept")
 
 

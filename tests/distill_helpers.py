@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tune_configs" / "tiny" / "distill.yaml"
 
 
-def tiny_config(teacher: Path, **changes) -> DistillJobConfig:
-    """The tiny preset pointed at ``teacher``; ``changes`` are dotted keys (``"scaling.num_workers": 3``)."""
-    values = yaml.safe_load(TINY.read_text())
+def tiny_config(teacher: Path, preset: Path = TINY, **changes) -> DistillJobConfig:
+    """The tiny preset (``tune_configs/tiny/distill.yaml`` unless ``preset``) pointed at ``teacher``; ``changes`` are
+    dotted keys (``"scaling.num_workers": 3``)."""
+    values = yaml.safe_load(preset.read_text())
     values["teacher"] = str(teacher)
     return parse_config(with_overrides(values, changes), DistillJobConfig, "tiny distill")

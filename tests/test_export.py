@@ -368,7 +368,8 @@ def test_cli_exports_with_the_tiny_preset_and_exits_1_on_a_failing_gate(student_
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "amad export: tiny-student v1 @champion (first champion)" in ok.stdout
 
-    tamper_first_initializer(tmp_path / "exports" / "run0-epoch_0002" / "student.onnx")
+    # the export's directory is named after the checkpoint's run and epoch (run<N>: pytest numbers the fixture's directory)
+    tamper_first_initializer(tmp_path / "exports" / f"{student_checkpoint.parent.name}-{student_checkpoint.name}" / "student.onnx")
     failed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert failed.returncode == 1
     assert "amad export: parity gate failed" in failed.stderr and "nothing was registered" in failed.stderr
