@@ -1,8 +1,9 @@
-"""The generated results page (``docs/results.md``) from ``benchmarks/compare_methods.py``'s JSON, one section per regime.
+"""The generated results page (``docs/results.md``) from ``benchmarks/compare_methods.py``'s JSON, one section per regime,
+and from ``benchmarks/compare_captioning.py``'s (the captioning claim: test CIDEr-D instead of accuracy).
 
 Regenerate without training anything (the JSON files hold every figure):
 
-    .venv/bin/python benchmarks/results_page.py            # reads benchmarks/results/compare_methods{,_pruned}.json
+    .venv/bin/python benchmarks/results_page.py            # reads benchmarks/results/compare_{methods,captioning}*.json
 
 The claim is checked per regime, head count and pair (AMAD arm, baseline): the paired difference of
 test accuracy over seeds (the students of one seed start from the same weights and see the same
@@ -21,15 +22,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-DEFAULT_SOURCES = (RESULTS / "compare_methods_pruned.json", RESULTS / "compare_methods_pruned_4000steps.json", RESULTS / "compare_methods.json")
+DEFAULT_SOURCES = (RESULTS / "compare_methods_pruned.json", RESULTS / "compare_methods_pruned_4000steps.json", RESULTS / "compare_methods.json",
+                   RESULTS / "compare_captioning.json")
 DEFAULT_MD = ROOT / "docs" / "results.md"
 BASELINES = ("one_to_one_origin", "one_to_one", "logit_kd")
 REGIME_TITLES = {"pruned": "Students pruned from the teacher", "random": "Students from random weights"}
 
 
-def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean and standard error of ``a - b`` over seeds, in points (NaN error with one seed)."""
-    diffs = [100 * (x - y) for x, y in zip(a, b)]
+def paired_difference(a: list[float], b: list[float], scale: float = 100.0) -> tuple[float, float]:
+    """Mean and standard error of ``a - b`` over seeds, in points (``scale`` 100; 1 keeps the units: CIDEr-D)
+    (NaN error with one seed)."""
+    diffs = [scale * (x - y) for x, y in zip(a, b)]
     se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
     return statistics.mean(diffs), se
 
@@ -196,15 +199,98 @@ def regime_section(results: dict) -> list[str]:
     return lines
 
 
+def is_captioning(results: dict) -> bool:
+    return results.get("task") == "captioning"
+
+
+def caption_baselines(arm: str) -> list[str]:
+    """What an AMAD captioning arm (``amad_t1/all``) is compared with: one-to-one by origin and by index on the
+    same kinds of maps, and logit KD."""
+    scope = arm.split("/")[1]
+    return [f"one_to_one_origin/{scope}", f"one_to_one/{scope}", "logit_kd"]
+
+
+def caption_verdicts(results: dict) -> dict[tuple[str, str, int], tuple[float, float, str]]:
+    """``(amad_arm, baseline, heads) -> (mean, se, verdict)`` of the paired test CIDEr-D difference (CIDEr-D units)."""
+    cider, found = results["cider_d"], {}
+    for arm in (a for a in cider if a.startswith("amad")):
+        for baseline in (b for b in caption_baselines(arm) if b in cider):
+            for h in results["config"]["heads"]:
+                mean, se = paired_difference(cider[arm][str(h)], cider[baseline][str(h)], scale=1.0)
+                found[(arm, baseline, h)] = (mean, se, verdict(mean, se))
+    return found
+
+
+def caption_title(results: dict) -> str:
+    config = results["config"]
+    return f"Captioning, students pruned from the captioning teacher: {config['steps']} steps, {len(config['seeds'])} seed(s)"
+
+
+def caption_verdict_summary(results: dict) -> list[str]:
+    found, heads, lines = caption_verdicts(results), results["config"]["heads"], []
+    for arm in (a for a in results["cider_d"] if a.startswith("amad")):
+        parts = []
+        for baseline in (b for b in caption_baselines(arm) if b in results["cider_d"]):
+            cells = [f"{h} heads {found[(arm, baseline, h)][2]} ({found[(arm, baseline, h)][0]:+.3f} ± {found[(arm, baseline, h)][1]:.3f})" for h in heads]
+            parts.append(f"vs {baseline}: " + ", ".join(cells))
+        lines.append(f"- **{arm}** " + "; ".join(parts) + ".")
+    return lines
+
+
+def _mean_std_plain(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{scale * statistics.mean(values):.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def captioning_section(results: dict) -> list[str]:
+    """The captioning claim (``benchmarks/compare_captioning.py``'s JSON): test CIDEr-D and BLEU-4 per arm and head
+    count, AMAD minus each baseline on CIDEr-D with verdicts, the arms' settings and the time."""
+    config, heads, teacher = results["config"], results["config"]["heads"], results["teacher"]
+    lines = [f"## {caption_title(results)}", "", f"Command: `{results['command']}`", "",
+             f"Teacher: {config['teacher']}, greedy test CIDEr-D **{teacher['cider_d']:.3f}**, BLEU-4 {100 * teacher['bleu_4']:.2f} "
+             f"on the same {config['test_images']} test images. Students: pruned to {config['layers']} layers per stack, the most important "
+             f"heads of each kind; {config['steps']} steps of batch {config['batch_size']} (lr {config['lr']}); {len(config['seeds'])} seed(s). "
+             "`/all` aligns encoder self-, decoder self- and cross-attention, `/cross` cross-attention only.", "",
+             "Test CIDEr-D (greedy), mean ± std over seeds:", ""]
+    lines += _table(heads, [(arm, [_mean_std_plain(per_heads[str(h)]) for h in heads]) for arm, per_heads in results["cider_d"].items()], "arm")
+    lines += ["", "Test BLEU-4 (×100), mean ± std over seeds:", ""]
+    lines += _table(heads, [(arm, [_mean_std_plain(per_heads[str(h)], 100, 2) for h in heads]) for arm, per_heads in results["bleu_4"].items()], "arm")
+    found = caption_verdicts(results)
+    if found:
+        lines += ["", "AMAD minus each baseline, test CIDEr-D: mean ± standard error of the per-seed (paired) difference; a verdict "
+                      "only beyond 2 standard errors:", ""]
+        rows = [(f"{arm} − {baseline}", [f"{found[(arm, baseline, h)][0]:+.3f} ± {found[(arm, baseline, h)][1]:.3f} ({found[(arm, baseline, h)][2]})"
+                                         if not math.isnan(found[(arm, baseline, h)][1]) else f"{found[(arm, baseline, h)][0]:+.3f} (1 seed: no error bar)"
+                                         for h in heads])
+                for arm in (a for a in results["cider_d"] if a.startswith("amad")) for baseline in caption_baselines(arm) if baseline in results["cider_d"]]
+        lines += _table(heads, rows, "comparison")
+    if results.get("params"):
+        tuning = results.get("tuning")
+        how = (f"tuned alike on validation CIDEr-D with seed {tuning['seed']}" if tuning else "not tuned: attention weight 1 for every arm")
+        lines += ["", f"Settings of each arm ({how}):", ""]
+        lines += _table(heads, [(arm, [", ".join(f"{k.replace('attention_weight', 'w').replace('amad_temperature', 'τ')} {v:g}" for k, v in per_heads[str(h)].items()) or "—"
+                                       for h in heads]) for arm, per_heads in results["params"].items()], "arm")
+    lines += ["", f"Time: the command that wrote these figures ran {results['seconds'] / 60:.1f} min ({config['threads']} thread(s) per group, "
+                  f"{config['jobs']} group(s) at a time, {config['cpu_count']} CPUs, {config['machine']}) and reused {results['reused_runs']} "
+                  "finished runs.", ""]
+    return lines
+
+
 def write_page(path: Path, regimes: list[dict]) -> None:
-    """``docs/results.md`` from the results of each regime (pruned first, as ``DEFAULT_SOURCES`` orders them)."""
-    lines = ["<!-- generated by benchmarks/results_page.py from benchmarks/compare_methods.py's JSON: do not edit by hand -->",
+    """``docs/results.md`` from the results of each regime (pruned first, as ``DEFAULT_SOURCES`` orders them) and of the
+    captioning claim (``benchmarks/compare_captioning.py``'s JSON, recognised by its ``task``)."""
+    lines = ["<!-- generated by benchmarks/results_page.py from benchmarks/compare_methods.py's and compare_captioning.py's JSON: "
+             "do not edit by hand -->",
              "# Distillation methods on the built-in benchmark", "",
-             "Does AMAD beat the baselines? Per regime and head count (test accuracy, paired over seeds, verdict only beyond 2 standard errors):", ""]
+             "Does AMAD beat the baselines? Per regime and head count (test accuracy, or CIDEr-D for captioning; paired over seeds, "
+             "verdict only beyond 2 standard errors):", ""]
     for results in regimes:
-        lines += [f"{title(results)}:", ""] + verdict_summary(results) + [""]
+        if is_captioning(results):
+            lines += [f"{caption_title(results)}:", ""] + caption_verdict_summary(results) + [""]
+        else:
+            lines += [f"{title(results)}:", ""] + verdict_summary(results) + [""]
     for results in regimes:
-        lines += regime_section(results)
+        lines += captioning_section(results) if is_captioning(results) else regime_section(results)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines).rstrip("\n") + "\n")
 

@@ -230,6 +230,36 @@ def test_results_page_gives_verdicts_only_beyond_two_standard_errors(tmp_path):
     assert "+10.00 (1 seed: no error bar)" in text and "2 heads 1 seed: no verdict (+10.00 ± nan)" in text
 
 
+def test_the_captioning_claim_gets_its_section_with_cider_verdicts_against_the_same_kinds(tmp_path):
+    page = load_script("results_page")
+    cider = {"logit_kd": {"4": [1.00, 1.10, 1.20]}, "one_to_one_origin/all": {"4": [1.10, 1.20, 1.30]},
+             "one_to_one/all": {"4": [1.25, 1.30, 1.45]}, "amad_t1/all": {"4": [1.20, 1.35, 1.50]},
+             "one_to_one_origin/cross": {"4": [1.30, 1.40, 1.50]}, "amad_t1/cross": {"4": [1.30, 1.40, 1.50]}}
+    results = {"task": "captioning", "cider_d": cider, "bleu_4": {arm: {"4": [0.5, 0.6, 0.7]} for arm in cider},
+               "teacher": {"cider_d": 2.05, "bleu_4": 0.587},
+               "config": {"heads": [4], "seeds": [0, 1, 2], "methods": list(cider), "layers": 2, "steps": 3000, "batch_size": 64,
+                          "lr": 1e-3, "teacher": "weights/captioner-default", "test_images": 1000, "threads": 1, "jobs": 2,
+                          "cpu_count": 2, "machine": "x86_64"},
+               "params": {arm: {"4": {} if arm == "logit_kd" else {"attention_weight": 1.0}} for arm in cider},
+               "tuning": {"seed": 0}, "seconds": 600.0, "reused_runs": 0, "command": "python benchmarks/compare_captioning.py --tune"}
+    found = page.caption_verdicts(results)
+    # amad_t1/all - one_to_one_origin/all: 0.10, 0.15, 0.20 -> +0.150 ± 0.029: beyond 2 SE
+    assert found[("amad_t1/all", "one_to_one_origin/all", 4)] == (pytest.approx(0.15), pytest.approx(0.05 / 3 ** 0.5), "better")
+    assert found[("amad_t1/all", "one_to_one/all", 4)][2] == "no clear difference"  # -0.05, 0.05, 0.05: +0.017 ± 0.033
+    assert found[("amad_t1/all", "logit_kd", 4)][2] == "better"
+    assert ("amad_t1/all", "one_to_one_origin/cross", 4) not in found  # baselines on the same kinds of maps only
+    assert found[("amad_t1/cross", "one_to_one_origin/cross", 4)][2] == "no clear difference"  # identical: 0 ± 0
+    path = tmp_path / "results.md"
+    page.write_page(path, [_results({"logit_kd": {"2": [0.4]}, "amad_t1": {"2": [0.5]}}), results])
+    text = path.read_text()
+    assert "## Captioning, students pruned from the captioning teacher: 3000 steps, 3 seed(s)" in text
+    assert "| amad_t1/all − one_to_one_origin/all | +0.150 ± 0.029 (better) |" in text
+    assert "| amad_t1/all | 1.350 ± 0.150 |" in text and "| logit_kd | 60.00 ± 10.00 |" in text  # CIDEr-D; BLEU-4 x100
+    assert "- **amad_t1/cross** vs one_to_one_origin/cross: 4 heads no clear difference (+0.000 ± 0.000)" in text
+    assert "greedy test CIDEr-D **2.050**, BLEU-4 58.70 on the same 1000 test images" in text
+    assert text.index("## Students pruned from the teacher") < text.index("## Captioning")
+
+
 def test_the_committed_results_page_is_what_the_generator_writes_from_the_committed_json(tmp_path):
     """docs/results.md is generated: regenerating it from benchmarks/results/ changes nothing."""
     page = load_script("results_page")
