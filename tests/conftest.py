@@ -99,6 +99,28 @@ def tiny_captioner_dir(tmp_path_factory) -> Path:
     return save_tiny_captioner(tmp_path_factory.mktemp("tiny-captioner"))
 
 
+@pytest.fixture(scope="session")
+def trained_tiny_captioner(tmp_path_factory) -> Path:
+    """The tiny captioning teacher trained for 200 steps (~10 s, `amad teacher`'s own job): it writes captions that
+    differ by image and score above 0, so caption parity and CIDEr-D reproduction test something (an untrained
+    captioner writes one caption for every image and scores 0)."""
+    import torch
+    import yaml
+
+    from pipeline import train_captioner
+    from pipeline.config import CaptionTeacherJobConfig, parse_config, with_overrides
+
+    values = yaml.safe_load(TINY_CAPTIONER_CONFIG.read_text())
+    cfg = parse_config(with_overrides(values, {"train.steps": 200, "blind_steps": 0, "eval_every": 100, "num_beams": 1}), CaptionTeacherJobConfig)
+    workdir, threads = tmp_path_factory.mktemp("trained-captioner"), torch.get_num_threads()
+    try:
+        metrics = train_captioner.main(cfg, workdir)
+    finally:
+        torch.set_num_threads(threads)
+    assert metrics["test"]["teacher_greedy"]["cider_d"] > 0.2
+    return workdir / "teacher"
+
+
 @pytest.fixture(scope="module")
 def monkeypatch_module():
     """``monkeypatch`` for module-scoped fixtures: undone when the module's tests are done."""

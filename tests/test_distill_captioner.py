@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline import names, train_distill
-from pipeline.config import ConfigError, DistillJobConfig, parse_config, with_overrides
+from pipeline.config import ConfigError, DistillJobConfig, parse_config
 from distill_helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,30 +27,10 @@ def _refused(tmp_path: Path, values: dict, message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained_captioner(tmp_path_factory) -> Path:
-    """The tiny captioning teacher trained for 200 steps (~10 s): its pruned students write captions that
-    score above 0, so reproducing their CIDEr-D tests something (an untrained one scores 0 everywhere)."""
-    import torch
-
-    from pipeline import train_captioner
-    from pipeline.config import CaptionTeacherJobConfig
-
-    values = yaml.safe_load((ROOT / "tune_configs" / "tiny" / "captioning-teacher.yaml").read_text())
-    cfg = parse_config(with_overrides(values, {"train.steps": 200, "blind_steps": 0, "eval_every": 100, "num_beams": 1}), CaptionTeacherJobConfig)
-    workdir, threads = tmp_path_factory.mktemp("trained-captioner"), torch.get_num_threads()
-    try:
-        metrics = train_captioner.main(cfg, workdir)
-    finally:
-        torch.set_num_threads(threads)
-    assert metrics["test"]["teacher_greedy"]["cider_d"] > 0.2
-    return workdir / "teacher"
-
-
-@pytest.fixture(scope="module")
-def captioner_run(ray_cluster, trained_captioner, tmp_path_factory, monkeypatch_module):
+def captioner_run(ray_cluster, trained_tiny_captioner, tmp_path_factory, monkeypatch_module):
     workdir = tmp_path_factory.mktemp("distill-captioner")
     monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = tiny_config(trained_captioner, TINY, **{"scaling.cpus_per_worker": 1})  # one worker per 1-CPU node: DDP across nodes
+    cfg = tiny_config(trained_tiny_captioner, TINY, **{"scaling.cpus_per_worker": 1})  # one worker per 1-CPU node: DDP across nodes
     summary = train_distill.main(cfg, workdir)
     return cfg, workdir, summary
 
@@ -169,7 +149,7 @@ def test_a_vqa_model_beside_a_captions_spec_is_refused(tmp_path, tiny_teacher):
 
 
 @pytest.mark.integration
-def test_a_sweep_of_pruned_captioners_selects_by_validation_cider(ray_cluster, trained_captioner, tmp_path, monkeypatch):
+def test_a_sweep_of_pruned_captioners_selects_by_validation_cider(ray_cluster, trained_tiny_captioner, tmp_path, monkeypatch):
     """`amad sweep` with a captioner: Tune ranks trials by val_cider_d, the table, the best record and the
     MLflow tags carry it, latency is greedy decoding per image, and the best checkpoint is a captioner."""
     import csv
@@ -181,7 +161,7 @@ def test_a_sweep_of_pruned_captioners_selects_by_validation_cider(ray_cluster, t
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     values = yaml.safe_load((ROOT / "tune_configs" / "tiny" / "captioning-sweep.yaml").read_text())
-    values["job"]["teacher"] = str(trained_captioner)
+    values["job"]["teacher"] = str(trained_tiny_captioner)
     summary = sweep.main(parse_config(values, SweepConfig), tmp_path / "work")
     assert summary["selection_metric"] == names.VAL_CIDER_D and summary["counts"]["completed"] == 2
     rows = summary["rows"]

@@ -1,0 +1,173 @@
+"""A captioner as two ONNX graphs, and greedy captioning over ONNX Runtime sessions in numpy.
+
+No maintained exporter handles ``VisionEncoderDecoderModel`` with transformers 5 (optimum-onnx needs
+transformers < 4.58), so the two halves are exported with ``torch.onnx`` (FIELD-NOTES):
+
+- ``encoder.onnx``: ``pixel_values`` ``(B, 3, S, S)`` float32 -> ``encoder_hidden_states`` ``(B, P+1, D)``
+  (the encoder's last hidden states, projected to the decoder's width where the model has a projection);
+- ``decoder.onnx``: ``input_ids`` ``(B, T)`` int64 and ``encoder_hidden_states`` -> ``logits`` ``(B, T, V)``;
+  ``B`` and ``T`` are dynamic. No key/value cache: captions are at most ~18 tokens, so each step runs
+  the decoder over the whole prefix.
+
+:class:`OnnxCaptioner` decodes greedily as ``generate`` does with ``num_beams=1``: every row starts with
+the decoder start token, takes the arg-max token of its last position, and once it has produced the
+end token is continued with padding until every row has ended or ``max_length`` tokens are written.
+:func:`parity` is the export gate: the same greedy captions, token for token, and the largest
+difference of teacher-forced logits.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
+PIXELS, INPUT_IDS, HIDDEN, LOGITS = "pixel_values", "input_ids", "encoder_hidden_states", "logits"
+
+
+class EncoderGraph(nn.Module):
+    """``pixel_values -> encoder_hidden_states`` as the decoder reads them."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.encoder(pixel_values=pixel_values).last_hidden_state
+        projection = getattr(self.model, "enc_to_dec_proj", None)  # only when the encoder and decoder widths differ
+        return projection(hidden) if projection is not None else hidden
+
+
+class DecoderGraph(nn.Module):
+    """``(input_ids, encoder_hidden_states) -> logits`` of every position (no padding: ``generate`` passes no mask)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.model.decoder(input_ids=input_ids, encoder_hidden_states=encoder_hidden_states, use_cache=False).logits
+
+
+def _export(wrapper: nn.Module, args: tuple, path: Path, names: tuple[list[str], list[str]], axes: dict, exporter: str, opset: int) -> None:
+    """One graph to ``path`` (via a ``.partial`` file: a failed export leaves nothing), checked by ``onnx.checker``."""
+    import onnx
+
+    partial = path.with_name(path.name + ".partial")
+    inputs, outputs = names
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer chatter; the checker and the parity gate judge the result
+        if exporter == "dynamo":
+            dims = {name: {axis: torch.export.Dim(f"{name}_{label}" if label != "batch" else "batch", min=1) for axis, label in spec.items()}
+                    for name, spec in axes.items() if name in inputs}
+            torch.onnx.export(wrapper, args, str(partial), input_names=inputs, output_names=outputs, dynamic_shapes=dims,
+                              opset_version=opset, dynamo=True, external_data=False, verbose=False)
+        else:
+            torch.onnx.export(wrapper, args, str(partial), input_names=inputs, output_names=outputs, dynamic_axes=axes,
+                              opset_version=min(opset, 17), dynamo=False)
+    onnx.checker.check_model(str(partial), full_check=True)
+    os.replace(partial, path)
+
+
+def export_captioner(model: nn.Module, directory: str | Path, pixel_values: torch.Tensor, *, exporter: str = "torchscript",
+                     opset: int = 18) -> tuple[Path, Path]:
+    """Export ``model`` (a :class:`transformers.VisionEncoderDecoderModel`) as ``encoder.onnx`` and ``decoder.onnx``
+    in ``directory``; ``pixel_values`` ``(B >= 2, 3, S, S)`` is the example. Returns both paths."""
+    if exporter not in ("dynamo", "torchscript"):
+        raise ValueError(f"exporter={exporter!r} must be 'dynamo' or 'torchscript'")
+    if pixel_values.shape[0] < 2:
+        raise ValueError("the export example needs at least 2 images (a size-1 batch would be specialised)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    encoder, decoder = EncoderGraph(model).eval(), DecoderGraph(model).eval()  # eval: the legacy exporter restores training mode otherwise
+    with torch.no_grad():
+        hidden = encoder(pixel_values)
+    start = int(model.config.decoder_start_token_id)
+    input_ids = torch.full((pixel_values.shape[0], 3), start, dtype=torch.long)  # T > 1: the text axis stays dynamic
+    _export(encoder, (pixel_values,), directory / ENCODER_FILE, ([PIXELS], [HIDDEN]),
+            {PIXELS: {0: "batch"}, HIDDEN: {0: "batch"}}, exporter, opset)
+    _export(decoder, (input_ids, hidden), directory / DECODER_FILE, ([INPUT_IDS, HIDDEN], [LOGITS]),
+            {INPUT_IDS: {0: "batch", 1: "tokens"}, HIDDEN: {0: "batch"}, LOGITS: {0: "batch", 1: "tokens"}}, exporter, opset)
+    return directory / ENCODER_FILE, directory / DECODER_FILE
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """The special tokens decoding needs, from the model's config."""
+
+    start: int
+    end: int
+    pad: int
+
+    @staticmethod
+    def of(config) -> "TokenIds":
+        return TokenIds(int(config.decoder_start_token_id), int(config.eos_token_id), int(config.pad_token_id))
+
+
+class OnnxCaptioner:
+    """Greedy captioning with an encoder and a decoder ONNX Runtime session (numpy in, numpy out)."""
+
+    def __init__(self, encoder_session, decoder_session, tokens: TokenIds):
+        self.encoder, self.decoder, self.tokens = encoder_session, decoder_session, tokens
+
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        """``(B, 3, S, S)`` float32 -> ``(B, P+1, D)``."""
+        return self.encoder.run([HIDDEN], {PIXELS: np.ascontiguousarray(pixel_values, dtype=np.float32)})[0]
+
+    def logits(self, input_ids: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+        """``(B, T)`` token ids and ``(B, P+1, D)`` -> ``(B, T, V)``."""
+        return self.decoder.run([LOGITS], {INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64), HIDDEN: hidden})[0]
+
+    def greedy(self, pixel_values: np.ndarray, max_length: int) -> np.ndarray:
+        """Token ids ``(B, <= max_length)`` starting with the start token, as ``generate(num_beams=1)`` writes them."""
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length} must be >= 2 (the start token and at least one more)")
+        hidden = self.encode(pixel_values)
+        rows = hidden.shape[0]
+        ids = np.full((rows, 1), self.tokens.start, dtype=np.int64)
+        unfinished = np.ones(rows, dtype=bool)
+        while ids.shape[1] < max_length:
+            following = self.logits(ids, hidden)[:, -1].argmax(axis=-1)
+            following = np.where(unfinished, following, self.tokens.pad)
+            ids = np.concatenate([ids, following[:, None]], axis=1)
+            unfinished &= following != self.tokens.end
+            if not unfinished.any():
+                break
+        return ids
+
+
+def parity(model: nn.Module, captioner: OnnxCaptioner, pixel_values: torch.Tensor, max_length: int, batch_size: int = 64) -> dict:
+    """The export gate's figures on ``pixel_values`` ``(N, 3, S, S)``: the share of images whose greedy caption
+    (token ids) is identical in PyTorch ``generate`` and over ONNX Runtime, and the largest absolute logit
+    difference on teacher-forced steps (PyTorch's greedy captions fed to both decoders)."""
+    from amad.models_ved import VedAdapter
+
+    identical, images, largest = 0, 0, 0.0
+    for start in range(0, len(pixel_values), batch_size):
+        pixels = pixel_values[start:start + batch_size]
+        expected = VedAdapter.generate(model, pixels, max_length=max_length)  # (B, T)
+        got = captioner.greedy(pixels.numpy(), max_length)
+        for row in range(len(pixels)):
+            want = expected[row].tolist()
+            have = got[row].tolist() if row < len(got) else []
+            # generate pads every row to the batch's longest; compare without the padding after the end token
+            identical += _strip(want, captioner.tokens) == _strip(have, captioner.tokens)
+        images += len(pixels)
+        with torch.no_grad():
+            hidden = EncoderGraph(model)(pixels)
+            reference = DecoderGraph(model)(expected, hidden).numpy()
+        onnx_logits = captioner.logits(expected.numpy(), captioner.encode(pixels.numpy()))
+        largest = max(largest, float(np.abs(reference - onnx_logits).max()))
+    return {"images": images, "identical_greedy": identical / max(1, images), "max_abs_logit_diff": largest}
+
+
+def _strip(ids: list[int], tokens: TokenIds) -> list[int]:
+    """A caption's ids up to and including its end token (the padding a batch adds after it dropped)."""
+    return ids[: ids.index(tokens.end) + 1] if tokens.end in ids else [i for i in ids if i != tokens.pad]
