@@ -1,4 +1,4 @@
-"""A captioner as two ONNX graphs, and greedy captioning over ONNX Runtime sessions in numpy.
+"""A captioner as two ONNX graphs, and greedy and beam-search captioning over ONNX Runtime sessions in numpy.
 
 No maintained exporter handles ``VisionEncoderDecoderModel`` with transformers 5 (optimum-onnx needs
 transformers < 4.58), so the two halves are exported with ``torch.onnx`` (FIELD-NOTES):
@@ -9,7 +9,8 @@ transformers < 4.58), so the two halves are exported with ``torch.onnx`` (FIELD-
   ``B`` and ``T`` are dynamic. No key/value cache: captions are at most ~18 tokens, so each step runs
   the decoder over the whole prefix.
 
-:class:`OnnxCaptioner` decodes greedily as ``generate`` does with ``num_beams=1``: every row starts with
+:class:`OnnxCaptioner` decodes greedily as ``generate`` does with ``num_beams=1`` (and with beam search as
+``generate(num_beams=k, early_stopping=True)``, :meth:`OnnxCaptioner.beam`): every row starts with
 the decoder start token, takes the arg-max token of its last position, and once it has produced the
 end token is continued with padding until every row has ended or ``max_length`` tokens are written.
 :func:`parity` is the export gate: the same greedy captions, token for token, and the largest
@@ -112,7 +113,7 @@ class TokenIds:
 
 
 class OnnxCaptioner:
-    """Greedy captioning with an encoder and a decoder ONNX Runtime session (numpy in, numpy out)."""
+    """Captioning with an encoder and a decoder ONNX Runtime session (numpy in, numpy out)."""
 
     def __init__(self, encoder_session, decoder_session, tokens: TokenIds):
         self.encoder, self.decoder, self.tokens = encoder_session, decoder_session, tokens
@@ -141,6 +142,82 @@ class OnnxCaptioner:
             if not unfinished.any():
                 break
         return ids
+
+
+    def beam(self, pixel_values: np.ndarray, max_length: int, num_beams: int, length_penalty: float = 1.0) -> np.ndarray:
+        """The best of ``num_beams`` beams per image ``(B, <= max_length)``, as ``generate(num_beams=k,
+        early_stopping=True)`` finds it (transformers 5's vectorised beam search, redone in numpy).
+
+        Each step keeps the ``2k`` best continuations of all beams by summed log-probability; those ending in
+        the end token (or reaching ``max_length``) compete for the ``k`` finished slots with their score divided
+        by their generated length ** ``length_penalty``; the others continue as the next ``k`` beams. An image is
+        done once its ``k`` finished slots are full (``early_stopping=True``) or no running beam can still beat
+        its worst finished one. Rows are filled after their end as ``generate`` fills them (with the end token
+        when the padding id is 0).
+        """
+        if max_length < 2 or num_beams < 1:
+            raise ValueError(f"max_length={max_length} must be >= 2 and num_beams={num_beams} >= 1")
+        if num_beams == 1:
+            return self.greedy(pixel_values, max_length)
+        tokens, k, big = self.tokens, num_beams, np.float32(1.0e9)
+        hidden = np.repeat(self.encode(pixel_values), k, axis=0)  # (B*k, P+1, D): beams of an image are adjacent
+        batch = hidden.shape[0] // k
+        keep = 2 * k  # max(2, 1 + number of end tokens) * k
+        top_k_mask = np.arange(keep) < k
+        fill = tokens.pad or tokens.end  # generate's fill value: `pad_token_id or eos_token_id`
+        running = np.full((batch, k, max_length), fill, dtype=np.int64)
+        running[:, :, 0] = tokens.start
+        finished_ids = running.copy()
+        running_scores = np.zeros((batch, k), dtype=np.float32)
+        running_scores[:, 1:] = -big  # all beams start identical: only the first may expand at step one
+        finished_scores = np.full((batch, k), -big, dtype=np.float32)
+        finished = np.zeros((batch, k), dtype=bool)
+        lengths_running = np.zeros((batch, k), dtype=np.int64)  # generated tokens of each running beam
+        lengths_finished = np.zeros((batch, k), dtype=np.int64)
+        can_improve = np.ones((batch, 1), dtype=bool)
+        length = 1
+        while True:
+            logits = self.logits(running[:, :, :length].reshape(batch * k, length), hidden)[:, -1].astype(np.float32)
+            shifted = logits - logits.max(axis=-1, keepdims=True)
+            log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # log_softmax in float32
+            vocab = log_probs.shape[-1]
+            totals = (log_probs.reshape(batch, k, vocab) + running_scores[:, :, None]).reshape(batch, k * vocab)
+            order = np.argsort(-totals, axis=1, kind="stable")[:, :keep]  # (batch, 2k) best continuations
+            top_scores = np.take_along_axis(totals, order, axis=1)
+            parents, new_tokens = order // vocab, order % vocab
+            candidates = np.take_along_axis(running, parents[:, :, None], axis=1)  # (batch, 2k, max_length)
+            candidates[:, :, length] = new_tokens
+            candidate_lengths = np.take_along_axis(lengths_running, parents, axis=1) + 1
+            ends = (new_tokens == tokens.end) | (length + 1 >= max_length)
+            # the next running beams: the best k that did not end
+            continuing = top_scores - ends.astype(np.float32) * big
+            chosen = np.argsort(-continuing, axis=1, kind="stable")[:, :k]
+            running = np.take_along_axis(candidates, chosen[:, :, None], axis=1)
+            running_scores = np.take_along_axis(continuing, chosen, axis=1)
+            lengths_running = np.take_along_axis(candidate_lengths, chosen, axis=1)
+            # the finished slots: the best k of those kept and those that just ended among the top k
+            just_ended = ends & top_k_mask[None, :]
+            scores = top_scores / np.float32(length ** length_penalty)
+            scores = scores - (np.all(finished, axis=1, keepdims=True)).astype(np.float32) * big
+            scores = scores - (~can_improve).astype(np.float32) * big
+            scores = scores - (~just_ended).astype(np.float32) * big
+            merged_ids = np.concatenate([finished_ids, candidates], axis=1)
+            merged_scores = np.concatenate([finished_scores, scores], axis=1)
+            merged_finished = np.concatenate([finished, just_ended], axis=1)
+            merged_lengths = np.concatenate([lengths_finished, candidate_lengths], axis=1)
+            best = np.argsort(-merged_scores, axis=1, kind="stable")[:, :k]
+            finished_ids = np.take_along_axis(merged_ids, best[:, :, None], axis=1)
+            finished_scores = np.take_along_axis(merged_scores, best, axis=1)
+            finished = np.take_along_axis(merged_finished, best, axis=1)
+            lengths_finished = np.take_along_axis(merged_lengths, best, axis=1)
+            length += 1
+            best_running = running_scores[:, :1] / np.float32((length - 1) ** length_penalty)
+            worst_finished = np.where(finished, finished_scores.min(axis=1, keepdims=True), -big)
+            can_improve &= np.any(best_running > worst_finished, axis=-1, keepdims=True)
+            if not (can_improve.any() and not finished.all() and not ends.all()):
+                break
+        # generate's output length: the start token plus the longest best sequence's generated tokens
+        return finished_ids[:, 0, : 1 + int(lengths_finished[:, 0].max())]
 
 
 def parity(model: nn.Module, captioner: OnnxCaptioner, pixel_values: torch.Tensor, max_length: int, batch_size: int = 64) -> dict:

@@ -43,6 +43,20 @@ def test_greedy_captions_over_onnx_runtime_are_generates_token_for_token(caption
     assert len({tuple(row) for row in expected.tolist()}) > 1, "the captions should differ between images"
 
 
+@pytest.mark.parametrize("num_beams, max_length", [(2, None), (3, None), (3, 6)])
+def test_beam_search_over_onnx_runtime_is_generates_token_for_token(captioner_and_images, tmp_path, num_beams, max_length):
+    """The numpy beam search returns what ``generate(num_beams=k, early_stopping=True)`` returns: the same ids,
+    the same length, the same fill after a caption's end, also when ``max_length`` cuts captions short."""
+    model, spec, pixels, _ = captioner_and_images
+    max_length = max_length or spec.max_caption_length
+    export_captioner(model, tmp_path, pixels[:2])
+    expected = VedAdapter.generate(model, pixels, max_length=max_length, num_beams=num_beams).numpy()
+    got = _captioner(tmp_path, model).beam(pixels.numpy(), max_length, num_beams)
+    assert got.shape == expected.shape and (got == expected).all()
+    greedy = VedAdapter.generate(model, pixels, max_length=max_length).numpy()
+    assert got.shape != greedy.shape or (got != greedy).any(), "beam search should change some caption of this captioner"
+
+
 def test_a_pruned_captioner_exports_and_batches_do_not_change_a_caption(captioner_and_images, tmp_path):
     """Per-layer head counts of a pruned captioner go through the export; an image's caption is the same
     alone, in a batch of 3 and in the whole batch (rows that end early are padded, not cut)."""
@@ -71,3 +85,5 @@ def test_bad_export_requests_are_named(captioner_and_images, tmp_path):
     export_captioner(model, tmp_path, pixels[:2])
     with pytest.raises(ValueError, match="max_length=1 must be >= 2"):
         _captioner(tmp_path, model).greedy(pixels[:2].numpy(), 1)
+    with pytest.raises(ValueError, match="num_beams=0 >= 1"):
+        _captioner(tmp_path, model).beam(pixels[:2].numpy(), 8, 0)
