@@ -235,7 +235,7 @@ def parity(model: nn.Module, captioner: OnnxCaptioner, pixel_values: torch.Tenso
             want = expected[row].tolist()
             have = got[row].tolist() if row < len(got) else []
             # generate pads every row to the batch's longest; compare without the padding after the end token
-            identical += _strip(want, captioner.tokens) == _strip(have, captioner.tokens)
+            identical += caption_ids(want, captioner.tokens) == caption_ids(have, captioner.tokens)
         images += len(pixels)
         with torch.no_grad():
             hidden = EncoderGraph(model)(pixels)
@@ -245,6 +245,7 @@ def parity(model: nn.Module, captioner: OnnxCaptioner, pixel_values: torch.Tenso
     return {"images": images, "identical_greedy": identical / max(1, images), "max_abs_logit_diff": largest}
 
 
-def _strip(ids: list[int], tokens: TokenIds) -> list[int]:
-    """A caption's ids up to and including its end token (the padding a batch adds after it dropped)."""
+def caption_ids(ids: list[int], tokens: TokenIds) -> list[int]:
+    """A caption's ids up to and including its end token (what a batch adds after it -- padding, or the end
+    token again where beam search fills with it -- dropped)."""
     return ids[: ids.index(tokens.end) + 1] if tokens.end in ids else [i for i in ids if i != tokens.pad]

@@ -72,6 +72,7 @@ def _export(args: argparse.Namespace) -> int:
         "teacher": str(args.teacher) if args.teacher else None,
         "name": args.name,
         "registry.student_model": args.register,
+        "registry.captioner_model": args.register,  # the checkpoint's family decides which one is used
         "int8": True if args.int8 else None,
         "force_export": True if args.force_export else None,
         "registry.enabled": False if args.no_register else None,
@@ -318,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--sweep", default=None, help="a sweep name: export the checkpoint its best.json names")
     export.add_argument("--config", type=Path, default=Path("tune_configs/export.yaml"), help="export settings YAML (default: %(default)s)")
     export.add_argument("--workdir", type=Path, default=Path("runs/sweep"), help="holds sweeps/<name>/best.json; exports go to <workdir>/exports (default: %(default)s)")
-    export.add_argument("--register", default=None, metavar="NAME", help="registered model name (default: the config's, amad-student)")
+    export.add_argument("--register", default=None, metavar="NAME", help="registered model name (default: the config's, amad-student; amad-captioner for a captioner)")
     export.add_argument("--int8", action="store_true", help="ship a dynamic int8 model, gated on validation accuracy")
     export.add_argument("--teacher", type=Path, default=None, help="the teacher directory (default: the one the training run recorded)")
     export.add_argument("--name", default=None, help="export directory name under <workdir>/exports")

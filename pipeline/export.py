@@ -91,7 +91,7 @@ def run_record(source: Source, filename: str) -> dict | None:
 CAPTIONER_FILE = "captions.json"  # beside a captioner (pipeline.train_captioner.CAPTIONS_FILE)
 
 
-def check_model_dir(path: Path, what: str, *, needs_data: bool = True) -> Path:
+def check_model_dir(path: Path, what: str, *, needs_data: bool = True, captioner_ok: bool = False) -> Path:
     """A saved model directory: weights, config, pre-processing files (our ``tokenizer.json`` or a
     checkpoint's processor) and, with ``needs_data`` (a student checkpoint), the ``benchmark.json``
     naming the data it was trained on. ConfigError naming what is missing."""
@@ -99,8 +99,13 @@ def check_model_dir(path: Path, what: str, *, needs_data: bool = True) -> Path:
     if not path.is_dir():
         raise ConfigError(f"{what}: {path} is not a directory")
     if (path / CAPTIONER_FILE).is_file():
-        raise ConfigError(f"{what}: {path} is a captioner (model.family: ved); exporting, registering and serving captioners "
-                          "is not built yet (docs/captioning.md): amad export and amad run ship VQA students only")
+        if captioner_ok:  # amad export takes captioner checkpoints (pipeline.export_captioner)
+            missing = [name for name in (*MODEL_FILES, TOKENIZER_FILE) if not (path / name).is_file()]
+            if missing:
+                raise ConfigError(f"{what}: {path} is not a captioner saved by amad (missing {', '.join(missing)})")
+            return path
+        raise ConfigError(f"{what}: {path} is a captioner (model.family: ved); serving captioners and `amad run` for them "
+                          "are not built yet (docs/captioning.md): amad run ships VQA students only")
     missing = [name for name in MODEL_FILES if not (path / name).is_file()]
     if not (path / TOKENIZER_FILE).is_file() and not is_checkpoint_processor(path):
         missing.append(f"{TOKENIZER_FILE} or {' / '.join(PROCESSOR_FILES)}")
@@ -131,7 +136,7 @@ def resolve_source(cfg: ExportJobConfig, workdir: Path) -> Source:
         records = (str(workdir / "sweeps" / cfg.sweep / "trials" / str(chosen.get("trial_id"))),)
     else:
         location, what = cfg.checkpoint, "checkpoint"
-    checkpoint = check_model_dir(storage.local_checkpoint(location, workdir, what), what)
+    checkpoint = check_model_dir(storage.local_checkpoint(location, workdir, what), what, captioner_ok=True)
     if not storage.is_uri(location):
         location = str(checkpoint)
     return Source(checkpoint, location, sweep, records)
@@ -298,8 +303,12 @@ def main(cfg: ExportJobConfig, workdir: str | Path, tracking_uri: str | None = N
         torch.set_num_threads(cfg.threads)
     uri = resolve_tracking_uri(workdir, tracking_uri)
     source = resolve_source(cfg, workdir)
-    teacher_dir = resolve_teacher(cfg, source, uri)
     name = cfg.name or f"{storage.name(source.run_dir)}-{storage.name(source.location)}"
+    if (source.checkpoint / CAPTIONER_FILE).is_file():  # a captioner: two graphs, a pyfunc model (its teacher is not registered)
+        from pipeline import export_captioner
+
+        return export_captioner.main(cfg, workdir, uri, source, name)
+    teacher_dir = resolve_teacher(cfg, source, uri)
     directory = workdir / "exports" / name
     directory.mkdir(parents=True, exist_ok=True)
     student = load_model_and_val(source.checkpoint)

@@ -22,6 +22,7 @@ class RegistryConfig(Strict):
     enabled: bool = Field(True, description="log to MLflow and register a model version when the gates pass")
     student_model: str = Field("amad-student", min_length=1, description="registered model name of students")
     teacher_model: str = Field("amad-teacher", min_length=1, description="registered model name of teachers")
+    captioner_model: str = Field("amad-captioner", min_length=1, description="registered model name of captioners (both ONNX graphs, a pyfunc model)")
     promote: bool = Field(True, description="move the champion alias when every gate passes (else: challenger)")
     require_no_worse: bool = Field(
         True, description="promote only if validation accuracy is >= the current champion's; otherwise the new version is the challenger"

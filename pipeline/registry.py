@@ -160,19 +160,45 @@ class Registry:
         version = self.client.create_model_version(name, source, run_id=run_id, tags=tags)
         return str(version.version), f"models:/{name}/{version.version}"
 
-    def promote(self, name: str, version: str, accuracy: float, *, promote: bool, require_no_worse: bool) -> tuple[str, str]:
-        """Move ``champion`` (or, when not promoted, ``challenger``) to ``version``; returns (alias, reason)."""
+    def log_and_register_pyfunc(self, *, run_id: str, python_model, artifacts: dict[str, Path], name: str, artifact_name: str,
+                                signature, input_example, tags: dict[str, str], pip_requirements: list[str]) -> tuple[str, str]:
+        """As :meth:`log_and_register`, for a model that is more than one ONNX graph: an MLflow pyfunc model
+        (``python_model``) whose ``artifacts`` (name -> file) are copied into it; returns ``(version, model_uri)``."""
+        import tempfile
+
+        import mlflow.pyfunc
+        from mlflow.exceptions import MlflowException
+
+        with tempfile.TemporaryDirectory() as scratch:
+            local = Path(scratch) / artifact_name
+            mlflow.pyfunc.save_model(str(local), python_model=python_model, artifacts={k: str(v) for k, v in artifacts.items()},
+                                     signature=signature, input_example=input_example, pip_requirements=pip_requirements)
+            self.client.log_artifacts(run_id, str(local), artifact_name)
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_name}"
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException:
+            pass  # it exists already
+        version = self.client.create_model_version(name, source, run_id=run_id, tags=tags)
+        return str(version.version), f"models:/{name}/{version.version}"
+
+    def promote(self, name: str, version: str, accuracy: float, *, promote: bool, require_no_worse: bool,
+                metric: str = TAG_VAL_ACCURACY) -> tuple[str, str]:
+        """Move ``champion`` (or, when not promoted, ``challenger``) to ``version``; returns (alias, reason).
+
+        ``accuracy`` is the new version's ``metric`` (a tag every version carries; higher is better:
+        ``val_accuracy`` for students, ``val_cider_d`` for captioners)."""
         if not promote:
             alias, reason = CHALLENGER, "promotion disabled (registry.promote: false)"
         else:
             current = self.alias_version(name, CHAMPION)
-            current_accuracy = float(current.tags.get(TAG_VAL_ACCURACY, "nan")) if current is not None else None
+            current_accuracy = float(current.tags.get(metric, "nan")) if current is not None else None
             if current is None:
                 alias, reason = CHAMPION, "first champion"
             elif not require_no_worse or not accuracy < current_accuracy:
-                alias, reason = CHAMPION, f"val_accuracy {accuracy:.4f} >= champion v{current.version}'s {current_accuracy:.4f}"
+                alias, reason = CHAMPION, f"{metric} {accuracy:.4f} >= champion v{current.version}'s {current_accuracy:.4f}"
             else:
-                alias, reason = CHALLENGER, f"val_accuracy {accuracy:.4f} < champion v{current.version}'s {current_accuracy:.4f}"
+                alias, reason = CHALLENGER, f"{metric} {accuracy:.4f} < champion v{current.version}'s {current_accuracy:.4f}"
         self.client.set_registered_model_alias(name, alias, version)
         self.client.set_model_version_tag(name, version, "promotion", reason)
         return alias, reason

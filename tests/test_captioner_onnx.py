@@ -87,3 +87,75 @@ def test_bad_export_requests_are_named(captioner_and_images, tmp_path):
         _captioner(tmp_path, model).greedy(pixels[:2].numpy(), 1)
     with pytest.raises(ValueError, match="num_beams=0 >= 1"):
         _captioner(tmp_path, model).beam(pixels[:2].numpy(), 8, 0)
+
+
+def _png(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_amad_export_gates_and_registers_a_captioner_that_mlflow_pyfunc_loads_and_runs(captioner_and_images, tmp_path, monkeypatch):
+    """`amad export` on a captioner checkpoint: both graphs pass the parity gate, `amad-captioner` v1 is the
+    champion, and `mlflow.pyfunc.load_model` captions PNG bytes, base64 text and arrays as `generate` does
+    (greedy and beam); a gate the graphs cannot meet exits 1 and registers nothing."""
+    import base64
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mlflow.pyfunc
+    import pandas as pd
+    import yaml
+
+    from amad.data.captions import decode_caption
+    from pipeline.registry import CHAMPION, Registry
+
+    model, spec, _, directory = captioner_and_images
+    root = Path(__file__).resolve().parents[1]
+    env = {key: value for key, value in __import__("os").environ.items() if key != "MLFLOW_TRACKING_URI"}
+    command = [sys.executable, "-m", "pipeline.cli", "export", "--config", str(root / "tune_configs" / "tiny" / "export.yaml"),
+               "--checkpoint", str(directory), "--workdir", str(tmp_path)]
+    ok = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "amad export: amad-captioner v1 @champion (first champion)" in ok.stdout
+    (report_file,) = tmp_path.glob("exports/*/report.json")
+    report = json.loads(report_file.read_text())
+    assert report["passed"] and report["family"] == "ved" and report["gates"]["parity_fp32"]["identical_greedy"] == 1.0
+    assert report["gates"]["parity_fp32"]["images"] == len(make_caption_split(spec, "val")) == 8 and report["val_cider_d"] > 0.05
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    champion = Registry(uri).alias_version("amad-captioner", CHAMPION)
+    assert str(champion.version) == "1" and float(champion.tags["val_cider_d"]) == pytest.approx(report["val_cider_d"], abs=1e-6)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    loaded = mlflow.pyfunc.load_model("models:/amad-captioner@champion")
+    val = make_caption_split(spec, "val")
+    tokenizer = load_tokenizer(directory)
+    pixels = pixels_from_uint8(val.images)
+    expected = [decode_caption(tokenizer, row) for row in VedAdapter.generate(model, pixels, max_length=spec.max_caption_length).tolist()]
+    assert list(loaded.predict(pd.DataFrame({"image": [_png(image) for image in val.images]}))["caption"]) == expected
+    frame = pd.DataFrame({"image": [_png(image) for image in val.images]})
+    beams = [decode_caption(tokenizer, row) for row in VedAdapter.generate(model, pixels, max_length=spec.max_caption_length, num_beams=2).tolist()]
+    assert list(loaded.predict(frame, params={"num_beams": 2})["caption"]) == beams
+    short = [decode_caption(tokenizer, row) for row in VedAdapter.generate(model, pixels, max_length=5).tolist()]
+    assert list(loaded.predict(frame, params={"max_length": 5})["caption"]) == short
+    with pytest.raises(Exception, match="image 1: "):
+        loaded.predict(pd.DataFrame({"image": [_png(val.images[0]), b"not an image"]}))
+    with pytest.raises(Exception, match="num_beams=9 must be in 1..8"):
+        loaded.predict(frame[:1], params={"num_beams": 9})
+    python_model = loaded.unwrap_python_model()  # the class itself also takes base64 text and arrays
+    as_text = pd.DataFrame({"image": [base64.b64encode(_png(image)).decode() for image in val.images[:2]]})
+    assert list(python_model.predict(None, as_text)["caption"]) == expected[:2] == list(python_model.predict(None, val.images[:2])["caption"])
+
+    strict = yaml.safe_load((root / "tune_configs" / "tiny" / "export.yaml").read_text())
+    strict["gates"]["max_abs_logit_diff"] = 1e-12  # ONNX Runtime's logits differ by ~1e-6: the gate must fail
+    config = tmp_path / "strict.yaml"
+    config.write_text(yaml.safe_dump(strict))
+    failed = subprocess.run([*command[:5], str(config), *command[6:]], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert failed.returncode == 1 and "parity gate failed" in failed.stderr and "nothing was registered" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert [str(v.version) for v in Registry(uri).versions("amad-captioner")] == ["1"]
