@@ -393,3 +393,24 @@ def test_real_size_quick_run_goes_through_the_pipeline_and_writes_complete_resul
     assert positive_finite(in_process["step_seconds_median"]) and positive_finite(in_process["peak_rss_gib"])
     assert results["targets"]["parity"]["met"] is True
     assert results["targets"]["latency_ratio"]["met"] is (comparison["latency_ratio"] <= 0.5)
+
+
+def test_caption_inference_quick_run_gates_times_and_scores_every_variant(tmp_path):
+    """The captioning inference benchmark on a tiny random captioner and its pruned student: both exports pass the
+    parity gate before anything is timed, every variant has latency and throughput, scores and ratios are written."""
+    bench = load_script("caption_inference")
+    threads = torch.get_num_threads()
+    try:
+        results = bench.main(["--quick", "--out", str(tmp_path / "ci.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "ci.json").read_text()) == json.loads(json.dumps(results))
+    assert results["command"] == f"python benchmarks/caption_inference.py --quick --out {tmp_path / 'ci.json'}"
+    for table in ("p50_ms", "p99_ms", "images_per_s_b32"):
+        assert set(results[table]) == set(bench.VARIANTS) and all(v > 0 for v in results[table].values()), table
+    assert all(gate["identical_greedy"] == 1.0 and gate["max_abs_logit_diff"] <= 1e-4 for gate in results["parity"].values())
+    assert results["ratios"]["ort_vs_torch_student_b1"] == pytest.approx(results["p50_ms"]["student_torch"] / results["p50_ms"]["student_ort"])
+    assert results["config"]["parameters"]["student"] < results["config"]["parameters"]["teacher"]
+    assert set(results["scores"]) == {"teacher", "student"} and "cider_d" in results["scores"]["student"]
+    refused = subprocess.run([sys.executable, str(BENCHMARKS / "caption_inference.py")], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--student is required" in refused.stderr
