@@ -185,3 +185,34 @@ def test_run_refuses_a_captioner_by_name_until_captioners_are_served(tiny_captio
     with pytest.raises(ConfigError, match=r"teacher.path: .* is a captioner \(model.family: ved\); serving captioners and `amad run` for them are not built yet"):
         check_model_dir(tiny_captioner_dir, "teacher.path", needs_data=False)
     assert check_model_dir(tiny_captioner_dir, "checkpoint", captioner_ok=True) == tiny_captioner_dir.resolve()  # amad export takes it
+
+
+def test_the_committed_captioner_loads_and_reproduces_its_recorded_validation_scores():
+    """weights/captioner-default: the shipped captioning YAMLs check against it, it loads, and greedy captions of the
+    200 validation images give the CIDEr-D and BLEU-4 its training recorded at its last step."""
+    import torch
+
+    from amad.captioning import caption_report
+    from amad.data.captions import CaptionSpec, make_caption_split
+    from amad.data.text import load_tokenizer
+    from amad.models_ved import VedAdapter
+    from pipeline.config import load_config
+    from pipeline.sweep import check_sweep
+    from pipeline.sweep_config import SweepConfig
+
+    committed = ROOT / "weights" / "captioner-default"
+    teacher = train_distill.check_job(load_config(ROOT / "tune_configs" / "distill-captioner.yaml", DistillJobConfig))
+    assert teacher.family == "ved" and teacher.path == committed.resolve() and teacher.test_scores["cider_d"] > 1.0
+    assert check_sweep(load_config(ROOT / "tune_configs" / "captioning-sweep.yaml", SweepConfig)).path == committed.resolve()
+    metrics = json.loads((committed / "metrics.json").read_text())
+    model = VedAdapter.load(committed).eval()
+    assert sum(p.numel() for p in model.parameters()) == metrics["parameters"]
+    spec = CaptionSpec.from_dict(json.loads((committed / "captions.json").read_text()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = caption_report(model, make_caption_split(spec, "val"), load_tokenizer(committed), max_length=spec.max_caption_length)
+    finally:
+        torch.set_num_threads(threads)
+    last = metrics["history"][-1]
+    assert report["cider_d"] == pytest.approx(last["val_cider_d"], abs=1e-6) and report["bleu_4"] == pytest.approx(last["val_bleu_4"], abs=1e-6)
