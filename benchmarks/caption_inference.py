@@ -29,7 +29,6 @@ import json
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +36,7 @@ try:
     import amad  # noqa: F401
 except ImportError:  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the sibling scripts: inference.py's timing loop, compare_captioning's tiny captioner
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -48,6 +48,7 @@ from amad.metrics import caption_scores  # noqa: E402
 from amad.models_ved import VedAdapter  # noqa: E402
 from pipeline import onnx_tools  # noqa: E402
 from pipeline.captioner_onnx import OnnxCaptioner, TokenIds, export_captioner, parity  # noqa: E402
+from inference import interleaved  # noqa: E402  (round-robin over variants, the same as the VQA benchmark's)
 
 VARIANTS = ("teacher_torch", "teacher_ort", "student_torch", "student_ort")
 DEFAULT_TEACHER = ROOT / "weights" / "captioner-default"
@@ -72,23 +73,6 @@ def ort_runner(captioner: OnnxCaptioner, max_length: int):
     return run
 
 
-def interleaved(runners: dict, inputs: list[np.ndarray], repeats: int) -> dict[str, list[float]]:
-    """Per-variant wall times (ms) of ``repeats`` calls, round-robin over variants, cycling ``inputs``."""
-    for run in runners.values():  # warm-up: first-call allocations, ORT's lazy initialisation
-        for pixels in inputs[:3]:
-            run(pixels)
-    samples = {name: [] for name in runners}
-    for i in range(repeats):
-        pixels = inputs[i % len(inputs)]
-        order = list(runners.items())
-        order = order[i % len(order):] + order[: i % len(order)]
-        for name, run in order:
-            start = time.perf_counter()
-            run(pixels)
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return samples
-
-
 def gated_captioner(model, pixels: torch.Tensor, directory: Path, max_length: int, exporter: str, threads: int) -> tuple[OnnxCaptioner, dict]:
     """``model`` exported and opened, after the export's parity gate on ``pixels``; SystemExit if it fails."""
     encoder, decoder = export_captioner(model, directory, pixels[:2], exporter=exporter)
@@ -102,7 +86,6 @@ def gated_captioner(model, pixels: torch.Tensor, directory: Path, max_length: in
 
 def quick_models(directory: Path) -> tuple[Path, Path]:
     """A random tiny captioner (compare_captioning.py's) and a student pruned from it, saved as checkpoints."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import compare_captioning
 
     from amad.pruning_ved import plan, prune_from_plan, score

@@ -137,7 +137,6 @@ class Registry:
 
         import mlflow.onnx
         import onnx
-        from mlflow.exceptions import MlflowException
 
         model = onnx.load(str(onnx_path))
         with tempfile.TemporaryDirectory() as scratch:
@@ -152,13 +151,7 @@ class Registry:
                 extra_files=[str(path) for path in extra_files] or None,
             )
             self.client.log_artifacts(run_id, str(local), artifact_name)
-        source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_name}"
-        try:
-            self.client.create_registered_model(name)
-        except MlflowException:
-            pass  # it exists already
-        version = self.client.create_model_version(name, source, run_id=run_id, tags=tags)
-        return str(version.version), f"models:/{name}/{version.version}"
+        return self._new_version(run_id, artifact_name, name, tags)
 
     def log_and_register_pyfunc(self, *, run_id: str, python_model, artifacts: dict[str, Path], name: str, artifact_name: str,
                                 signature, input_example, tags: dict[str, str], pip_requirements: list[str]) -> tuple[str, str]:
@@ -167,13 +160,18 @@ class Registry:
         import tempfile
 
         import mlflow.pyfunc
-        from mlflow.exceptions import MlflowException
 
         with tempfile.TemporaryDirectory() as scratch:
             local = Path(scratch) / artifact_name
             mlflow.pyfunc.save_model(str(local), python_model=python_model, artifacts={k: str(v) for k, v in artifacts.items()},
                                      signature=signature, input_example=input_example, pip_requirements=pip_requirements)
             self.client.log_artifacts(run_id, str(local), artifact_name)
+        return self._new_version(run_id, artifact_name, name, tags)
+
+    def _new_version(self, run_id: str, artifact_name: str, name: str, tags: dict[str, str]) -> tuple[str, str]:
+        """Register the run's artifact ``artifact_name`` as a new version of ``name`` (created if new)."""
+        from mlflow.exceptions import MlflowException
+
         source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_name}"
         try:
             self.client.create_registered_model(name)
