@@ -143,6 +143,30 @@ class OnnxCaptioner:
                 break
         return ids
 
+    def greedy_retiring(self, hidden: np.ndarray, max_lengths: list[int]) -> list[list[int]]:
+        """Greedy captions of ``B`` encoded images ``(B, P+1, D)``, each with its own ``max_lengths[i]`` (>= 2):
+        token ids from the start token up to and including the end token (or cut at the row's length).
+
+        The serving loop: a row leaves the batch as soon as it has ended, so each later decoder call runs
+        only the rows still writing (one image's caption does not cost the others' steps). The decoder
+        reads no other row, so every row's ids are :meth:`greedy`'s for that row alone."""
+        if len(max_lengths) != hidden.shape[0]:
+            raise ValueError(f"{hidden.shape[0]} encoded images but {len(max_lengths)} max_lengths")
+        if any(length < 2 for length in max_lengths):
+            raise ValueError(f"every max_length must be >= 2 (the start token and at least one more), got {max_lengths}")
+        limits = np.asarray(max_lengths, dtype=np.int64)
+        captions: list[list[int]] = [[] for _ in max_lengths]
+        rows = np.arange(hidden.shape[0])  # the images still writing, in the order of ``ids``
+        ids = np.full((len(rows), 1), self.tokens.start, dtype=np.int64)
+        while len(rows):
+            following = self.logits(ids, hidden)[:, -1].argmax(axis=-1)
+            ids = np.concatenate([ids, following[:, None]], axis=1)
+            done = (following == self.tokens.end) | (ids.shape[1] >= limits[rows])
+            for position in np.flatnonzero(done):
+                captions[rows[position]] = ids[position].tolist()
+            keep = ~done
+            rows, ids, hidden = rows[keep], ids[keep], hidden[keep]
+        return captions
 
     def beam(self, pixel_values: np.ndarray, max_length: int, num_beams: int, length_penalty: float = 1.0) -> np.ndarray:
         """The best of ``num_beams`` beams per image ``(B, <= max_length)``, as ``generate(num_beams=k,
@@ -159,8 +183,14 @@ class OnnxCaptioner:
             raise ValueError(f"max_length={max_length} must be >= 2 and num_beams={num_beams} >= 1")
         if num_beams == 1:
             return self.greedy(pixel_values, max_length)
+        return self.beam_encoded(self.encode(pixel_values), max_length, num_beams, length_penalty)
+
+    def beam_encoded(self, encoded: np.ndarray, max_length: int, num_beams: int, length_penalty: float = 1.0) -> np.ndarray:
+        """:meth:`beam` on images already encoded ``(B, P+1, D)`` (``num_beams`` >= 2)."""
+        if max_length < 2 or num_beams < 2:
+            raise ValueError(f"max_length={max_length} must be >= 2 and num_beams={num_beams} >= 2")
         tokens, k, big = self.tokens, num_beams, np.float32(1.0e9)
-        hidden = np.repeat(self.encode(pixel_values), k, axis=0)  # (B*k, P+1, D): beams of an image are adjacent
+        hidden = np.repeat(encoded, k, axis=0)  # (B*k, P+1, D): beams of an image are adjacent
         batch = hidden.shape[0] // k
         keep = 2 * k  # max(2, 1 + number of end tokens) * k
         top_k_mask = np.arange(keep) < k

@@ -181,9 +181,15 @@ def _loadtest(args: argparse.Namespace) -> int:
 
     from serving import loadtest
 
-    if args.concurrency < 1 or args.requests < 1:
-        raise ConfigError("--concurrency and --requests must be >= 1")
-    summary = loadtest.run(args.url, args.concurrency, args.requests, args.duration_s, token=os.environ.get("AMAD_SERVE_TOKEN"))
+    if args.concurrency < 1 or args.requests < 1 or args.num_beams < 1:
+        raise ConfigError("--concurrency, --requests and --num-beams must be >= 1")
+    if not args.url.rstrip("/").endswith(("/v1/answer", "/v1/caption")):
+        raise ConfigError(f"--url {args.url}: must end in /v1/answer (a student) or /v1/caption (a captioner)")
+    try:
+        summary = loadtest.run(args.url.rstrip("/"), args.concurrency, args.requests, args.duration_s,
+                               token=os.environ.get("AMAD_SERVE_TOKEN"), num_beams=args.num_beams)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     print(f"amad loadtest: {loadtest.format_summary(summary)}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -385,7 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="send real test-split questions to amad serve at a fixed concurrency; latency percentiles and errors",
         description="Bounded load (count and time) against the given URL only: p50/p95/p99 latency, throughput, errors by status.",
     )
-    load.add_argument("--url", default="http://127.0.0.1:8000/v1/answer", help="(default: %(default)s)")
+    load.add_argument("--url", default="http://127.0.0.1:8000/v1/answer",
+                      help="the route to drive: .../v1/answer (questions) or .../v1/caption (images) (default: %(default)s)")
+    load.add_argument("--num-beams", type=int, default=1, help="/v1/caption only: beam width of every request (default: %(default)s)")
     load.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
     load.add_argument("--requests", type=int, default=500, help="total requests at most (default: %(default)s)")
     load.add_argument("--duration-s", type=float, default=None, help="stop after this many seconds even if requests remain")

@@ -6,7 +6,14 @@ Routes (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
   multipart form (an ``image`` file, a ``question`` field, optionally ``top_k``) ->
   ``{"answer", "score", "top_k": [{"answer", "score"}], "model": {"name", "version"}, "latency_ms"}``.
   The response header ``X-Batch-Size`` says how many requests shared the ONNX Runtime call.
-* ``GET /healthz``; ``GET /v1/model`` (name, version, alias, heads, layers, labels, parity figures).
+* ``POST /v1/caption`` -- JSON ``{"image": <base64 PNG/JPEG>, "max_length": int?, "num_beams": int?}`` or a
+  multipart form (an ``image`` file, optionally ``max_length`` and ``num_beams`` fields) ->
+  ``{"caption", "tokens", "model": {"name", "version"}, "latency_ms"}``, where the served model is a
+  captioner (``amad-captioner``, :mod:`serving.captioning`). One batch is one encoder call, then a greedy
+  decoding loop that retires rows as they end (beam-search requests decode per beam width). Each service
+  serves one model: the other route answers 404 naming the route to use.
+* ``GET /healthz``; ``GET /v1/model`` (name, version, alias, kind, route, heads, layers, labels or
+  caption settings, parity figures).
 * ``GET /`` -- the browser demo page (:mod:`serving.demo_page`), which uses ``GET /v1/examples`` (the
   model's first test-split questions, images as base64 PNG) and ``POST /v1/answer`` like any client.
 
@@ -50,8 +57,10 @@ from ray import serve
 
 from serving.config import AppArgs, ReplicaSettings, ServeConfig, UserConfig
 from serving.demo_page import PAGE
+from serving.model import ANSWERER, CAPTIONER, ROUTES
 from serving.metrics import ServiceMetrics
-from serving.inputs import JSON_TYPE, MULTIPART_TYPE, BadInput, check_content_length, media_type, parse_json, parse_multipart
+from serving.inputs import (JSON_TYPE, MULTIPART_TYPE, BadInput, check_content_length, media_type, parse_caption_json,
+                            parse_caption_multipart, parse_json, parse_multipart)
 
 api = FastAPI(
     title="amad serve",
@@ -74,6 +83,27 @@ ANSWER_BODY = {
             "type": "object", "required": ["image", "question"],
             "properties": {"image": {"type": "string", "format": "binary"}, "question": {"type": "string"},
                            "top_k": {"type": "integer", "minimum": 1, "default": 1}},
+        }},
+    },
+}
+
+
+CAPTION_BODY = {
+    "required": True,
+    "content": {
+        JSON_TYPE: {"schema": {
+            "type": "object", "additionalProperties": False, "required": ["image"],
+            "properties": {
+                "image": {"type": "string", "format": "byte", "description": "base64 PNG/JPEG"},
+                "max_length": {"type": "integer", "minimum": 2, "description": "tokens at most, the start and end tokens included "
+                                                                            "(default and most: the model's longest caption)"},
+                "num_beams": {"type": "integer", "minimum": 1, "default": 1, "description": "1: greedy; more: beam search"},
+            },
+        }},
+        MULTIPART_TYPE: {"schema": {
+            "type": "object", "required": ["image"],
+            "properties": {"image": {"type": "string", "format": "binary"}, "max_length": {"type": "integer", "minimum": 2},
+                           "num_beams": {"type": "integer", "minimum": 1, "default": 1}},
         }},
     },
 }
@@ -121,8 +151,9 @@ class AnswerService:
     def reconfigure(self, user_config: dict) -> None:
         """Batching knobs and the model version; a new version is loaded first, then swapped in."""
         config = UserConfig.model_validate(user_config)
-        self._batched.set_max_batch_size(config.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
+        for batched in (self._batched, self._batched_captions):
+            batched.set_max_batch_size(config.max_batch_size)
+            batched.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
         if config.model_version is not None and config.model_version != self.predictor.bundle.version:
             self.predictor = self._open(config.model_version)
             self.metrics.serving(self.predictor.bundle.name, self.predictor.bundle.version)
@@ -146,10 +177,18 @@ class AnswerService:
         answers = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed_answer, predictor, [item])
         return answers[0], 1, predictor
 
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _batched_captions(self, items: list) -> list:
+        """``items``: prepared caption requests -> ``(Caption, batch size, predictor)`` each, from one batched decode."""
+        predictor = self.predictor
+        captions = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed_answer, predictor, items)
+        return [(caption, len(items), predictor) for caption in captions]
+
     def _timed_answer(self, predictor, items: list) -> list:
-        """On the worker thread: the ONNX Runtime call, its batch size and time recorded (not the wait for the thread)."""
+        """On the worker thread: the ONNX Runtime calls of one batch (answers, or captions from a captioner), its
+        size and time recorded (not the wait for the thread)."""
         started = time.perf_counter()
-        answers = predictor.answer(items)
+        answers = predictor.caption(items) if predictor.kind == CAPTIONER else predictor.answer(items)
         self.metrics.batch(len(items), time.perf_counter() - started)
         self.metrics.serving(predictor.bundle.name, predictor.bundle.version)  # refreshed under traffic too (see check_health)
         return answers
@@ -167,39 +206,50 @@ class AnswerService:
         self.metrics.request("/v1/answer", response.status_code)
         return response
 
+    async def _query(self, request: Request, route: str, parse_json_body, parse_form):
+        """Authorise, size-check and parse one POST to ``route``: the parsed query, or BadInput (4xx)."""
+        limits = self.settings.limits
+        if not self._authorised(request):
+            raise BadInput(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+        served = ROUTES[self.predictor.kind]
+        if served != route:
+            raise BadInput(404, f"this service serves {self.predictor.bundle.name} v{self.predictor.bundle.version}, "
+                                f"a {self.predictor.kind}: POST {served} instead of {route}")
+        check_content_length(request.headers.get("content-length"), limits)
+        kind = media_type(request.headers.get("content-type"))
+        if kind not in (JSON_TYPE, MULTIPART_TYPE):
+            raise BadInput(415, f"content type {kind or '(none)'!r} is not supported; send {JSON_TYPE} or {MULTIPART_TYPE}")
+        body = await read_body(request, limits.max_body_bytes)
+        if kind == JSON_TYPE:
+            return parse_json_body(body, limits)
+        request._body = body  # Starlette's form parser reads a cached body (already size-checked) from here
+        try:
+            form = await request.form(max_files=4, max_fields=8, max_part_size=limits.max_body_bytes)
+        except Exception as err:  # noqa: BLE001 -- Starlette raises its own types for malformed forms
+            raise BadInput(400, f"malformed multipart body: {err}") from None
+        return await parse_form(form, limits)
+
+    async def _run(self, prepared, batched, single):
+        """``(result, batch size, predictor)`` of one prepared request: batched only under load (a request that
+        finds nothing else waiting runs at once instead of waiting batch_wait_ms for company that is not coming)."""
+        run = batched if self.settings.batching and self._waiting else single
+        self._waiting += 1
+        try:
+            return await run(prepared)
+        finally:
+            self._waiting -= 1
+
     async def _answer(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
-        limits = self.settings.limits
         try:
-            if not self._authorised(request):
-                raise BadInput(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
-            check_content_length(request.headers.get("content-length"), limits)
-            kind = media_type(request.headers.get("content-type"))
-            if kind not in (JSON_TYPE, MULTIPART_TYPE):
-                raise BadInput(415, f"content type {kind or '(none)'!r} is not supported; send {JSON_TYPE} or {MULTIPART_TYPE}")
-            body = await read_body(request, limits.max_body_bytes)
-            if kind == JSON_TYPE:
-                query = parse_json(body, limits)
-            else:
-                request._body = body  # Starlette's form parser reads a cached body (already size-checked) from here
-                try:
-                    form = await request.form(max_files=4, max_fields=8, max_part_size=limits.max_body_bytes)
-                except Exception as err:  # noqa: BLE001 -- Starlette raises its own types for malformed forms
-                    raise BadInput(400, f"malformed multipart body: {err}") from None
-                query = await parse_multipart(form, limits)
+            query = await self._query(request, ROUTES[ANSWERER], parse_json, parse_multipart)
             prepared = self.predictor.prepare(query.image, query.question, query.top_k)
         except BadInput as err:
             return error(err)
-        # Batch only under load: a request that finds nothing else waiting runs at once instead of
-        # waiting batch_wait_ms for company that is not coming (the concurrency-1 latency).
-        run = self._batched if self.settings.batching and self._waiting else self._single
-        self._waiting += 1
         try:
-            result, batch_size, predictor = await run(prepared)
+            result, batch_size, predictor = await self._run(prepared, self._batched, self._single)
         except Exception as err:  # noqa: BLE001 -- a model failure is a JSON 500; the replica keeps serving
             return JSONResponse({"error": f"inference failed: {type(err).__name__}: {err}", "status": 500}, status_code=500)
-        finally:
-            self._waiting -= 1
         body = {
             "answer": result.answer,
             "score": result.score,
@@ -207,6 +257,28 @@ class AnswerService:
             "model": {"name": predictor.bundle.name, "version": predictor.bundle.version},
             "latency_ms": (time.perf_counter() - started) * 1e3,
         }
+        return JSONResponse(body, headers={"X-Batch-Size": str(batch_size)})
+
+    @api.post("/v1/caption", openapi_extra={"requestBody": CAPTION_BODY}, summary="Caption an image")
+    async def caption(self, request: Request):
+        response = await self._caption(request)
+        self.metrics.request("/v1/caption", response.status_code)
+        return response
+
+    async def _caption(self, request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        try:
+            query = await self._query(request, ROUTES[CAPTIONER], parse_caption_json, parse_caption_multipart)
+            prepared = self.predictor.prepare(query.image, query.max_length, query.num_beams)
+        except BadInput as err:
+            return error(err)
+        try:
+            result, batch_size, predictor = await self._run(prepared, self._batched_captions, self._single)
+        except Exception as err:  # noqa: BLE001 -- a model failure is a JSON 500; the replica keeps serving
+            return JSONResponse({"error": f"captioning failed: {type(err).__name__}: {err}", "status": 500}, status_code=500)
+        body = {"caption": result.caption, "tokens": result.tokens,
+                "model": {"name": predictor.bundle.name, "version": predictor.bundle.version},
+                "latency_ms": (time.perf_counter() - started) * 1e3}
         return JSONResponse(body, headers={"X-Batch-Size": str(batch_size)})
 
     @api.get("/", summary="The browser demo page", response_class=HTMLResponse)
@@ -226,19 +298,22 @@ class AnswerService:
     async def _examples_response(self, count: int) -> JSONResponse:
         import base64
 
-        from serving.loadtest import test_examples
+        from serving.loadtest import caption_examples, test_examples
 
         if not 1 <= count <= 16:
             return error(BadInput(422, f"count must be between 1 and 16, got {count}"))
         predictor = self.predictor
         if predictor.bundle.version not in self._examples:
+            make = caption_examples if predictor.kind == CAPTIONER else test_examples
             try:
-                found = await asyncio.get_running_loop().run_in_executor(self._executor, test_examples, predictor.bundle.benchmark(), 16)
-            except (OSError, KeyError, ValueError) as err:
+                found = await asyncio.get_running_loop().run_in_executor(self._executor, make, predictor.bundle.benchmark(), 16)
+            except (OSError, KeyError, TypeError, ValueError) as err:
                 return error(BadInput(404, f"no built-in examples for {predictor.bundle.name} v{predictor.bundle.version}: "
                                            f"its test data cannot be read here ({type(err).__name__}: {err})"))
+            # a captioner's examples: an image and one of its reference captions (no question)
             self._examples[predictor.bundle.version] = [
-                {"image": base64.b64encode(e.image_png).decode(), "question": e.question, "expected": e.answer} for e in found]
+                {"image": base64.b64encode(e.image_png).decode(), **({"question": e.question} if e.question else {}), "expected": e.answer}
+                for e in found]
         return JSONResponse({"examples": self._examples[predictor.bundle.version][:count],
                              "model": {"name": predictor.bundle.name, "version": predictor.bundle.version}})
 
@@ -324,14 +399,16 @@ def code_version(init: dict, ray_actor_options: dict) -> str:
 
 
 def source_digest() -> str:
-    """SHA-256 over the Python sources of the packages a replica runs (``serving`` and ``amad``)."""
+    """SHA-256 over the Python sources of the packages a replica runs (``serving``, ``amad``, and ``pipeline``,
+    whose ONNX decoding a captioner's replica runs)."""
     from pathlib import Path
 
     import amad
+    import pipeline
     import serving
 
     digest = hashlib.sha256()
-    for package in (serving, amad):
+    for package in (serving, amad, pipeline):
         root = Path(package.__file__).parent
         for path in sorted(root.rglob("*.py")):
             digest.update(str(path.relative_to(root.parent)).encode())

@@ -33,6 +33,7 @@ class Limits(Strict):
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="width x height read from the image header (413 above)")
     max_question_chars: int = Field(512, ge=1, description="characters in the question (422 above)")
     max_top_k: int = Field(10, ge=1, description="largest top_k a client may ask for")
+    max_num_beams: int = Field(4, ge=1, le=8, description="widest beam search a /v1/caption client may ask for")
 
 
 class UserConfig(Strict):

@@ -6,6 +6,11 @@ size, counting the question's words against its text length) live in :mod:`servi
 Status codes: 400 malformed body (JSON syntax, base64, not an image), 401 missing/wrong token,
 413 too large (body, image bytes, image pixels), 415 wrong content type, 422 well-formed but
 invalid (missing/extra fields, wrong types, empty or over-long question, ``top_k`` out of range).
+
+Two request kinds: a question about an image (``/v1/answer``: :func:`parse_json`, :func:`parse_multipart`)
+and an image to caption (``/v1/caption``: :func:`parse_caption_json`, :func:`parse_caption_multipart`,
+with optional ``max_length`` and ``num_beams``; the model's own longest caption is checked in
+:mod:`serving.captioning`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from serving.config import Limits
 JSON_TYPE = "application/json"
 MULTIPART_TYPE = "multipart/form-data"
 FIELDS = ("image", "question", "top_k")
+CAPTION_FIELDS = ("image", "max_length", "num_beams")
 
 
 class BadInput(Exception):
@@ -39,6 +45,13 @@ class Query:
     image: bytes  # encoded PNG/JPEG/... bytes
     question: str
     top_k: int
+
+
+@dataclass(frozen=True)
+class CaptionQuery:
+    image: bytes  # encoded PNG/JPEG/... bytes
+    max_length: int | None  # None: the model's longest caption
+    num_beams: int
 
 
 def media_type(content_type: str | None) -> str:
@@ -97,7 +110,14 @@ def parse_json(body: bytes, limits: Limits) -> Query:
     missing = [name for name in FIELDS[:2] if name not in values]
     if missing:
         raise BadInput(422, f"missing field(s) {missing}")
-    image = values["image"]
+    data = base64_image(values["image"], limits)
+    question = check_question(values["question"], limits)
+    top_k = check_top_k(values.get("top_k", 1), limits)
+    return Query(data, question, top_k)
+
+
+def base64_image(image: object, limits: Limits) -> bytes:
+    """A JSON body's ``image`` (base64 text) -> the image's bytes, checked against the byte limit."""
     if not isinstance(image, str):
         raise BadInput(422, f"image must be a base64 string, got {type(image).__name__}")
     if len(image) > limits.max_image_bytes * 4 // 3 + 4:
@@ -106,9 +126,7 @@ def parse_json(body: bytes, limits: Limits) -> Query:
         data = base64.b64decode(image, validate=True)
     except (binascii.Error, ValueError) as err:
         raise BadInput(400, f"image is not valid base64: {err}") from None
-    question = check_question(values["question"], limits)
-    top_k = check_top_k(values.get("top_k", 1), limits)
-    return Query(check_image_bytes(data, limits), question, top_k)
+    return check_image_bytes(data, limits)
 
 
 async def parse_multipart(form, limits: Limits) -> Query:
@@ -131,3 +149,60 @@ async def parse_multipart(form, limits: Limits) -> Query:
     else:
         raise BadInput(422, f"top_k must be a whole number, got {top_k_text!r}")
     return Query(check_image_bytes(data, limits), question, top_k)
+
+
+def check_num_beams(num_beams: object, limits: Limits) -> int:
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int):
+        raise BadInput(422, f"num_beams must be a whole number, got {num_beams!r}")
+    if not 1 <= num_beams <= limits.max_num_beams:
+        raise BadInput(422, f"num_beams={num_beams} is out of range (1..{limits.max_num_beams})")
+    return num_beams
+
+
+def check_max_length(max_length: object) -> int | None:
+    """A whole number or null (the model's range is checked where the model is known)."""
+    if max_length is None:
+        return None
+    if isinstance(max_length, bool) or not isinstance(max_length, int):
+        raise BadInput(422, f"max_length must be a whole number, got {max_length!r}")
+    return max_length
+
+
+def parse_caption_json(body: bytes, limits: Limits) -> CaptionQuery:
+    """``{"image": <base64>, "max_length": int?, "num_beams": int?}`` -> CaptionQuery."""
+    try:
+        values = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadInput(400, f"body is not valid JSON: {err}") from None
+    if not isinstance(values, dict):
+        raise BadInput(422, f"body must be a JSON object with an 'image' field, got {type(values).__name__}")
+    extra = sorted(set(values) - set(CAPTION_FIELDS))
+    if extra:
+        raise BadInput(422, f"unknown field(s) {extra}; allowed: {list(CAPTION_FIELDS)}")
+    if "image" not in values:
+        raise BadInput(422, "missing field(s) ['image']")
+    data = base64_image(values["image"], limits)
+    return CaptionQuery(data, check_max_length(values.get("max_length")), check_num_beams(values.get("num_beams", 1), limits))
+
+
+def _form_number(form, name: str, default: str | None) -> int | None:
+    text = form.get(name, default)
+    if text is None:
+        return None
+    if isinstance(text, str) and text.strip().lstrip("-").isdigit():
+        return int(text)
+    raise BadInput(422, f"{name} must be a whole number, got {text!r}")
+
+
+async def parse_caption_multipart(form, limits: Limits) -> CaptionQuery:
+    """A parsed multipart form (an ``image`` file, optionally ``max_length`` and ``num_beams`` fields) -> CaptionQuery."""
+    extra = sorted(set(form.keys()) - set(CAPTION_FIELDS))
+    if extra:
+        raise BadInput(422, f"unknown form field(s) {extra}; allowed: {list(CAPTION_FIELDS)}")
+    if "image" not in form:
+        raise BadInput(422, "missing form field(s) ['image']")
+    upload = form["image"]
+    if isinstance(upload, str):
+        raise BadInput(422, "image must be a file part (multipart upload), not a text field")
+    data = check_image_bytes(await upload.read(), limits)
+    return CaptionQuery(data, _form_number(form, "max_length", None), check_num_beams(_form_number(form, "num_beams", "1"), limits))

@@ -1,10 +1,12 @@
-"""``amad loadtest``: real test-split questions at a fixed concurrency against a running ``amad serve``.
+"""``amad loadtest``: real test-split questions (or images to caption) at a fixed concurrency against a
+running ``amad serve``.
 
 Bounded in count (``requests``) and time (``duration_s``); only the URL it is given (default the
-loopback one). Examples: the served model's benchmark spec (``GET /v1/model``) generates the first
-scenes of its *test* split -- the same images and questions ``amad/data`` makes -- each image sent
-as a base64 PNG. Reports p50/p95/p99 latency, throughput, errors by status and the batch sizes the
-server reported (``X-Batch-Size``).
+loopback one). The route decides the requests: ``/v1/answer`` sends questions -- the served model's
+benchmark spec (``GET /v1/model``) generates the first scenes of its *test* split, the same images and
+questions ``amad/data`` makes; ``/v1/caption`` sends the first test-split images of a captioner's
+``captions`` spec (with ``num_beams``). Each image goes as a base64 PNG. Reports p50/p95/p99 latency,
+throughput, errors by status and the batch sizes the server reported (``X-Batch-Size``).
 """
 
 from __future__ import annotations
@@ -63,6 +65,30 @@ def _vqa_v2_examples(benchmark: dict, count: int) -> list[Example]:
     if not chosen:
         raise ValueError(f"{files['questions']}: no question with an annotation and an image file")
     return [Example(images[q["image_id"]].read_bytes(), q["question"], answers[q["question_id"]]) for q in chosen]
+
+
+def caption_examples(captions: dict, count: int) -> list[Example]:
+    """The first ``count`` images of a captioner's *test* split (its ``captions.json`` spec) as PNG bytes, each with
+    its first reference caption as ``answer`` (``question`` empty)."""
+    from amad.data.captions import CaptionSpec, make_caption_split
+
+    test = make_caption_split(CaptionSpec.from_dict(captions), "test")
+    return [Example(_png(image), "", references[0]) for image, references in zip(test.images[:count], test.references)]
+
+
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def caption_body(example: Example, num_beams: int = 1, max_length: int | None = None) -> bytes:
+    values = {"image": base64.b64encode(example.image_png).decode(), "num_beams": num_beams}
+    if max_length is not None:
+        values["max_length"] = max_length
+    return json.dumps(values).encode()
 
 
 def json_body(example: Example, top_k: int = 1) -> bytes:
@@ -132,16 +158,29 @@ def model_info(base_url: str, headers: dict | None = None) -> dict:
 
 
 def run(url: str, concurrency: int, requests: int, duration_s: float | None = None, token: str | None = None,
-        examples: int = 200, bodies: list[bytes] | None = None) -> dict:
-    """Send ``requests`` (or until ``duration_s``) POSTs to ``url`` (``.../v1/answer``) with ``concurrency`` in flight."""
-    if concurrency < 1 or requests < 1:
-        raise ValueError("concurrency and requests must be >= 1")
+        examples: int = 200, bodies: list[bytes] | None = None, num_beams: int = 1) -> dict:
+    """Send ``requests`` (or until ``duration_s``) POSTs to ``url`` (``.../v1/answer`` or ``.../v1/caption``)
+    with ``concurrency`` in flight; ``num_beams`` for captions."""
+    if concurrency < 1 or requests < 1 or num_beams < 1:
+        raise ValueError("concurrency, requests and num_beams must be >= 1")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     if bodies is None:
-        base = url.rsplit("/v1/", 1)[0]
-        bodies = [json_body(e) for e in test_examples(model_info(base, headers).get("benchmark") or {}, examples)]
+        base, _, route = url.rpartition("/v1/")
+        if route not in ("answer", "caption"):
+            raise ValueError(f"{url}: the URL must end in /v1/answer or /v1/caption")
+        info = model_info(base, headers)
+        if route == "caption":
+            if "captions" not in info:
+                raise ValueError(f"{url}: the service serves {info.get('name')} v{info.get('version')}, not a captioner "
+                                 f"(load-test its {info.get('route', '/v1/answer')} instead)")
+            bodies = [caption_body(e, num_beams) for e in caption_examples(info["captions"], examples)]
+        else:
+            if "captions" in info:
+                raise ValueError(f"{url}: the service serves the captioner {info.get('name')} v{info.get('version')} "
+                                 f"(load-test {base}/v1/caption instead)")
+            bodies = [json_body(e) for e in test_examples(info.get("benchmark") or {}, examples)]
     summary = asyncio.run(_run(url, bodies, concurrency, requests, duration_s, headers))
-    return {"url": url, "concurrency": concurrency, **summary}
+    return {"url": url, "concurrency": concurrency, "num_beams": num_beams, **summary}
 
 
 def format_summary(summary: dict) -> str:

@@ -37,6 +37,8 @@ from serving.inputs import BadInput
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 SPIN_ENTRY = "session.intra_op.allow_spinning"
+ANSWERER, CAPTIONER = "answerer", "captioner"
+ROUTES = {ANSWERER: "/v1/answer", CAPTIONER: "/v1/caption"}
 
 
 @dataclass
@@ -46,9 +48,10 @@ class Bundle:
     name: str
     version: str
     alias: str | None
-    onnx_path: Path
-    directory: Path  # the extra files: config.json, the pre-processing's files, benchmark.json
+    onnx_path: Path  # the answerer's graph; a captioner's encoder (its decoder lies beside it)
+    directory: Path  # the extra files: config.json, the pre-processing's files, benchmark.json (a captioner: captions.json)
     tags: dict = field(default_factory=dict)
+    kind: str = ANSWERER  # ANSWERER (``amad-student``: one graph, /v1/answer) or CAPTIONER (two graphs, /v1/caption)
     _config: dict | None = field(default=None, repr=False)
     _benchmark: dict | None = field(default=None, repr=False)
 
@@ -58,8 +61,9 @@ class Bundle:
         return self._config
 
     def benchmark(self) -> dict:
+        """The data the model was trained on: ``benchmark.json`` (VQA), or a captioner's ``captions.json``."""
         if self._benchmark is None:
-            path = self.directory / "benchmark.json"
+            path = self.directory / ("captions.json" if self.kind == CAPTIONER else "benchmark.json")
             self._benchmark = json.loads(path.read_text()) if path.is_file() else {}
         return self._benchmark
 
@@ -101,6 +105,16 @@ def load_bundle(model_uri: str, tracking_uri: str, version: str | None = None, *
     dst = Path(cache)
     dst.mkdir(parents=True, exist_ok=True)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri))
+    # A captioner (`amad export` of a ved checkpoint) is an MLflow pyfunc model whose artifacts/ hold both
+    # graphs, the tokenizer, config.json and captions.json; its pickled Python class is never loaded here.
+    captioner_files = local / "artifacts"
+    if (captioner_files / "encoder.onnx").is_file() and (captioner_files / "decoder.onnx").is_file():
+        bundle = Bundle(name, str(version), alias, captioner_files / "encoder.onnx", captioner_files, tags, kind=CAPTIONER)
+        for needed in ("config.json", "captions.json", "tokenizer.json"):
+            if not (captioner_files / needed).is_file():
+                raise ValueError(f"{name} v{version}: the captioner has no artifacts/{needed} (re-run amad export)")
+        bundle.config(), bundle.benchmark()
+        return bundle
     onnx_files = sorted(local.glob("*.onnx"))
     extra = local / "extra_files"
     if not onnx_files:
@@ -114,7 +128,8 @@ def load_bundle(model_uri: str, tracking_uri: str, version: str | None = None, *
 
 def open_predictor(model_uri: str, tracking_uri: str, version: str | None = None, *, cache_dir: str | Path | None = None,
                    **predictor_options) -> "Predictor":
-    """A :class:`Predictor` for ``model_uri`` whose downloaded files are already deleted (see the module docstring).
+    """A :class:`Predictor` for ``model_uri`` (a :class:`serving.captioning.CaptionPredictor` where the version
+    is a captioner) whose downloaded files are already deleted (see the module docstring).
 
     The download goes to a new directory under :func:`cache_root` named after the model, version and
     process; it is removed whether loading succeeds or fails."""
@@ -123,7 +138,12 @@ def open_predictor(model_uri: str, tracking_uri: str, version: str | None = None
     root.mkdir(parents=True, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f"amad-serve-{name}-v{version or 'alias'}-{os.getpid()}-", dir=root)
     try:
-        return Predictor(load_bundle(model_uri, tracking_uri, version, cache=staging), **predictor_options)
+        bundle = load_bundle(model_uri, tracking_uri, version, cache=staging)
+        if bundle.kind == CAPTIONER:
+            from serving.captioning import CaptionPredictor
+
+            return CaptionPredictor(bundle, **predictor_options)
+        return Predictor(bundle, **predictor_options)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -144,8 +164,31 @@ class Prepared:
     top_k: int = 1
 
 
+def session_options(threads: int | None):
+    """ONNX Runtime options of a replica's sessions: ``threads`` intra-op threads that do not spin."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    # ORT's pool threads busy-wait after each run by default. In a replica they then take the CPU
+    # the event loop needs to parse the next requests: measured on 2 cores with 2 intra-op
+    # threads, the student served 413 req/s at concurrency 32 spinning and 725 without.
+    options.add_session_config_entry(SPIN_ENTRY, "0")
+    return options
+
+
+def route_of(tags: dict) -> str:
+    """The route a registered version is served on, from its registry tags (a captioner carries ``val_cider_d``)."""
+    return ROUTES[CAPTIONER if "val_cider_d" in tags else ANSWERER]
+
+
 class Predictor:
     """An ONNX Runtime session with the model's pre- and post-processing."""
+
+    kind = ANSWERER
 
     def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None, limits: Limits | None = None):
         import onnxruntime as ort
@@ -160,16 +203,7 @@ class Predictor:
         except (OSError, ValueError) as err:
             raise ValueError(f"{bundle.name} v{bundle.version}: its pre-processing files are not usable ({err}); re-run amad export") from None
         self.max_length = self.preprocessor.max_text_length
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        # ORT's pool threads busy-wait after each run by default. In a replica they then take the CPU
-        # the event loop needs to parse the next requests: measured on 2 cores with 2 intra-op
-        # threads, the student served 413 req/s at concurrency 32 spinning and 725 without.
-        options.add_session_config_entry(SPIN_ENTRY, "0")
-        self.session = ort.InferenceSession(str(bundle.onnx_path), sess_options=options, providers=providers or default_providers())
+        self.session = ort.InferenceSession(str(bundle.onnx_path), sess_options=session_options(threads), providers=providers or default_providers())
 
     @property
     def providers(self) -> list[str]:
@@ -228,6 +262,8 @@ class Predictor:
             "name": self.bundle.name,
             "version": self.bundle.version,
             "alias": self.bundle.alias,
+            "kind": self.kind,
+            "route": ROUTES[self.kind],
             # a pruned student's config records the heads each layer kept
             "heads": max((len(kept) for kept in (config.get("amad_pruning") or {}).get("heads", [])),
                          default=int(config["num_attention_heads"])),

@@ -22,7 +22,6 @@ from serving.ingress import enable_direct_ingress, replica_urls, url_host
 
 
 SERVE_OBJECT_STORE_BYTES = 100 * 1024 * 1024  # requests are small; the model lives in each replica
-ROUTE = "/v1/answer"
 
 
 def _log(message: str) -> None:
@@ -57,12 +56,16 @@ def stop(app_name: str) -> None:
 
 
 def urls(cfg: ServeConfig) -> tuple[str, list[str]]:
-    """``(proxy URL, direct replica URLs)`` of the answer route, at the addresses they listen on
-    (:func:`serving.ingress.url_host`); the list is empty without direct ingress."""
+    """``(proxy URL, direct replica URLs)`` of the model's route (``/v1/answer``, or ``/v1/caption`` for a
+    captioner), at the addresses they listen on (:func:`serving.ingress.url_host`); the list is empty
+    without direct ingress."""
     import ray
 
+    from serving.model import resolve_version, route_of
+
+    route = route_of(resolve_version(cfg.model, cfg.tracking_uri)[3])
     host = url_host(cfg.host, ray.util.get_node_ip_address())  # the proxy runs on the head node, this driver's
-    return f"http://{host}:{cfg.port}{ROUTE}", [base + ROUTE for base in replica_urls(cfg.app_name, cfg.port)]
+    return f"http://{host}:{cfg.port}{route}", [base + route for base in replica_urls(cfg.app_name, cfg.port)]
 
 
 def _follow_alias(cfg: ServeConfig, version: str, poll_s: float) -> None:
