@@ -330,6 +330,23 @@ def per_type(report: dict) -> dict[str, float]:
     return {key.split("/", 1)[1]: round(value, 6) for key, value in report.items() if key.startswith("acc/")}
 
 
+POSITIONAL_TYPES = ("left_half", "top_half", "left_of")  # the question types a pruned student's plateau leaves at chance
+LEARNED = 0.8  # a type counts as learned from the first validation point at or above this accuracy
+
+
+def positional_escape(record: dict) -> dict | None:
+    """When one run learned to read positions: per positional type, the first validation step whose accuracy on it
+    reached :data:`LEARNED` (None: never within the budget), and its test accuracy; ``escaped`` when every
+    positional type is at or above :data:`LEARNED` on the test split. None for a run logged before the run log
+    kept question types."""
+    curve, tested = record.get("type_curve"), (record.get("test") or {}).get("per_type")
+    if not curve or not tested:
+        return None
+    first = {kind: next((step for step, accuracies in curve if accuracies.get(kind, 0.0) >= LEARNED), None) for kind in POSITIONAL_TYPES}
+    test = {kind: tested.get(kind) for kind in POSITIONAL_TYPES}
+    return {"first_step": first, "test": test, "escaped": all(value is not None and value >= LEARNED for value in test.values())}
+
+
 def _init_worker(teacher_dir: str, args) -> None:
     torch.set_num_threads(max(1, args.threads or 1))
     _WORKER.update(_load_world(Path(teacher_dir), args))
@@ -530,6 +547,7 @@ def main(argv=None) -> dict:
         "relational_accuracy": per_seed("relational_accuracy"),
         "nonrelational_accuracy": per_seed("nonrelational_accuracy"),
         "curves": {arm: {str(h): [finals[(arm, h, s)]["curve"] for s in args.seeds] for h in args.heads} for arm in args.methods},
+        "positional": {arm: {str(h): [positional_escape(finals[(arm, h, s)]) for s in args.seeds] for h in args.heads} for arm in args.methods},
         "alignment": {arm: {str(h): [finals[(arm, h, s)]["alignment"] for s in args.seeds] for h in args.heads}
                       for arm in args.methods if arm.startswith("amad")},
         "params": {arm: {str(h): params_for(arm, h) for h in args.heads} for arm in args.methods},

@@ -125,6 +125,32 @@ def curve_rows(results: dict) -> list[str]:
     return lines
 
 
+def positional_rows(results: dict) -> list[str]:
+    """Per head count and arm: how many seeds' students learned to read positions (every positional question type
+    at >= 80 % on the test split), and per seed the first validation step at which each positional type reached
+    80 % (``—``: never; ``n/a``: a run logged before the run log kept question types)."""
+    positional = results.get("positional")
+    if not positional or not any(run for per_heads in positional.values() for runs in per_heads.values() for run in runs):
+        return []
+    heads, seeds = results["config"]["heads"], results["config"]["seeds"]
+    kinds = ("left_half", "top_half", "left_of")
+    lines = ["", "Reading positions (the plateau: `left_half`, `top_half`, `left_of` at chance until a student learns them): "
+                 "seeds whose student ends with all three at >= 80 % on the test split, and per seed the first validation step "
+                 f"at which each reached 80 % ({' / '.join(kinds)}; — never, n/a not logged):", ""]
+    for h in heads:
+        lines += [f"{h} heads:", "", "| arm | learned all three | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in seeds) + " |"]
+        for arm, per_heads in positional.items():
+            runs = per_heads[str(h)]
+            logged = [run for run in runs if run]
+            learned = f"{sum(run['escaped'] for run in logged)} of {len(logged)}" if logged else "n/a"
+            cells = ["n/a" if not run else " / ".join("—" if run["first_step"][k] is None else f"{run['first_step'][k]:,}" for k in kinds)
+                     for run in runs]
+            lines.append(f"| {arm} | {learned} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def alignment_rows(results: dict) -> list[str]:
     alignment = results.get("alignment") or {}
     if not alignment:
@@ -190,6 +216,7 @@ def regime_section(results: dict) -> list[str]:
         lines += _table(heads, [(arm, [", ".join(f"{k.replace('attention_weight', 'w').replace('amad_temperature', 'τ')} {v:g}" for k, v in per_heads[str(h)].items()) or "—"
                                        for h in heads]) for arm, per_heads in results["params"].items()], "arm")
     lines += curve_rows(results)
+    lines += positional_rows(results)
     lines += alignment_rows(results)
     runs = len(heads) * len(config["seeds"]) * len(config["methods"])
     lines += ["", f"Time: the {runs} final runs took {results['train_seconds'] / 60:.1f} min of lockstep training in all (each run's share of "

@@ -260,6 +260,31 @@ def test_the_captioning_claim_gets_its_section_with_cider_verdicts_against_the_s
     assert text.index("## Students pruned from the teacher") < text.index("## Captioning")
 
 
+def test_the_positional_escape_is_the_first_step_each_positional_type_reaches_80_percent():
+    compare = load_script("compare_methods")
+    curve = [[250, {"left_half": 0.48, "top_half": 0.43, "left_of": 0.53, "shape": 0.9}],
+             [500, {"left_half": 0.91, "top_half": 0.50, "left_of": 0.79, "shape": 1.0}],
+             [750, {"left_half": 0.70, "top_half": 0.50, "left_of": 0.80, "shape": 1.0}]]  # a dip after 80 % does not undo it
+    record = {"type_curve": curve, "test": {"accuracy": 0.8, "per_type": {"left_half": 0.98, "top_half": 0.65, "left_of": 0.89}}}
+    assert compare.positional_escape(record) == {"first_step": {"left_half": 500, "top_half": None, "left_of": 750},
+                                                 "test": {"left_half": 0.98, "top_half": 0.65, "left_of": 0.89}, "escaped": False}
+    record["test"]["per_type"]["top_half"] = 0.8
+    assert compare.positional_escape(record)["escaped"] is True
+    assert compare.positional_escape({"curve": [[250, 0.7]], "test": {"accuracy": 0.7}}) is None  # logged before question types
+
+
+def test_the_results_page_counts_the_seeds_that_learned_to_read_positions():
+    page = load_script("results_page")
+    results = _results({"logit_kd": {"4": [0.7, 0.8, 0.84]}, "amad_t1": {"4": [0.71, 0.83, 0.84]}})
+    learned = {"first_step": {"left_half": 1250, "top_half": 3000, "left_of": 1500}, "test": {}, "escaped": True}
+    half = {"first_step": {"left_half": 1750, "top_half": None, "left_of": 2000}, "test": {}, "escaped": False}
+    results["positional"] = {"logit_kd": {"4": [None, half, learned]}, "amad_t1": {"4": [None, None, None]}}
+    lines = page.positional_rows(results)
+    assert "| logit_kd | 1 of 2 | n/a | 1,750 / — / 2,000 | 1,250 / 3,000 / 1,500 |" in lines
+    assert "| amad_t1 | n/a | n/a | n/a | n/a |" in lines
+    assert page.positional_rows({**results, "positional": {"amad_t1": {"4": [None, None, None]}}}) == []  # nothing logged: no table
+
+
 def test_the_committed_results_page_is_what_the_generator_writes_from_the_committed_json(tmp_path):
     """docs/results.md is generated: regenerating it from benchmarks/results/ changes nothing."""
     page = load_script("results_page")
