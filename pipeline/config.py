@@ -160,6 +160,9 @@ class CaptionTeacherJobConfig(Strict):
     eval_batch_size: int = Field(256, ge=1)
     num_beams: int = Field(3, ge=1, description="beam width of the test split's second decoding (the first is greedy)")
     threads: int | None = Field(None, ge=1, description="torch threads; default: all cores")
+    keep: Literal["best", "last"] = Field(
+        "best", description="which weights the teacher and the text-only baseline end with: best, those of the evaluation with the "
+                            "highest validation CIDEr-D (greedy); last, the final step's")
 
     @model_validator(mode="after")
     def _patches_tile_image(self) -> "CaptionTeacherJobConfig":

@@ -1,7 +1,8 @@
 """``amad teacher`` for ``model.family: ved``: train a captioning teacher and show it uses the image.
 
-setup -> train (resumable, as the VQA teacher: :func:`pipeline.train_teacher.train_model`) -> a text-only
-baseline (the same decoder trained and evaluated with every image blanked) -> test scores (greedy and beam
+setup -> train (resumable, as the VQA teacher: :func:`pipeline.train_teacher.train_model`; ``keep: best``, the
+default, ends with the weights of the evaluation with the highest validation CIDEr-D) -> a text-only
+baseline (kept by the same rule) (the same decoder trained and evaluated with every image blanked) -> test scores (greedy and beam
 search) -> save.
 
 The saved directory loads with :meth:`amad.models_ved.VedAdapter.load` and holds ``config.json``,
@@ -97,8 +98,9 @@ def main(cfg: CaptionTeacherJobConfig, workdir: str | Path, output_dir: str | Pa
     params = sum(p.numel() for p in teacher.parameters())
     layers = f"{cfg.model.layers}+{cfg.model.decoder_layers or cfg.model.layers}"
     _log(f"teacher: {layers} layers (encoder+decoder) x {cfg.model.heads} heads, hidden {cfg.model.hidden_size}, {params / 1e6:.2f}M parameters")
+    keep_best = "val_cider_d" if cfg.keep == "best" else None
     history = train_model(cfg, teacher, train, None, steps=cfg.train.steps, blank_images=False, checkpoint_dir=scratch / "teacher",
-                          name="teacher", step_loss=_token_loss, validate=validate)
+                          name="teacher", step_loss=_token_loss, validate=validate, keep_best=keep_best)
     teacher_seconds = time.perf_counter() - started
 
     decode = dict(max_length=spec.max_caption_length, batch_size=cfg.eval_batch_size)
@@ -107,8 +109,9 @@ def main(cfg: CaptionTeacherJobConfig, workdir: str | Path, output_dir: str | Pa
         results[f"teacher_beam{cfg.num_beams}"] = caption_report(teacher, splits["test"], tokenizer, num_beams=cfg.num_beams, **decode)
     if cfg.blind_steps:
         blind = build_captioner(cfg, seed=cfg.train.seed)
-        train_model(cfg, blind, train, None, steps=cfg.blind_steps, blank_images=True, checkpoint_dir=scratch / "blind",
-                    name="text-only", step_loss=_token_loss, validate=validate)
+        # the same rule for the baseline: the 2x comparison is best against best (or last against last)
+        blind_history = train_model(cfg, blind, train, None, steps=cfg.blind_steps, blank_images=True, checkpoint_dir=scratch / "blind",
+                                    name="text-only", step_loss=_token_loss, validate=validate, keep_best=keep_best)
         results["text_only_greedy"] = caption_report(blind, splits["test"], tokenizer, blank_images=True, **decode)
     teacher_cider = results["teacher_greedy"]["cider_d"]
     blind_cider = results.get("text_only_greedy", {}).get("cider_d")
@@ -120,6 +123,9 @@ def main(cfg: CaptionTeacherJobConfig, workdir: str | Path, output_dir: str | Pa
         "train_seconds": teacher_seconds,
         "total_seconds": time.perf_counter() - started,
         "history": history,
+        "kept_step": next((h["step"] for h in history if h.get("kept")), history[-1]["step"] if history else None),
+        "text_only_kept_step": next((h["step"] for h in blind_history if h.get("kept")), blind_history[-1]["step"] if blind_history else None)
+        if cfg.blind_steps else None,
         "torch_threads": torch.get_num_threads(),
     }
 

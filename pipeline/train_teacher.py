@@ -29,6 +29,7 @@ from amad.training import accuracy_report, answer_prior_predictions, evaluate, m
 from pipeline.config import TeacherJobConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
+BEST_FILE = "best.pt"  # beside the checkpoint: the best weights so far (train_model's keep_best)
 METRICS_FILE = "metrics.json"
 BENCHMARK_FILE = "benchmark.json"
 JOB_CONFIG_FILE = "teacher.yaml"
@@ -69,6 +70,7 @@ def train_model(
     name: str,
     step_loss=None,
     validate=None,
+    keep_best: str | None = None,
 ) -> list[dict]:
     """Train ``model`` in place for ``steps`` optimizer steps; returns the evaluation log.
 
@@ -81,6 +83,11 @@ def train_model(
     ``step_loss(model, batch)`` and ``validate(model, blank_images) -> dict`` (with ``val_loss`` and a
     ``line`` to log) replace the VQA loss and validation for another task (captioning's
     :mod:`pipeline.train_captioner`); ``train``/``val`` then only need ``batches``.
+
+    ``keep_best`` (a key of the validation entries, higher is better): the model ends with the weights of the
+    evaluation that scored highest on it, not the last step's. The best weights are saved beside the
+    checkpoint as they appear (``best.pt``), so a resumed run keeps them; the chosen step is marked
+    ``"kept": true`` in the returned log.
     """
     adapter = get_adapter(cfg.model.family)
     opt_cfg = cfg.train
@@ -113,6 +120,7 @@ def train_model(
 
     model.train()
     started, seen, running_loss = time.perf_counter(), 0, 0.0
+    best_state, best_step = None, None  # keep_best: the best weights seen by this process, and their step
     while step < steps:
         generator.set_state(epoch_start)
         epoch = train.batches(opt_cfg.batch_size, shuffle=True, generator=generator, drop_last=True)
@@ -153,6 +161,10 @@ def train_model(
                 )
                 running_loss = 0.0
                 model.train()
+                if keep_best is not None and entry[keep_best] > max((h[keep_best] for h in history[:-1]), default=float("-inf")):
+                    best_state, best_step = {key: value.detach().clone() for key, value in model.state_dict().items()}, step
+                    if checkpoint:
+                        _save_atomically({"step": step, "model": best_state, "config": fingerprint}, checkpoint.with_name(BEST_FILE))
                 if checkpoint:
                     _save_checkpoint(
                         checkpoint, model, optimizer, schedule, generator, step, history, fingerprint,
@@ -162,7 +174,27 @@ def train_model(
                 break
         else:  # the epoch ran out: the next one's order is drawn from where this one's left it
             epoch_start, epoch_done = generator.get_state(), 0
+    if keep_best is not None and history:
+        best = max(range(len(history)), key=lambda i: (history[i][keep_best], -i))  # the first of equal scores
+        if best != len(history) - 1:
+            if best_step != history[best]["step"]:  # found before this process resumed: read it back
+                saved = torch.load(checkpoint.with_name(BEST_FILE), weights_only=False) if checkpoint else None
+                if not saved or saved["step"] != history[best]["step"] or saved["config"] != fingerprint:
+                    raise RuntimeError(f"[{name}] the weights of the best step ({history[best]['step']}) are not in "
+                                       f"{checkpoint.with_name(BEST_FILE) if checkpoint else '(no checkpoint directory)'}")
+                best_state = saved["model"]
+            model.load_state_dict(best_state)
+        history[best]["kept"] = True
+        _log(f"[{name}] keeping the weights of step {history[best]['step']} (best {keep_best} {history[best][keep_best]:.4f})")
     return history
+
+
+def _save_atomically(state: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a kill mid-write never leaves a corrupt file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
 
 
 def _save_checkpoint(path: Path, model, optimizer, schedule, generator, step, history, fingerprint, *, epoch) -> None:

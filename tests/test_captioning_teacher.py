@@ -73,3 +73,53 @@ def test_the_teacher_config_is_chosen_by_model_family_and_an_unknown_family_is_n
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 2 and "data.questions_per_scene: unknown key" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_the_teacher_keeps_the_weights_of_its_best_evaluation_also_across_a_resume(tmp_path):
+    """`keep: best`: the model ends with the weights of the evaluation that scored highest, found before or after an
+    interruption (the best weights are saved beside the checkpoint). Scores are pinned per evaluation by the
+    validation hook, which records the weights each evaluation saw."""
+    import torch
+
+    from amad.data.captions import caption_training_set
+    from pipeline.config import parse_config, with_overrides
+    from pipeline.train_teacher import BEST_FILE, train_model
+
+    values = yaml.safe_load(TINY.read_text())
+    cfg = parse_config(with_overrides(values, {"train.steps": 12, "eval_every": 4}), CaptionTeacherJobConfig)
+    spec = cfg.data.caption_spec()
+    train = caption_training_set(make_caption_split(spec, "train"), caption_tokenizer(), spec.max_caption_length)
+    scores = iter([0.5, 0.9, 0.3])  # evaluations at steps 4, 8, 12: the second is the best
+    seen: list[dict] = []
+
+    def validate(model, blank_images, stop_at: int | None = None):
+        seen.append({key: value.detach().clone() for key, value in model.state_dict().items()})
+        if stop_at is not None and len(seen) == stop_at:
+            raise KeyboardInterrupt  # during that evaluation: the checkpoint holds the evaluations before it
+        return {"val_loss": 1.0, "val_cider_d": next(scores), "line": ""}
+
+    def loss(model, batch):
+        return torch.nn.functional.cross_entropy(VedAdapter.forward(model, batch, need_attentions=False).logits.flatten(0, 1),
+                                                 batch["labels"].flatten(), ignore_index=-100)
+
+    model = train_captioner.build_captioner(cfg, seed=0)
+    history = train_model(cfg, model, train, None, steps=12, blank_images=False, checkpoint_dir=tmp_path / "a", name="t",
+                          step_loss=loss, validate=validate, keep_best="val_cider_d")
+    assert [h.get("kept", False) for h in history] == [False, True, False]
+    assert all(torch.equal(value, seen[1][key]) for key, value in model.state_dict().items())
+    assert any(not torch.equal(seen[1][key], seen[2][key]) for key in seen[1]), "training moved the weights after the best evaluation"
+
+    # interrupted during the third evaluation: the checkpoint holds steps 4 and 8, best.pt step 8's weights
+    scores, seen = iter([0.5, 0.9]), []
+    model = train_captioner.build_captioner(cfg, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(cfg, model, train, None, steps=12, blank_images=False, checkpoint_dir=tmp_path / "b", name="t",
+                    step_loss=loss, validate=lambda m, b: validate(m, b, stop_at=3), keep_best="val_cider_d")
+    best_before = seen[1]
+    assert (tmp_path / "b" / BEST_FILE).is_file()
+    scores, seen = iter([0.3]), []
+    resumed = train_captioner.build_captioner(cfg, seed=1)
+    history = train_model(cfg, resumed, train, None, steps=12, blank_images=False, checkpoint_dir=tmp_path / "b", name="t",
+                          step_loss=loss, validate=validate, keep_best="val_cider_d")
+    assert [h["step"] for h in history] == [4, 8, 12] and [h.get("kept", False) for h in history] == [False, True, False]
+    assert all(torch.equal(value, best_before[key]) for key, value in resumed.state_dict().items())
