@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="the whole pipeline: teacher, sweep, selection, ONNX export and gates, registry, Serve smoke test, report",
         description="Run every stage on the config's settings; a finished stage is reused when its inputs have not changed, "
-        "and an interrupted run resumes at the stage it stopped in.",
+        "and an interrupted run resumes at the stage it stopped in. A captioning teacher (model.family: ved) makes it a "
+        "captioning run (tune_configs/captioning.yaml): amad-captioner, /v1/caption, a CIDEr-D report.",
     )
     run.add_argument("--config", type=Path, default=Path("tune_configs/default.yaml"), help="pipeline YAML (default: %(default)s)")
     run.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="everything the run writes, and the default MLflow store (default: %(default)s)")

@@ -104,8 +104,7 @@ def check_model_dir(path: Path, what: str, *, needs_data: bool = True, captioner
             if missing:
                 raise ConfigError(f"{what}: {path} is not a captioner saved by amad (missing {', '.join(missing)})")
             return path
-        raise ConfigError(f"{what}: {path} is a captioner (model.family: ved); serving captioners and `amad run` for them "
-                          "are not built yet (docs/captioning.md): amad run ships VQA students only")
+        raise ConfigError(f"{what}: {path} is a captioner (model.family: ved); this needs a VQA model (ViLT)")
     missing = [name for name in MODEL_FILES if not (path / name).is_file()]
     if not (path / TOKENIZER_FILE).is_file() and not is_checkpoint_processor(path):
         missing.append(f"{TOKENIZER_FILE} or {' / '.join(PROCESSOR_FILES)}")

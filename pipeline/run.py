@@ -10,6 +10,11 @@ nothing. The sweep is named after its key (``<sweep name>-<key[:8]>``): an inter
 the sweep directory and resumes it (``Tuner.restore``) instead of starting over; a changed config
 makes a new sweep and never mixes trials of two configs.
 
+A captioning teacher (``model.family: ved`` in the teacher YAML, or a captioner's directory) makes it a
+captioning run: the same stages with the sweep selecting by validation CIDEr-D, ``amad-captioner`` in the
+registry, the smoke test on ``POST /v1/caption`` and a report of CIDEr-D, BLEU-4, caption latency and
+the alignment heatmaps per attention kind (:mod:`pipeline.run_captioning`).
+
 MLflow: one ``amad-run`` run per pipeline run (stage keys as params; stage results, the sweep's
 parent run and the export run as tags; the report as artifacts). The sweep and export runs are tagged
 ``amad.pipeline_run_id`` back.
@@ -27,7 +32,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from pipeline import names, storage
-from pipeline.config import ConfigError, TeacherJobConfig, load_config, parse_config
+from pipeline.config import CaptionTeacherJobConfig, ConfigError, load_config, parse_config, read_yaml, teacher_job_model
 from pipeline.export_config import ExportJobConfig
 from pipeline.local_cluster import connected, release_placement_groups
 from pipeline.run_config import ReportConfig, RunJobConfig
@@ -71,7 +76,10 @@ class Settings:
 
     def __init__(self, cfg: RunJobConfig):
         self.cfg = cfg
-        self.teacher_job = load_config(cfg.teacher.train_config, TeacherJobConfig) if cfg.teacher.train_config else None
+        self.teacher_job = None
+        if cfg.teacher.train_config:
+            values = read_yaml(cfg.teacher.train_config)
+            self.teacher_job = load_config(cfg.teacher.train_config, teacher_job_model(values))
         self.sweep = load_config(cfg.sweep, SweepConfig)
         if cfg.storage.path is not None:  # the run's storage replaces the sweep YAML's
             self.sweep = self.sweep.model_copy(update={"storage": cfg.storage})
@@ -88,7 +96,41 @@ class Settings:
                 self.teacher_dir = locate_teacher(cfg.teacher.path)  # a directory, or a hub name downloaded into the hub's cache
             except ValueError as err:
                 raise ConfigError(f"teacher.path: {err}") from None
-            check_model_dir(self.teacher_dir, "teacher.path", needs_data=False)
+            check_model_dir(self.teacher_dir, "teacher.path", needs_data=False, captioner_ok=True)
+        self.family = "ved" if self._teacher_is_captioner() else "vilt"
+        self._check_family()
+
+    def _teacher_is_captioner(self) -> bool:
+        from pipeline.export import CAPTIONER_FILE
+
+        if self.teacher_job is not None:
+            return isinstance(self.teacher_job, CaptionTeacherJobConfig)
+        return (self.teacher_dir / CAPTIONER_FILE).is_file()
+
+    def _check_family(self) -> None:
+        """The sweep, export and report settings must suit the teacher's family: one clear message before any stage runs."""
+        from pipeline import names
+
+        cfg, metric = self.cfg, self.sweep.job.selection_metric
+        teacher = "a captioner (model.family: ved)" if self.family == "ved" else "a VQA model (ViLT)"
+        from amad.models import ViltAdapter
+        from amad.models_ved import VedAdapter
+
+        kinds = {"vilt": ViltAdapter.kinds, "ved": VedAdapter.kinds}[self.family]
+        objective = self.sweep.job.objective
+        if objective.method != "none" and not set(objective.kinds) <= set(kinds):
+            raise ConfigError(f"{cfg.sweep}: job.objective.kinds={list(objective.kinds)} are not attention kinds of the teacher, {teacher} "
+                              f"(it has {list(kinds)}): a sweep made for the other family?")
+        if metric is not None and metric not in names.SELECTION_METRICS[self.family]:
+            raise ConfigError(f"{cfg.sweep}: job.selection_metric={metric} does not suit the teacher, {teacher}: "
+                              f"use one of {', '.join(names.SELECTION_METRICS[self.family])}")
+        if self.family == "ved":
+            if cfg.report.max_accuracy_drop is not None:
+                raise ConfigError("report.max_accuracy_drop: the teacher is a captioner; its quality target is report.max_cider_drop")
+            if self.export.int8:
+                raise ConfigError(f"{cfg.export}: int8: a captioner ships fp32 graphs; set int8: false")
+        elif cfg.report.max_cider_drop is not None:
+            raise ConfigError("report.max_cider_drop: the teacher is a VQA model; its quality target is report.max_accuracy_drop")
 
 
 def main(cfg: RunJobConfig, workdir: str | Path, address: str | None = None, tracking_uri: str | None = None, serve: bool = False) -> dict:
@@ -164,14 +206,17 @@ def _key(stage: str, settings: Settings, results: dict, serve: bool) -> str:
 
 
 def _summary(stage: str, result: dict) -> str:
+    captions = result.get("family") == "ved"
     if stage == "teacher":
-        return f"{result['path']}, test accuracy {result.get('test_accuracy')}"
+        return f"{result['path']}, " + (f"test CIDEr-D {result.get('test_cider_d')}" if captions else f"test accuracy {result.get('test_accuracy')}")
     if stage == "sweep":
-        return f"trial {result['trial_id']} val_acc {result['val_accuracy']:.4f}, {result['params']} params"
+        return f"trial {result['trial_id']} {result.get('metric', names.VAL_ACCURACY)} {result['val_score']:.4f}, {result['params']} params" \
+            if "val_score" in result else f"trial {result['trial_id']} val_acc {result['val_accuracy']:.4f}, {result['params']} params"
     if stage == "export":
-        return f"{result['model_uri']} @{result['alias']}, val_acc {result['val_accuracy']:.4f}"
+        return f"{result['model_uri']} @{result['alias']}, " + (f"val_cider_d {result['val_cider_d']:.4f}" if captions else f"val_acc {result['val_accuracy']:.4f}")
     if stage == "smoke":
-        return "skipped" if result.get("skipped") else f"{result['agreed']}/{result['questions']} answers agree over HTTP"
+        what = "captions" if captions else "answers"
+        return "skipped" if result.get("skipped") else f"{result['agreed']}/{result['questions']} {what} agree over HTTP"
     return result["markdown"]
 
 
@@ -180,6 +225,17 @@ def _summary(stage: str, result: dict) -> str:
 
 def _teacher(settings: Settings, workdir: Path, uri: str, results: dict, tracker: RunTracker, serve: bool) -> dict:
     key = _key("teacher", settings, results, serve)
+    if settings.family == "ved":
+        from pipeline import run_captioning
+
+        path = settings.teacher_dir
+        if settings.teacher_job is not None:
+            from pipeline import train_captioner
+
+            path = workdir / "teacher"
+            train_captioner.main(settings.teacher_job, workdir, path)
+        tracker.set_tags({names.TAG_TEACHER_PATH: str(path)})
+        return {"path": str(path), "family": "ved", **run_captioning.teacher_scores(path), "key": key}
     if settings.teacher_job is not None:
         from pipeline import train_teacher
 
@@ -238,6 +294,8 @@ def _sweep(settings: Settings, workdir: Path, uri: str, results: dict, tracker: 
     tracker.set_tags({"sweep.name": cfg.name, "sweep.parent_run_id": summary["mlflow"]["run_id"], "sweep.best_trial": best["trial_id"]})
     _tag_back(uri, summary["mlflow"]["run_id"], tracker.run_id)
     metrics = best["metrics"]
+    metric = summary.get("selection_metric", names.VAL_ACCURACY)
+    scores = {"val_accuracy": metrics[names.VAL_ACCURACY]} if settings.family == "vilt" else {"family": "ved"}
     return {
         "name": cfg.name,
         "key": key,
@@ -245,7 +303,9 @@ def _sweep(settings: Settings, workdir: Path, uri: str, results: dict, tracker: 
         "trial_run_id": best["run_id"],
         "checkpoint": best["checkpoint"],  # in the sweep's storage: a path or a URI (local_checkpoint reads it)
         "weights_sha256": file_sha256(storage.local_checkpoint(best["checkpoint"], workdir) / "model.safetensors"),
-        "val_accuracy": metrics[names.VAL_ACCURACY],
+        **scores,
+        "metric": metric,
+        "val_score": metrics[metric],
         "params": metrics[names.PARAMS],
         "latency_ms_per_example": metrics[names.LATENCY_MS],
         "plots": [str(p) for p in sorted((sweep_dir / "plots").glob("*.png"))],
@@ -264,6 +324,15 @@ def _export(settings: Settings, workdir: Path, uri: str, results: dict, tracker:
     if registered:
         tracker.set_tags({"registry.model": registered["model"], "registry.version": registered["version"], "registry.alias": registered["alias"]})
         _tag_back(uri, registered["run_id"], tracker.run_id)
+    if settings.family == "ved":
+        return {
+            "family": "ved",
+            "report": str(workdir / "exports" / report["name"] / export.REPORT),
+            "encoder": report["shipped"]["encoder"], "decoder": report["shipped"]["decoder"], "precision": report["shipped"]["precision"],
+            "val_cider_d": report["val_cider_d"], "val_bleu_4": report["val_bleu_4"],
+            "model_uri": f"models:/{registered['model']}/{registered['version']}" if registered else None,
+            "alias": registered.get("alias"),
+        }
     return {
         "report": str(workdir / "exports" / report["name"] / export.REPORT),
         "onnx": report["shipped"]["file"],
@@ -284,6 +353,8 @@ def _teacher_onnx(workdir: Path, registered: dict) -> str | None:
 def _smoke(settings: Settings, workdir: Path, uri: str, results: dict, tracker: RunTracker, serve: bool) -> dict:
     if not settings.cfg.smoke.enabled and not serve:
         return {"skipped": True}
+    if settings.family == "ved":
+        return _smoke_captions(settings, workdir, uri, results, tracker, serve)
     from pipeline import run_smoke
 
     outcome = run_smoke.check(
@@ -296,8 +367,71 @@ def _smoke(settings: Settings, workdir: Path, uri: str, results: dict, tracker: 
     return outcome
 
 
+def _smoke_captions(settings: Settings, workdir: Path, uri: str, results: dict, tracker: RunTracker, serve: bool) -> dict:
+    from pipeline import run_captioning
+
+    if results["export"]["model_uri"] is None:
+        raise RuntimeError("smoke test: nothing was registered (registry.enabled: false); disable smoke.enabled too")
+    outcome = run_captioning.smoke(
+        model_uri=results["export"]["model_uri"], tracking_uri=uri, encoder=results["export"]["encoder"], decoder=results["export"]["decoder"],
+        checkpoint=storage.local_checkpoint(results["sweep"]["checkpoint"], workdir), images=settings.cfg.smoke.questions,
+        port=settings.cfg.smoke.port, keep_running=serve,
+    )
+    tracker.log_metrics({"smoke_agreement": outcome["agreed"] / outcome["questions"]}, step=0)
+    if outcome["agreed"] != outcome["questions"]:
+        raise RuntimeError(f"smoke test: only {outcome['agreed']}/{outcome['questions']} served captions equal the offline ones")
+    return {"family": "ved", **outcome}
+
+
+def _history(uri: str, run_id: str, metrics: tuple[str, ...], required: str) -> list[dict]:
+    """Per epoch of one trial's MLflow run: ``metrics`` (epochs that logged ``required``)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    history = []
+    for metric in metrics:
+        for point in client.get_metric_history(run_id, metric):
+            while len(history) < point.step:
+                history.append({"epoch": len(history) + 1})
+            history[point.step - 1][metric] = point.value
+    return [h for h in history if required in h]
+
+
+def _report_captions(settings: Settings, workdir: Path, uri: str, results: dict, tracker: RunTracker) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    from amad.models_ved import VedAdapter
+    from pipeline import run_captioning
+
+    teacher_dir, checkpoint = Path(results["teacher"]["path"]), storage.local_checkpoint(results["sweep"]["checkpoint"], workdir)
+    report = settings.cfg.report
+    comparison = run_captioning.compare(teacher_dir, checkpoint, results["export"], report, workdir)
+    objective = results["sweep"]["objective"]
+    alignment = []
+    if objective.get("method", "amad") == "amad":
+        alignment = run_captioning.alignment_weights(VedAdapter.load(teacher_dir), VedAdapter.load(checkpoint), checkpoint, objective,
+                                                     report.alignment_examples)
+    history = _history(uri, results["sweep"]["trial_run_id"], (names.TRAIN_LOSS, names.VAL_LOSS, names.VAL_CIDER_D), names.VAL_CIDER_D)
+    directory = run_captioning.report_dir(workdir)
+    files = run_captioning.write_report(
+        directory, comparison=comparison, alignment=alignment, history=history, sweep_plots=[Path(p) for p in results["sweep"]["plots"]],
+        context={"name": settings.cfg.name, "teacher": str(teacher_dir), "sweep": results["sweep"]["name"], "trial": results["sweep"]["trial_id"],
+                 "registered": results["export"]["model_uri"] or "(not registered)"},
+    )
+    client = MlflowClient(uri)
+    for path in files:
+        client.log_artifact(tracker.run_id, str(path), "report")
+    tracker.log_metrics({"teacher_test_cider_d": comparison["teacher"]["cider_d"], "student_test_cider_d": comparison["student"]["cider_d"],
+                         "teacher_test_bleu_4": comparison["teacher"]["bleu_4"], "student_test_bleu_4": comparison["student"]["bleu_4"],
+                         "speedup_b1": comparison["speedup"]}, step=0)
+    return {"markdown": str(directory / "report.md"), "files": [str(p) for p in files], "comparison": comparison}
+
+
 def _report(settings: Settings, workdir: Path, uri: str, results: dict, tracker: RunTracker, serve: bool) -> dict:
     from mlflow.tracking import MlflowClient
+
+    if settings.family == "ved":
+        return _report_captions(settings, workdir, uri, results, tracker)
 
     from amad.models import ViltAdapter
     from pipeline import export, run_report
@@ -312,13 +446,7 @@ def _report(settings: Settings, workdir: Path, uri: str, results: dict, tracker:
     )
     comparison = _compare(teacher_dir, checkpoint, results, settings.cfg.report, workdir)
     client = MlflowClient(uri)
-    history = []
-    for metric in (names.TRAIN_LOSS, names.VAL_LOSS, names.VAL_ACCURACY):
-        for point in client.get_metric_history(results["sweep"]["trial_run_id"], metric):
-            while len(history) < point.step:
-                history.append({"epoch": len(history) + 1})
-            history[point.step - 1][metric] = point.value
-    history = [h for h in history if names.VAL_ACCURACY in h]
+    history = _history(uri, results["sweep"]["trial_run_id"], (names.TRAIN_LOSS, names.VAL_LOSS, names.VAL_ACCURACY), names.VAL_ACCURACY)
     directory = workdir / run_report.REPORT_DIR
     files = run_report.write_report(
         directory, comparison=comparison, alignment=alignment, history=history,

@@ -15,8 +15,8 @@ from pipeline.config import StorageConfig, Strict
 
 
 class TeacherStageConfig(Strict):
-    path: Path | None = Field(None, description="an existing teacher directory (saved by `amad teacher`, or a Hugging Face ViLT VQA checkpoint)")
-    train_config: Path | None = Field(None, description="or: a teacher YAML to train (reused when its config has not changed)")
+    path: Path | None = Field(None, description="an existing teacher directory (saved by `amad teacher`: a ViLT or a captioner; or a Hugging Face ViLT VQA checkpoint)")
+    train_config: Path | None = Field(None, description="or: a teacher YAML to train (model.family: ved trains a captioner; reused when its config has not changed)")
 
     @model_validator(mode="after")
     def _one(self) -> "TeacherStageConfig":
@@ -43,7 +43,9 @@ class ReportConfig(Strict):
     latency_repeats: int = Field(50, ge=1, description="batch-1 ONNX Runtime runs timed per model (teacher and student interleaved)")
     latency_threads: int = Field(1, ge=1, le=256, description="ONNX Runtime intra-op threads, the same for teacher and student")
     max_accuracy_drop: float | None = Field(None, ge=0, le=100, description="target: student test accuracy >= teacher's minus this many points")
-    max_latency_ratio: float | None = Field(None, gt=0, description="target: student ORT batch-1 p50 <= this fraction of the teacher's")
+    max_latency_ratio: float | None = Field(None, gt=0, description="target: student ORT batch-1 p50 <= this fraction of the teacher's "
+                                                                      "(a captioner: the greedy caption's)")
+    max_cider_drop: float | None = Field(None, ge=0, le=1, description="captioners' target: student test CIDEr-D >= (1 - this) x the teacher's")
 
 
 class RunJobConfig(Strict):

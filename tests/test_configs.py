@@ -20,7 +20,7 @@ CONFIGS = sorted((ROOT / "tune_configs").rglob("*.yaml"))
 JOB_MODELS = {"teacher.yaml": TeacherJobConfig, "distill.yaml": DistillJobConfig, "distill-from-teacher.yaml": DistillJobConfig, "sweep.yaml": SweepConfig, "export.yaml": ExportJobConfig,
               "default.yaml": RunJobConfig, "run.yaml": RunJobConfig, "quality.yaml": RunJobConfig, "vilt-vqa.yaml": RunJobConfig,
               "demo-hf.yaml": RunJobConfig, "captioning-teacher.yaml": CaptionTeacherJobConfig,
-              "distill-captioner.yaml": DistillJobConfig, "captioning-sweep.yaml": SweepConfig}
+              "distill-captioner.yaml": DistillJobConfig, "captioning-sweep.yaml": SweepConfig, "captioning.yaml": RunJobConfig}
 FULL_NAME_OF_TINY = {"run.yaml": "default.yaml"}  # `amad run`'s full preset is the README's tune_configs/default.yaml
 FULL_ONLY = {"quality.yaml", "demo-hf.yaml"}  # default.yaml's stages, longer / from VQA-v2 files: tiny/run.yaml and tiny/vilt-vqa.yaml test them
 

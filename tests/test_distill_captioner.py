@@ -179,11 +179,11 @@ def test_a_sweep_of_pruned_captioners_selects_by_validation_cider(ray_cluster, t
     assert parent.data.tags[f"best.{names.VAL_CIDER_D}"] == f"{best[names.VAL_CIDER_D]:.6f}"
 
 
-def test_run_refuses_a_captioner_by_name_until_captioners_are_served(tiny_captioner_dir):
+def test_a_captioner_where_a_vqa_model_is_needed_is_refused_by_name(tiny_captioner_dir):
     from pipeline.export import check_model_dir
 
-    with pytest.raises(ConfigError, match=r"teacher.path: .* is a captioner \(model.family: ved\); serving captioners and `amad run` for them are not built yet"):
-        check_model_dir(tiny_captioner_dir, "teacher.path", needs_data=False)
+    with pytest.raises(ConfigError, match=r"teacher: .* is a captioner \(model.family: ved\); this needs a VQA model \(ViLT\)"):
+        check_model_dir(tiny_captioner_dir, "teacher", needs_data=False)
     assert check_model_dir(tiny_captioner_dir, "checkpoint", captioner_ok=True) == tiny_captioner_dir.resolve()  # amad export takes it
 
 
