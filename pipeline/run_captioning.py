@@ -16,13 +16,12 @@ The stages are :mod:`pipeline.run`'s; where a captioner differs, they call here:
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.run_report import REPORT_DIR, plot_alignment
+from pipeline.run_report import REPORT_DIR, copy_sweep_plots, plot_alignment
 
 ALIGNMENT_FILE = "alignment.json"
 KIND_STACK = {"encoder_self": "encoder", "decoder_self": "decoder", "cross": "decoder"}
@@ -233,11 +232,7 @@ def write_report(directory: Path, *, comparison: dict, alignment: list[dict], hi
         figure.savefig(curves, dpi=100)
         plt.close(figure)
         files.append(curves)
-    copied = []
-    for plot in sweep_plots:
-        target = directory / f"sweep_{plot.name}"
-        shutil.copy(plot, target)
-        copied.append(target)
+    copied = copy_sweep_plots(directory, sweep_plots)
     files += copied
 
     t, s = comparison["teacher"], comparison["student"]

@@ -80,6 +80,16 @@ def target_lines(comparison: dict) -> list[str]:
     return lines + [""] if lines else []
 
 
+def copy_sweep_plots(directory: Path, plots: list[Path]) -> list[Path]:
+    """The sweep's plots copied into the report directory as ``sweep_<name>``; returns the copies."""
+    copied = []
+    for plot in plots:
+        target = directory / f"sweep_{plot.name}"
+        shutil.copy(plot, target)
+        copied.append(target)
+    return copied
+
+
 def plot_alignment(layers: list[dict], path: Path) -> Path:
     plt = _pyplot()
     figure, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers) + 1, 4.2), squeeze=False)
@@ -138,11 +148,7 @@ def write_report(directory: Path, *, comparison: dict, alignment: list[dict], hi
     curves = plot_learning_curves(history, directory / "learning_curves.png")
     if curves:
         files.append(curves)
-    copied = []
-    for plot in sweep_plots:
-        target = directory / f"sweep_{plot.name}"
-        shutil.copy(plot, target)
-        copied.append(target)
+    copied = copy_sweep_plots(directory, sweep_plots)
     files += copied
 
     t, s = comparison["teacher"], comparison["student"]

@@ -96,20 +96,26 @@ def check_image_bytes(data: bytes, limits: Limits) -> bytes:
     return data
 
 
-def parse_json(body: bytes, limits: Limits) -> Query:
-    """``{"image": <base64>, "question": str, "top_k": int?}`` -> Query."""
+def json_object(body: bytes, fields: tuple[str, ...], required: int) -> dict:
+    """The body as a JSON object whose keys are among ``fields``, with the first ``required`` of them present."""
     try:
         values = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise BadInput(400, f"body is not valid JSON: {err}") from None
     if not isinstance(values, dict):
-        raise BadInput(422, f"body must be a JSON object with fields {list(FIELDS[:2])}, got {type(values).__name__}")
-    extra = sorted(set(values) - set(FIELDS))
+        raise BadInput(422, f"body must be a JSON object with fields {list(fields[:required])}, got {type(values).__name__}")
+    extra = sorted(set(values) - set(fields))
     if extra:
-        raise BadInput(422, f"unknown field(s) {extra}; allowed: {list(FIELDS)}")
-    missing = [name for name in FIELDS[:2] if name not in values]
+        raise BadInput(422, f"unknown field(s) {extra}; allowed: {list(fields)}")
+    missing = [name for name in fields[:required] if name not in values]
     if missing:
         raise BadInput(422, f"missing field(s) {missing}")
+    return values
+
+
+def parse_json(body: bytes, limits: Limits) -> Query:
+    """``{"image": <base64>, "question": str, "top_k": int?}`` -> Query."""
+    values = json_object(body, FIELDS, 2)
     data = base64_image(values["image"], limits)
     question = check_question(values["question"], limits)
     top_k = check_top_k(values.get("top_k", 1), limits)
@@ -170,17 +176,7 @@ def check_max_length(max_length: object) -> int | None:
 
 def parse_caption_json(body: bytes, limits: Limits) -> CaptionQuery:
     """``{"image": <base64>, "max_length": int?, "num_beams": int?}`` -> CaptionQuery."""
-    try:
-        values = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadInput(400, f"body is not valid JSON: {err}") from None
-    if not isinstance(values, dict):
-        raise BadInput(422, f"body must be a JSON object with an 'image' field, got {type(values).__name__}")
-    extra = sorted(set(values) - set(CAPTION_FIELDS))
-    if extra:
-        raise BadInput(422, f"unknown field(s) {extra}; allowed: {list(CAPTION_FIELDS)}")
-    if "image" not in values:
-        raise BadInput(422, "missing field(s) ['image']")
+    values = json_object(body, CAPTION_FIELDS, 1)
     data = base64_image(values["image"], limits)
     return CaptionQuery(data, check_max_length(values.get("max_length")), check_num_beams(values.get("num_beams", 1), limits))
 
