@@ -11,6 +11,11 @@ exported alike (:mod:`pipeline.captioner_onnx`: encoder and decoder graphs, ``--
 the export's parity gate (100 % identical greedy captions on the validation images, max |Δlogit| <= 1e-4)
 before they are timed.
 
+**Variants.** ``<who>_torch``: PyTorch ``generate`` (it caches keys and values); ``<who>_ort``: ONNX Runtime with
+the decoder run over the whole prefix at every step (``decoder.onnx``); ``<who>_ort_cached``: ONNX Runtime with
+the decoder with past key/values (:mod:`pipeline.captioner_cache`, what ``amad export`` ships for greedy
+captions and ``/v1/caption`` runs), behind its own parity gate (the same captions, per-step logits to 1e-4).
+
 **Measurement.** Greedy captions of at most the captions' longest (18 tokens: up to 16 words). Batch-1
 latency: p50/p99 over ``--repeats`` single-image captions, every variant interleaved round-robin (load on
 a shared machine hits all alike); batch-32 throughput: images per second over ``--repeats`` // 4 batches
@@ -47,10 +52,11 @@ from amad.data.text import load_tokenizer  # noqa: E402
 from amad.metrics import caption_scores  # noqa: E402
 from amad.models_ved import VedAdapter  # noqa: E402
 from pipeline import onnx_tools  # noqa: E402
-from pipeline.captioner_onnx import OnnxCaptioner, TokenIds, export_captioner, parity  # noqa: E402
+from pipeline.captioner_cache import CROSS_FILE, STEP_FILE, CachedCaptioner, cached_parity, export_cached_decoder  # noqa: E402
+from pipeline.captioner_onnx import EncoderGraph, OnnxCaptioner, TokenIds, export_captioner, parity  # noqa: E402
 from inference import interleaved  # noqa: E402  (round-robin over variants, the same as the VQA benchmark's)
 
-VARIANTS = ("teacher_torch", "teacher_ort", "student_torch", "student_ort")
+VARIANTS = ("teacher_torch", "teacher_ort", "teacher_ort_cached", "student_torch", "student_ort", "student_ort_cached")
 DEFAULT_TEACHER = ROOT / "weights" / "captioner-default"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "caption_inference.json"
 CAPTIONS_FILE = "captions.json"
@@ -73,15 +79,27 @@ def ort_runner(captioner: OnnxCaptioner, max_length: int):
     return run
 
 
-def gated_captioner(model, pixels: torch.Tensor, directory: Path, max_length: int, exporter: str, threads: int) -> tuple[OnnxCaptioner, dict]:
-    """``model`` exported and opened, after the export's parity gate on ``pixels``; SystemExit if it fails."""
+def cached_runner(cached: CachedCaptioner, captioner: OnnxCaptioner, max_length: int):
+    def run(pixels: np.ndarray) -> list[list[int]]:
+        return cached.greedy_retiring(captioner.encode(pixels), [max_length] * len(pixels))
+    return run
+
+
+def gated_captioner(model, pixels: torch.Tensor, directory: Path, max_length: int, exporter: str,
+                    threads: int) -> tuple[OnnxCaptioner, CachedCaptioner, dict]:
+    """``model`` exported (both decoders) and opened, after the export's parity gates on ``pixels``; SystemExit if one fails."""
     encoder, decoder = export_captioner(model, directory, pixels[:2], exporter=exporter)
     captioner = OnnxCaptioner(onnx_tools.open_session(encoder, threads=threads), onnx_tools.open_session(decoder, threads=threads),
                               TokenIds.of(model.config))
-    figures = parity(model, captioner, pixels, max_length)
-    if figures["identical_greedy"] < 1.0 or not figures["max_abs_logit_diff"] <= 1e-4:
-        raise SystemExit(f"{directory.name}: the exported captioner fails the parity gate ({figures}): not timing it")
-    return captioner, figures
+    with torch.no_grad():
+        export_cached_decoder(model, directory, EncoderGraph(model)(pixels[:2]))
+    cached = CachedCaptioner(captioner.encoder, onnx_tools.open_session(directory / CROSS_FILE, threads=threads),
+                             onnx_tools.open_session(directory / STEP_FILE, threads=threads), captioner.tokens, CachedCaptioner.heads_of(model))
+    figures = {"whole_prefix": parity(model, captioner, pixels, max_length), "cached": cached_parity(model, cached, pixels, max_length)}
+    for name, found in figures.items():
+        if found["identical_greedy"] < 1.0 or not found["max_abs_logit_diff"] <= 1e-4:
+            raise SystemExit(f"{directory.name}: the exported captioner ({name} decoder) fails the parity gate ({found}): not timing it")
+    return captioner, cached, figures
 
 
 def quick_models(directory: Path) -> tuple[Path, Path]:
@@ -135,11 +153,12 @@ def main(argv=None) -> dict:
         val, test = make_caption_split(spec, "val"), make_caption_split(spec, "test")
         scored = val if args.quick else test
         val_pixels = pixels_from_uint8(val.images)
-        captioners, gates = {}, {}
+        captioners, cached, gates = {}, {}, {}
         for who, model in models.items():
-            captioners[who], gates[who] = gated_captioner(model, val_pixels, scratch / who, max_length, args.exporter, args.threads)
+            captioners[who], cached[who], gates[who] = gated_captioner(model, val_pixels, scratch / who, max_length, args.exporter, args.threads)
         runners = {f"{who}_torch": torch_runner(model, max_length) for who, model in models.items()}
         runners.update({f"{who}_ort": ort_runner(captioners[who], max_length) for who in models})
+        runners.update({f"{who}_ort_cached": cached_runner(cached[who], captioners[who], max_length) for who in models})
         runners = {name: runners[name] for name in VARIANTS}
         scores = {}
         pixels = pixels_from_uint8(scored.images).numpy()
@@ -160,6 +179,10 @@ def main(argv=None) -> dict:
         "ort_vs_torch_student_b1": p50["student_torch"] / p50["student_ort"],
         "ort_vs_torch_teacher_b1": p50["teacher_torch"] / p50["teacher_ort"],
         "student_vs_teacher_ort_b1": p50["student_ort"] / p50["teacher_ort"],
+        "cached_vs_torch_student_b1": p50["student_torch"] / p50["student_ort_cached"],
+        "cached_vs_whole_prefix_student_b1": p50["student_ort"] / p50["student_ort_cached"],
+        "cached_vs_whole_prefix_student_b32": per_s["student_ort_cached"] / per_s["student_ort"],
+        "student_vs_teacher_ort_cached_b1": p50["student_ort_cached"] / p50["teacher_ort_cached"],
         "student_vs_teacher_torch_b1": p50["student_torch"] / p50["teacher_torch"],
         "student_cider_vs_teacher": scores["student"]["cider_d"] / scores["teacher"]["cider_d"] if scores["teacher"]["cider_d"] else float("nan"),
     }
@@ -181,14 +204,16 @@ def main(argv=None) -> dict:
             "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__, "machine": platform.machine(),
         },
     }
-    print(f"{'variant':14} | {'p50 ms':>7} | {'p99 ms':>7} | {'b32 img/s':>9}")
+    print(f"{'variant':18} | {'p50 ms':>7} | {'p99 ms':>7} | {'b32 img/s':>9}")
     for name in VARIANTS:
-        print(f"{name:14} | {p50[name]:7.2f} | {p99[name]:7.2f} | {per_s[name]:9.0f}")
+        print(f"{name:18} | {p50[name]:7.2f} | {p99[name]:7.2f} | {per_s[name]:9.0f}")
     for who, s in scores.items():
         print(f"{who}: {results['config']['scored_split']} CIDEr-D {s['cider_d']:.3f}, BLEU-4 {100 * s['bleu_4']:.2f}")
     print(f"student ORT vs student PyTorch, batch 1: {ratios['ort_vs_torch_student_b1']:.2f}x faster (target >= 2x); "
           f"student vs teacher over ORT: {ratios['student_vs_teacher_ort_b1']:.2f}x the teacher's p50; "
-          f"student CIDEr-D {ratios['student_cider_vs_teacher']:.3f}x the teacher's (target >= 0.95)")
+          f"student CIDEr-D {ratios['student_cider_vs_teacher']:.3f}x the teacher's (target >= 0.95); the cached decoder: "
+          f"{ratios['cached_vs_whole_prefix_student_b1']:.2f}x (batch 1) and {ratios['cached_vs_whole_prefix_student_b32']:.2f}x (batch 32) "
+          f"the whole-prefix one for the student")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -1,6 +1,7 @@
 """The registered captioner as an MLflow pyfunc model: ``mlflow.pyfunc.load_model(uri).predict(images)`` -> captions.
 
-The model directory holds both ONNX graphs (:mod:`pipeline.captioner_onnx`), the tokenizer, the
+The model directory holds the ONNX graphs (:mod:`pipeline.captioner_onnx`'s encoder and decoder, and the decoder
+with past key/values of :mod:`pipeline.captioner_cache`, which greedy captioning runs on), the tokenizer, the
 captioner's ``config.json`` (special tokens) and ``captions.json`` (image size, longest caption). Input:
 a DataFrame with an ``image`` column of encoded images (PNG/JPEG bytes; MLflow's scoring server takes them
 base64-encoded in JSON); :meth:`CaptionerModel.predict` itself also takes base64 text or a ``(N, S, S, 3)``
@@ -17,7 +18,7 @@ import json
 import mlflow.pyfunc
 import numpy as np
 
-ARTIFACTS = ("encoder", "decoder", "tokenizer", "config", "captions")
+ARTIFACTS = ("encoder", "decoder", "cross_kv", "decoder_step", "tokenizer", "config", "captions")  # cross_kv, decoder_step: versions since the cache
 PARAM_DEFAULTS = {"max_length": 0, "num_beams": 1}  # max_length 0: the captions' longest (the signature needs a typed default)
 
 
@@ -34,6 +35,13 @@ def signature():
 def pixels_from_uint8(images: np.ndarray) -> np.ndarray:
     """``(B, S, S, 3)`` uint8 -> ``(B, 3, S, S)`` float32 in ``[-1, 1]`` (as :func:`amad.data.images.pixels_from_uint8`)."""
     return (np.transpose(images, (0, 3, 1, 2)).astype(np.float32) / np.float32(127.5)) - np.float32(1.0)
+
+
+def cache_heads(step_session) -> list[tuple[int, int]]:
+    """Per decoder layer ``(self-attention heads, head size)``, read from the step graph's ``past_k_<l>`` inputs."""
+    shapes = {item.name: item.shape for item in step_session.get_inputs()}
+    layers = sum(name.startswith("past_k_") for name in shapes)
+    return [(int(shapes[f"past_k_{i}"][1]), int(shapes[f"past_k_{i}"][3])) for i in range(layers)]
 
 
 def _image_bytes(value) -> bytes:
@@ -62,6 +70,12 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
         captions = json.loads(open(artifacts["captions"]).read())
         self.tokens = TokenIds(int(config["decoder_start_token_id"]), int(config["eos_token_id"]), int(config["pad_token_id"]))
         self.captioner = OnnxCaptioner(*sessions, self.tokens)
+        self.cached = None  # a version registered before the cached decoder existed decodes over the whole prefix
+        if "cross_kv" in artifacts and "decoder_step" in artifacts:
+            from pipeline.captioner_cache import CachedCaptioner
+
+            cross, step = (onnxruntime.InferenceSession(artifacts[name], options, providers=["CPUExecutionProvider"]) for name in ("cross_kv", "decoder_step"))
+            self.cached = CachedCaptioner(sessions[0], cross, step, self.tokens, cache_heads(step))
         self.image_size = int(captions["scene"]["grid"]) * int(captions["scene"]["cell"])
         self.max_length = int(captions["max_caption_length"])
         from tokenizers import Tokenizer
@@ -104,7 +118,9 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
         if not len(images):
             return pd.DataFrame({"caption": [], "tokens": []})
         pixels = pixels_from_uint8(images)
-        ids = self.captioner.greedy(pixels, max_length) if num_beams == 1 else self.captioner.beam(pixels, max_length, num_beams)
-        rows = ids.tolist()
+        if num_beams == 1 and self.cached is not None:
+            rows = self.cached.greedy_retiring(self.captioner.encode(pixels), [max_length] * len(pixels))
+        else:
+            rows = (self.captioner.greedy(pixels, max_length) if num_beams == 1 else self.captioner.beam(pixels, max_length, num_beams)).tolist()
         return pd.DataFrame({"caption": [decode_caption(self.tokenizer, row) for row in rows],
                              "tokens": [caption_ids(row, self.tokens) for row in rows]})

@@ -9,7 +9,9 @@ never loaded: a replica runs only this repository's code.
 
 One batch of requests is one encoder call over all its images; then the greedy requests decode
 together in a loop that retires each row once it has written its end token or reached its own
-``max_length`` (:meth:`pipeline.captioner_onnx.OnnxCaptioner.greedy_retiring`), and beam-search requests
+``max_length`` -- one token per step over cached keys and values where the version has the cached decoder
+(:meth:`pipeline.captioner_cache.CachedCaptioner.greedy_retiring`; versions registered before it: the whole
+prefix per step, :meth:`pipeline.captioner_onnx.OnnxCaptioner.greedy_retiring`) -- and beam-search requests
 decode in groups of the same ``(num_beams, max_length)`` on the already encoded images. Every caption is
 what ``generate`` writes for that image alone with the same settings (the export's parity gate and
 ``tests/test_serve_caption.py``).
@@ -51,6 +53,7 @@ class CaptionPredictor:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
+        from pipeline.captioner_cache import CROSS_FILE, STEP_FILE, CachedCaptioner
         from pipeline.captioner_onnx import DECODER_FILE, OnnxCaptioner, TokenIds
 
         self.bundle = bundle
@@ -67,6 +70,14 @@ class CaptionPredictor:
         encoder = ort.InferenceSession(str(bundle.onnx_path), sess_options=options, providers=providers)
         self.session = ort.InferenceSession(str(bundle.onnx_path.with_name(DECODER_FILE)), sess_options=options, providers=providers)
         self.captioner = OnnxCaptioner(encoder, self.session, self.tokens)
+        self.cached = None  # the decoder with past key/values (pipeline.captioner_cache), where the version has it
+        cross_file, step_file = bundle.directory / CROSS_FILE, bundle.directory / STEP_FILE
+        if cross_file.is_file() and step_file.is_file():
+            from pipeline.captioner_pyfunc import cache_heads
+
+            step = ort.InferenceSession(str(step_file), sess_options=options, providers=providers)
+            cross = ort.InferenceSession(str(cross_file), sess_options=options, providers=providers)
+            self.cached = CachedCaptioner(encoder, cross, step, self.tokens, cache_heads(step))
 
     @property
     def providers(self) -> list[str]:
@@ -105,7 +116,8 @@ class CaptionPredictor:
         ids: list[list[int] | None] = [None] * len(items)
         greedy = [index for index, item in enumerate(items) if item.num_beams == 1]
         if greedy:
-            for index, row in zip(greedy, self.captioner.greedy_retiring(encoded[greedy], [items[i].max_length for i in greedy])):
+            decoder = self.cached or self.captioner
+            for index, row in zip(greedy, decoder.greedy_retiring(encoded[greedy], [items[i].max_length for i in greedy])):
                 ids[index] = row
         groups: dict[tuple[int, int], list[int]] = {}
         for index, item in enumerate(items):
@@ -139,6 +151,7 @@ class CaptionPredictor:
             "image_size": self.image_size,
             "max_length": self.max_length,
             "max_num_beams": self.limits.max_num_beams,
+            "greedy_decoder": "cached (past key/values)" if self.cached is not None else "whole prefix per token",
             "parity": {k.split(".", 1)[1]: float(v) for k, v in tags.items() if k.startswith("parity.")},
             "val_cider_d": float(tags["val_cider_d"]) if "val_cider_d" in tags else None,
             "providers": self.providers,

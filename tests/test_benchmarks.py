@@ -408,7 +408,10 @@ def test_caption_inference_quick_run_gates_times_and_scores_every_variant(tmp_pa
     assert results["command"] == f"python benchmarks/caption_inference.py --quick --out {tmp_path / 'ci.json'}"
     for table in ("p50_ms", "p99_ms", "images_per_s_b32"):
         assert set(results[table]) == set(bench.VARIANTS) and all(v > 0 for v in results[table].values()), table
-    assert all(gate["identical_greedy"] == 1.0 and gate["max_abs_logit_diff"] <= 1e-4 for gate in results["parity"].values())
+    assert all(gate[kind]["identical_greedy"] == 1.0 and gate[kind]["max_abs_logit_diff"] <= 1e-4
+               for gate in results["parity"].values() for kind in ("whole_prefix", "cached"))
+    assert results["ratios"]["cached_vs_whole_prefix_student_b32"] == pytest.approx(
+        results["images_per_s_b32"]["student_ort_cached"] / results["images_per_s_b32"]["student_ort"])
     assert results["ratios"]["ort_vs_torch_student_b1"] == pytest.approx(results["p50_ms"]["student_torch"] / results["p50_ms"]["student_ort"])
     assert results["config"]["parameters"]["student"] < results["config"]["parameters"]["teacher"]
     assert set(results["scores"]) == {"teacher", "student"} and "cider_d" in results["scores"]["student"]

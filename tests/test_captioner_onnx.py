@@ -75,6 +75,30 @@ def test_a_pruned_captioner_exports_and_batches_do_not_change_a_caption(captione
     assert np.all(whole[:, 0] == captioner.tokens.start)
 
 
+@pytest.mark.parametrize("pruned", [False, True])
+def test_the_decoder_with_past_key_values_writes_generates_captions_one_token_per_step(captioner_and_images, tmp_path, pruned):
+    """cross_kv.onnx + decoder_step.onnx: every greedy caption is generate's, the per-step logits are the whole-prefix
+    decoder's to 1e-4 (teacher-forced, padding included), also for a pruned captioner with per-layer head counts."""
+    from pipeline.captioner_cache import CROSS_FILE, STEP_FILE, CachedCaptioner, cached_parity, export_cached_decoder
+    from pipeline.captioner_onnx import EncoderGraph
+
+    model, spec, pixels, directory = captioner_and_images
+    if pruned:
+        train = caption_training_set(make_caption_split(spec, "train"), load_tokenizer(directory), spec.max_caption_length)
+        model = prune_from_plan(model, plan(score(model, train.subset(torch.arange(16)).batches(8)), 2, 1)).eval()
+    export_captioner(model, tmp_path, pixels[:2])
+    with torch.no_grad():
+        export_cached_decoder(model, tmp_path, EncoderGraph(model)(pixels[:2]))
+    plain = _captioner(tmp_path, model)
+    cached = CachedCaptioner(plain.encoder, open_session(tmp_path / CROSS_FILE, threads=1), open_session(tmp_path / STEP_FILE, threads=1),
+                             plain.tokens, CachedCaptioner.heads_of(model))
+    figures = cached_parity(model, cached, pixels, spec.max_caption_length, batch_size=4)
+    assert figures["images"] == 10 and figures["identical_greedy"] == 1.0 and figures["max_abs_logit_diff"] <= 1e-4, figures
+    hidden = plain.encode(pixels.numpy())
+    lengths = [18, 3, 7, 18, 2, 18, 5, 18, 18, 9]
+    assert cached.greedy_retiring(hidden, lengths) == plain.greedy_retiring(hidden, lengths)
+
+
 def test_bad_export_requests_are_named(captioner_and_images, tmp_path):
     model, spec, pixels, _ = captioner_and_images
     with pytest.raises(ValueError, match="at least 2 images"):
@@ -126,6 +150,7 @@ def test_amad_export_gates_and_registers_a_captioner_that_mlflow_pyfunc_loads_an
     (report_file,) = tmp_path.glob("exports/*/report.json")
     report = json.loads(report_file.read_text())
     assert report["passed"] and report["family"] == "ved" and report["gates"]["parity_fp32"]["identical_greedy"] == 1.0
+    assert report["gates"]["parity_cached"]["identical_greedy"] == 1.0 and report["gates"]["parity_cached"]["max_abs_logit_diff"] <= 1e-4
     assert report["gates"]["parity_fp32"]["images"] == len(make_caption_split(spec, "val")) == 8 and report["val_cider_d"] > 0.05
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     champion = Registry(uri).alias_version("amad-captioner", CHAMPION)

@@ -107,6 +107,7 @@ def test_open_predictor_finds_a_captioner_and_describes_it(predictor, registered
     assert (described["kind"], described["route"], described["version"], described["alias"]) == ("captioner", "/v1/caption", registered["versions"][0], "champion")
     assert described["max_length"] == 18 and described["max_num_beams"] == 3 and described["parity"]["identical_greedy"] == 1.0
     assert described["captions"]["max_caption_length"] == 18 and described["val_cider_d"] > 0
+    assert described["greedy_decoder"] == "cached (past key/values)" and described["parity"]["cached_identical_greedy"] == 1.0
     assert route_of(resolve_version(MODEL, registered["uri"])[3]) == "/v1/caption"
 
 
@@ -126,22 +127,36 @@ def test_greedy_decoding_retires_rows_as_they_end(predictor, model, test_images)
     """The decoder runs on fewer rows once some captions have ended: the batch sizes of its calls fall, and
     the last call runs only the rows still writing."""
     sizes: list[int] = []
-    session = predictor.captioner.decoder
+    assert predictor.cached is not None, "amad export ships the decoder with past key/values"
+    session = predictor.cached.step
 
     class Counting:  # the real ORT session; only the row counts of its calls are recorded
         def run(self, names, feed):
             sizes.append(feed["input_ids"].shape[0])
+            assert feed["input_ids"].shape[1] == 1, "one new token per step over the cache"
             return session.run(names, feed)
 
-    predictor.captioner.decoder = Counting()
+    predictor.cached.step = Counting()
     try:
         lengths = [18, 4, 18, 6, 18, 18, 3, 18, 10, 18]
         got = predictor.caption([predictor.prepare(image, length) for image, length in zip(test_images, lengths)])
     finally:
-        predictor.captioner.decoder = session
+        predictor.cached.step = session
     assert sizes[0] == len(test_images) and sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[0], sizes
     assert sum(sizes) == sum(len(c.tokens) - 1 for c in got), "one decoder row per generated token"
     assert [c.tokens for c in got] == [generated(model, test_images[i:i + 1], length)[0] for i, length in enumerate(lengths)]
+
+
+def test_a_version_without_the_cached_decoder_writes_the_same_captions(predictor, test_images):
+    """Versions registered before the decoder with past key/values decode over the whole prefix: the same ids."""
+    items = [predictor.prepare(image, length) for image, length in zip(test_images, [18, 4, 18, 6, 18, 18, 3, 18, 10, 18])]
+    cached = predictor.cached
+    with_cache = predictor.caption(items)
+    predictor.cached = None
+    try:
+        assert predictor.caption(items) == with_cache
+    finally:
+        predictor.cached = cached
 
 
 @pytest.mark.parametrize(("body", "status", "message"), [
