@@ -15,7 +15,8 @@ LayerNorm), written out for one new token over cached keys and values; head coun
 own modules, so a pruned captioner (different heads per layer) exports alike. No attention mask is needed:
 ``generate`` passes none, every row of a batch has the same length, and the only keys are the past ones
 and the token's own (causality holds by construction). :class:`CachedCaptioner` decodes greedily over the
-two graphs, retiring rows as they end, and must write exactly :meth:`OnnxCaptioner.greedy_retiring`'s ids.
+two graphs, retiring rows as they end, and must write exactly :meth:`OnnxCaptioner.greedy_retiring`'s ids;
+its beam search is :func:`pipeline.captioner_onnx.beam_search` with the caches following the beams.
 """
 
 from __future__ import annotations
@@ -148,6 +149,24 @@ def export_cached_decoder(model: nn.Module, directory: str | Path, hidden: torch
     return cross_path, step_path
 
 
+class CachedBeams:
+    """The beam search's decoder over the cache: the last token of each running beam per step; the self-attention
+    keys and values follow the beams that continue (:func:`pipeline.captioner_onnx.beam_search`)."""
+
+    def __init__(self, captioner: "CachedCaptioner", hidden: np.ndarray):
+        """``hidden`` ``(B*k, P+1, D)``: each image's encoder states once per beam, beams of an image adjacent."""
+        self.captioner = captioner
+        self.cross = captioner.cross.run(None, {"encoder_hidden_states": np.ascontiguousarray(hidden, dtype=np.float32)})
+        self.past = captioner.empty_past(hidden.shape[0])
+
+    def next_logits(self, prefixes: np.ndarray) -> np.ndarray:
+        logits, self.past = self.captioner.step_logits(prefixes[:, -1:], prefixes.shape[1] - 1, self.past, self.cross)
+        return logits
+
+    def reorder(self, rows: np.ndarray) -> None:
+        self.past = [cache[rows] for cache in self.past]  # cross keys and values are the image's: the same for its beams
+
+
 class CachedCaptioner:
     """Greedy captioning over the encoder graph and the cached decoder's two graphs (numpy in, numpy out)."""
 
@@ -160,6 +179,24 @@ class CachedCaptioner:
     def heads_of(model: nn.Module) -> list[tuple[int, int]]:
         return [_heads(layer.attention.self) for layer in _layers(model)]
 
+    def empty_past(self, rows: int) -> list[np.ndarray]:
+        return [np.zeros((rows, heads, 0, size), dtype=np.float32) for heads, size in self.heads for _ in (0, 1)]
+
+    def step_logits(self, ids: np.ndarray, position: int, past: list[np.ndarray], cross: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One step: ``ids`` ``(B, 1)`` at ``position`` over ``past`` -> ``(B, V)`` logits and the grown cache."""
+        names = [f"past_{kind}_{i}" for i in range(self.layers) for kind in ("k", "v")]
+        cross_names = [f"cross_{kind}_{i}" for i in range(self.layers) for kind in ("k", "v")]
+        logits, *present = self.step.run(None, {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "position": np.asarray([position], dtype=np.int64),
+                                                **dict(zip(names, past)), **dict(zip(cross_names, cross))})
+        return logits, present
+
+    def beam_encoded(self, encoded: np.ndarray, max_length: int, num_beams: int, length_penalty: float = 1.0) -> np.ndarray:
+        """Beam search as :meth:`pipeline.captioner_onnx.OnnxCaptioner.beam_encoded` (``generate``'s), over the cache."""
+        from pipeline.captioner_onnx import beam_search
+
+        return beam_search(CachedBeams(self, np.repeat(encoded, num_beams, axis=0)), encoded.shape[0], self.tokens, max_length,
+                           num_beams, length_penalty)
+
     def greedy_retiring(self, hidden: np.ndarray, max_lengths: list[int]) -> list[list[int]]:
         """As :meth:`pipeline.captioner_onnx.OnnxCaptioner.greedy_retiring`, one token per decoder call."""
         if len(max_lengths) != hidden.shape[0] or any(length < 2 for length in max_lengths):
@@ -169,13 +206,9 @@ class CachedCaptioner:
         cross = self.cross.run(None, {"encoder_hidden_states": np.ascontiguousarray(hidden, dtype=np.float32)})
         rows = np.arange(hidden.shape[0])
         ids = np.full((len(rows), 1), self.tokens.start, dtype=np.int64)
-        past = [np.zeros((len(rows), heads, 0, size), dtype=np.float32) for heads, size in self.heads for _ in (0, 1)]
-        names = [f"past_{kind}_{i}" for i in range(self.layers) for kind in ("k", "v")]
-        cross_names = [f"cross_{kind}_{i}" for i in range(self.layers) for kind in ("k", "v")]
+        past = self.empty_past(len(rows))
         while len(rows):
-            feed = {"input_ids": ids[:, -1:], "position": np.asarray([ids.shape[1] - 1], dtype=np.int64),
-                    **dict(zip(names, past)), **dict(zip(cross_names, cross))}
-            logits, *past = self.step.run(None, feed)
+            logits, past = self.step_logits(ids[:, -1:], ids.shape[1] - 1, past, cross)
             following = logits.argmax(axis=-1)
             ids = np.concatenate([ids, following[:, None]], axis=1)
             done = (following == self.tokens.end) | (ids.shape[1] >= limits[rows])
@@ -195,8 +228,6 @@ def cached_parity(model: nn.Module, cached: CachedCaptioner, pixel_values: torch
     from pipeline.captioner_onnx import DecoderGraph, EncoderGraph, caption_ids
 
     identical, images, largest = 0, 0, 0.0
-    names = [f"past_{kind}_{i}" for i in range(cached.layers) for kind in ("k", "v")]
-    cross_names = [f"cross_{kind}_{i}" for i in range(cached.layers) for kind in ("k", "v")]
     for start in range(0, len(pixel_values), batch_size):
         pixels = pixel_values[start:start + batch_size]
         expected = VedAdapter.generate(model, pixels, max_length=max_length)  # (B, T)
@@ -207,10 +238,9 @@ def cached_parity(model: nn.Module, cached: CachedCaptioner, pixel_values: torch
         with torch.no_grad():
             reference = DecoderGraph(model)(expected, EncoderGraph(model)(pixels)).numpy()  # (B, T, V)
         cross = cached.cross.run(None, {"encoder_hidden_states": hidden})
-        past = [np.zeros((len(pixels), heads, 0, size), dtype=np.float32) for heads, size in cached.heads for _ in (0, 1)]
+        past = cached.empty_past(len(pixels))
         ids = expected.numpy()
         for position in range(ids.shape[1]):
-            logits, *past = cached.step.run(None, {"input_ids": ids[:, position:position + 1], "position": np.asarray([position], dtype=np.int64),
-                                                   **dict(zip(names, past)), **dict(zip(cross_names, cross))})
+            logits, past = cached.step_logits(ids[:, position:position + 1], position, past, cross)
             largest = max(largest, float(np.abs(reference[:, position] - logits).max()))
     return {"images": images, "identical_greedy": identical / max(1, images), "max_abs_logit_diff": largest}

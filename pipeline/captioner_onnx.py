@@ -187,67 +187,88 @@ class OnnxCaptioner:
 
     def beam_encoded(self, encoded: np.ndarray, max_length: int, num_beams: int, length_penalty: float = 1.0) -> np.ndarray:
         """:meth:`beam` on images already encoded ``(B, P+1, D)`` (``num_beams`` >= 2)."""
-        if max_length < 2 or num_beams < 2:
-            raise ValueError(f"max_length={max_length} must be >= 2 and num_beams={num_beams} >= 2")
-        tokens, k, big = self.tokens, num_beams, np.float32(1.0e9)
-        hidden = np.repeat(encoded, k, axis=0)  # (B*k, P+1, D): beams of an image are adjacent
-        batch = hidden.shape[0] // k
-        keep = 2 * k  # max(2, 1 + number of end tokens) * k
-        top_k_mask = np.arange(keep) < k
-        fill = tokens.pad or tokens.end  # generate's fill value: `pad_token_id or eos_token_id`
-        running = np.full((batch, k, max_length), fill, dtype=np.int64)
-        running[:, :, 0] = tokens.start
-        finished_ids = running.copy()
-        running_scores = np.zeros((batch, k), dtype=np.float32)
-        running_scores[:, 1:] = -big  # all beams start identical: only the first may expand at step one
-        finished_scores = np.full((batch, k), -big, dtype=np.float32)
-        finished = np.zeros((batch, k), dtype=bool)
-        lengths_running = np.zeros((batch, k), dtype=np.int64)  # generated tokens of each running beam
-        lengths_finished = np.zeros((batch, k), dtype=np.int64)
-        can_improve = np.ones((batch, 1), dtype=bool)
-        length = 1
-        while True:
-            logits = self.logits(running[:, :, :length].reshape(batch * k, length), hidden)[:, -1].astype(np.float32)
-            shifted = logits - logits.max(axis=-1, keepdims=True)
-            log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # log_softmax in float32
-            vocab = log_probs.shape[-1]
-            totals = (log_probs.reshape(batch, k, vocab) + running_scores[:, :, None]).reshape(batch, k * vocab)
-            order = np.argsort(-totals, axis=1, kind="stable")[:, :keep]  # (batch, 2k) best continuations
-            top_scores = np.take_along_axis(totals, order, axis=1)
-            parents, new_tokens = order // vocab, order % vocab
-            candidates = np.take_along_axis(running, parents[:, :, None], axis=1)  # (batch, 2k, max_length)
-            candidates[:, :, length] = new_tokens
-            candidate_lengths = np.take_along_axis(lengths_running, parents, axis=1) + 1
-            ends = (new_tokens == tokens.end) | (length + 1 >= max_length)
-            # the next running beams: the best k that did not end
-            continuing = top_scores - ends.astype(np.float32) * big
-            chosen = np.argsort(-continuing, axis=1, kind="stable")[:, :k]
-            running = np.take_along_axis(candidates, chosen[:, :, None], axis=1)
-            running_scores = np.take_along_axis(continuing, chosen, axis=1)
-            lengths_running = np.take_along_axis(candidate_lengths, chosen, axis=1)
-            # the finished slots: the best k of those kept and those that just ended among the top k
-            just_ended = ends & top_k_mask[None, :]
-            scores = top_scores / np.float32(length ** length_penalty)
-            scores = scores - (np.all(finished, axis=1, keepdims=True)).astype(np.float32) * big
-            scores = scores - (~can_improve).astype(np.float32) * big
-            scores = scores - (~just_ended).astype(np.float32) * big
-            merged_ids = np.concatenate([finished_ids, candidates], axis=1)
-            merged_scores = np.concatenate([finished_scores, scores], axis=1)
-            merged_finished = np.concatenate([finished, just_ended], axis=1)
-            merged_lengths = np.concatenate([lengths_finished, candidate_lengths], axis=1)
-            best = np.argsort(-merged_scores, axis=1, kind="stable")[:, :k]
-            finished_ids = np.take_along_axis(merged_ids, best[:, :, None], axis=1)
-            finished_scores = np.take_along_axis(merged_scores, best, axis=1)
-            finished = np.take_along_axis(merged_finished, best, axis=1)
-            lengths_finished = np.take_along_axis(merged_lengths, best, axis=1)
-            length += 1
-            best_running = running_scores[:, :1] / np.float32((length - 1) ** length_penalty)
-            worst_finished = np.where(finished, finished_scores.min(axis=1, keepdims=True), -big)
-            can_improve &= np.any(best_running > worst_finished, axis=-1, keepdims=True)
-            if not (can_improve.any() and not finished.all() and not ends.all()):
-                break
-        # generate's output length: the start token plus the longest best sequence's generated tokens
-        return finished_ids[:, 0, : 1 + int(lengths_finished[:, 0].max())]
+        return beam_search(WholePrefix(self, np.repeat(encoded, num_beams, axis=0)), encoded.shape[0], self.tokens, max_length,
+                           num_beams, length_penalty)
+
+
+class WholePrefix:
+    """The beam search's decoder: every running beam's whole prefix at every step (``decoder.onnx``)."""
+
+    def __init__(self, captioner: OnnxCaptioner, hidden: np.ndarray):
+        self.captioner, self.hidden = captioner, hidden  # (B*k, P+1, D): beams of an image are adjacent
+
+    def next_logits(self, prefixes: np.ndarray) -> np.ndarray:
+        """``(B*k, T)`` running prefixes -> ``(B*k, V)`` logits of their next token."""
+        return self.captioner.logits(prefixes, self.hidden)[:, -1]
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """The next running beams continue rows ``rows`` ``(B*k,)`` (of the same images): nothing is carried here."""
+
+
+def beam_search(decoder, batch: int, tokens: TokenIds, max_length: int, num_beams: int, length_penalty: float = 1.0) -> np.ndarray:
+    """The best of ``num_beams`` beams for each of ``batch`` images ``(batch, <= max_length)``, as :meth:`OnnxCaptioner.beam`
+    describes; ``decoder`` gives the next-token logits of the running prefixes and carries whatever it caches along
+    with the beams it is told continue (:class:`WholePrefix`, or the cached decoder's)."""
+    if max_length < 2 or num_beams < 2:
+        raise ValueError(f"max_length={max_length} must be >= 2 and num_beams={num_beams} >= 2")
+    k, big = num_beams, np.float32(1.0e9)
+    keep = 2 * k  # max(2, 1 + number of end tokens) * k
+    top_k_mask = np.arange(keep) < k
+    fill = tokens.pad or tokens.end  # generate's fill value: `pad_token_id or eos_token_id`
+    running = np.full((batch, k, max_length), fill, dtype=np.int64)
+    running[:, :, 0] = tokens.start
+    finished_ids = running.copy()
+    running_scores = np.zeros((batch, k), dtype=np.float32)
+    running_scores[:, 1:] = -big  # all beams start identical: only the first may expand at step one
+    finished_scores = np.full((batch, k), -big, dtype=np.float32)
+    finished = np.zeros((batch, k), dtype=bool)
+    lengths_running = np.zeros((batch, k), dtype=np.int64)  # generated tokens of each running beam
+    lengths_finished = np.zeros((batch, k), dtype=np.int64)
+    can_improve = np.ones((batch, 1), dtype=bool)
+    length = 1
+    while True:
+        logits = decoder.next_logits(running[:, :, :length].reshape(batch * k, length)).astype(np.float32)
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # log_softmax in float32
+        vocab = log_probs.shape[-1]
+        totals = (log_probs.reshape(batch, k, vocab) + running_scores[:, :, None]).reshape(batch, k * vocab)
+        order = np.argsort(-totals, axis=1, kind="stable")[:, :keep]  # (batch, 2k) best continuations
+        top_scores = np.take_along_axis(totals, order, axis=1)
+        parents, new_tokens = order // vocab, order % vocab
+        candidates = np.take_along_axis(running, parents[:, :, None], axis=1)  # (batch, 2k, max_length)
+        candidates[:, :, length] = new_tokens
+        candidate_lengths = np.take_along_axis(lengths_running, parents, axis=1) + 1
+        ends = (new_tokens == tokens.end) | (length + 1 >= max_length)
+        # the next running beams: the best k that did not end
+        continuing = top_scores - ends.astype(np.float32) * big
+        chosen = np.argsort(-continuing, axis=1, kind="stable")[:, :k]
+        running = np.take_along_axis(candidates, chosen[:, :, None], axis=1)
+        decoder.reorder((np.arange(batch)[:, None] * k + np.take_along_axis(parents, chosen, axis=1)).reshape(-1))
+        running_scores = np.take_along_axis(continuing, chosen, axis=1)
+        lengths_running = np.take_along_axis(candidate_lengths, chosen, axis=1)
+        # the finished slots: the best k of those kept and those that just ended among the top k
+        just_ended = ends & top_k_mask[None, :]
+        scores = top_scores / np.float32(length ** length_penalty)
+        scores = scores - (np.all(finished, axis=1, keepdims=True)).astype(np.float32) * big
+        scores = scores - (~can_improve).astype(np.float32) * big
+        scores = scores - (~just_ended).astype(np.float32) * big
+        merged_ids = np.concatenate([finished_ids, candidates], axis=1)
+        merged_scores = np.concatenate([finished_scores, scores], axis=1)
+        merged_finished = np.concatenate([finished, just_ended], axis=1)
+        merged_lengths = np.concatenate([lengths_finished, candidate_lengths], axis=1)
+        best = np.argsort(-merged_scores, axis=1, kind="stable")[:, :k]
+        finished_ids = np.take_along_axis(merged_ids, best[:, :, None], axis=1)
+        finished_scores = np.take_along_axis(merged_scores, best, axis=1)
+        finished = np.take_along_axis(merged_finished, best, axis=1)
+        lengths_finished = np.take_along_axis(merged_lengths, best, axis=1)
+        length += 1
+        best_running = running_scores[:, :1] / np.float32((length - 1) ** length_penalty)
+        worst_finished = np.where(finished, finished_scores.min(axis=1, keepdims=True), -big)
+        can_improve &= np.any(best_running > worst_finished, axis=-1, keepdims=True)
+        if not (can_improve.any() and not finished.all() and not ends.all()):
+            break
+    # generate's output length: the start token plus the longest best sequence's generated tokens
+    return finished_ids[:, 0, : 1 + int(lengths_finished[:, 0].max())]
 
 
 def parity(model: nn.Module, captioner: OnnxCaptioner, pixel_values: torch.Tensor, max_length: int, batch_size: int = 64) -> dict:

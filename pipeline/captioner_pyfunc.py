@@ -1,7 +1,7 @@
 """The registered captioner as an MLflow pyfunc model: ``mlflow.pyfunc.load_model(uri).predict(images)`` -> captions.
 
 The model directory holds the ONNX graphs (:mod:`pipeline.captioner_onnx`'s encoder and decoder, and the decoder
-with past key/values of :mod:`pipeline.captioner_cache`, which greedy captioning runs on), the tokenizer, the
+with past key/values of :mod:`pipeline.captioner_cache`, which greedy and beam captioning run on), the tokenizer, the
 captioner's ``config.json`` (special tokens) and ``captions.json`` (image size, longest caption). Input:
 a DataFrame with an ``image`` column of encoded images (PNG/JPEG bytes; MLflow's scoring server takes them
 base64-encoded in JSON); :meth:`CaptionerModel.predict` itself also takes base64 text or a ``(N, S, S, 3)``
@@ -118,8 +118,10 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
         if not len(images):
             return pd.DataFrame({"caption": [], "tokens": []})
         pixels = pixels_from_uint8(images)
-        if num_beams == 1 and self.cached is not None:
-            rows = self.cached.greedy_retiring(self.captioner.encode(pixels), [max_length] * len(pixels))
+        if self.cached is not None:
+            encoded = self.captioner.encode(pixels)
+            rows = (self.cached.greedy_retiring(encoded, [max_length] * len(pixels)) if num_beams == 1
+                    else self.cached.beam_encoded(encoded, max_length, num_beams).tolist())
         else:
             rows = (self.captioner.greedy(pixels, max_length) if num_beams == 1 else self.captioner.beam(pixels, max_length, num_beams)).tolist()
         return pd.DataFrame({"caption": [decode_caption(self.tokenizer, row) for row in rows],

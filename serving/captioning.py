@@ -12,7 +12,7 @@ together in a loop that retires each row once it has written its end token or re
 ``max_length`` -- one token per step over cached keys and values where the version has the cached decoder
 (:meth:`pipeline.captioner_cache.CachedCaptioner.greedy_retiring`; versions registered before it: the whole
 prefix per step, :meth:`pipeline.captioner_onnx.OnnxCaptioner.greedy_retiring`) -- and beam-search requests
-decode in groups of the same ``(num_beams, max_length)`` on the already encoded images. Every caption is
+decode in groups of the same ``(num_beams, max_length)`` on the already encoded images (over the cache too). Every caption is
 what ``generate`` writes for that image alone with the same settings (the export's parity gate and
 ``tests/test_serve_caption.py``).
 """
@@ -124,7 +124,7 @@ class CaptionPredictor:
             if item.num_beams > 1:
                 groups.setdefault((item.num_beams, item.max_length), []).append(index)
         for (num_beams, max_length), members in groups.items():
-            for index, row in zip(members, self.captioner.beam_encoded(encoded[members], max_length, num_beams).tolist()):
+            for index, row in zip(members, (self.cached or self.captioner).beam_encoded(encoded[members], max_length, num_beams).tolist()):
                 ids[index] = caption_ids(row, self.tokens)
         return [Caption(decode_caption(self.tokenizer, row), [int(token) for token in row]) for row in ids]
 
@@ -151,7 +151,7 @@ class CaptionPredictor:
             "image_size": self.image_size,
             "max_length": self.max_length,
             "max_num_beams": self.limits.max_num_beams,
-            "greedy_decoder": "cached (past key/values)" if self.cached is not None else "whole prefix per token",
+            "decoding": "cached (past key/values)" if self.cached is not None else "whole prefix per token",
             "parity": {k.split(".", 1)[1]: float(v) for k, v in tags.items() if k.startswith("parity.")},
             "val_cider_d": float(tags["val_cider_d"]) if "val_cider_d" in tags else None,
             "providers": self.providers,

@@ -97,6 +97,10 @@ def test_the_decoder_with_past_key_values_writes_generates_captions_one_token_pe
     hidden = plain.encode(pixels.numpy())
     lengths = [18, 3, 7, 18, 2, 18, 5, 18, 18, 9]
     assert cached.greedy_retiring(hidden, lengths) == plain.greedy_retiring(hidden, lengths)
+    for num_beams, max_length in ((2, spec.max_caption_length), (3, spec.max_caption_length), (3, 6)):  # the beams carry their caches
+        expected = VedAdapter.generate(model, pixels, max_length=max_length, num_beams=num_beams).numpy()
+        got = cached.beam_encoded(hidden, max_length, num_beams)
+        assert got.shape == expected.shape and (got == expected).all(), (num_beams, max_length)
 
 
 def test_bad_export_requests_are_named(captioner_and_images, tmp_path):

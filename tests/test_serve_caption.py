@@ -107,7 +107,7 @@ def test_open_predictor_finds_a_captioner_and_describes_it(predictor, registered
     assert (described["kind"], described["route"], described["version"], described["alias"]) == ("captioner", "/v1/caption", registered["versions"][0], "champion")
     assert described["max_length"] == 18 and described["max_num_beams"] == 3 and described["parity"]["identical_greedy"] == 1.0
     assert described["captions"]["max_caption_length"] == 18 and described["val_cider_d"] > 0
-    assert described["greedy_decoder"] == "cached (past key/values)" and described["parity"]["cached_identical_greedy"] == 1.0
+    assert described["decoding"] == "cached (past key/values)" and described["parity"]["cached_identical_greedy"] == 1.0
     assert route_of(resolve_version(MODEL, registered["uri"])[3]) == "/v1/caption"
 
 
@@ -148,8 +148,10 @@ def test_greedy_decoding_retires_rows_as_they_end(predictor, model, test_images)
 
 
 def test_a_version_without_the_cached_decoder_writes_the_same_captions(predictor, test_images):
-    """Versions registered before the decoder with past key/values decode over the whole prefix: the same ids."""
-    items = [predictor.prepare(image, length) for image, length in zip(test_images, [18, 4, 18, 6, 18, 18, 3, 18, 10, 18])]
+    """Versions registered before the decoder with past key/values decode over the whole prefix: the same ids,
+    greedy and beam search."""
+    settings = [(18, 1), (4, 1), (18, 2), (6, 3), (18, 1), (18, 3), (3, 1), (18, 2), (10, 1), (18, 1)]
+    items = [predictor.prepare(image, length, beams) for image, (length, beams) in zip(test_images, settings)]
     cached = predictor.cached
     with_cache = predictor.caption(items)
     predictor.cached = None
