@@ -62,27 +62,13 @@ def main(cfg: ExportJobConfig, workdir: Path, uri: str, source, name: str) -> di
     captioner = OnnxCaptioner(onnx_tools.open_session(encoder, threads=cfg.threads), onnx_tools.open_session(decoder, threads=cfg.threads),
                               TokenIds.of(model.config))
     figures = parity(model, captioner, pixels[: cfg.gates.parity_examples], spec.max_caption_length)
-    report["gates"]["parity_fp32"] = figures
-    described = (f"{figures['identical_greedy']:.2%} of {figures['images']} greedy captions identical, "
-                 f"max |Δlogit| {figures['max_abs_logit_diff']:.2e} (limit {cfg.gates.max_abs_logit_diff:g})")
-    if figures["identical_greedy"] < 1.0 or not figures["max_abs_logit_diff"] <= cfg.gates.max_abs_logit_diff:
-        report["failure"] = f"parity gate failed: {described}"
-        (directory / REPORT).write_text(json.dumps(report, indent=2))
-        raise GateFailed(report["failure"])
-    _log(f"parity fp32: {described}: passed")
+    _gate(report, "parity_fp32", figures, cfg.gates.max_abs_logit_diff, directory, "", "parity fp32")
     # the decoder with past key/values (pipeline.captioner_cache): what greedy captioning runs on, behind the same gate
     cross_kv, step = export_cached_decoder(model, directory, EncoderGraph(model)(pixels[:2]).detach())
     cached = CachedCaptioner(captioner.encoder, onnx_tools.open_session(cross_kv, threads=cfg.threads), onnx_tools.open_session(step, threads=cfg.threads),
                              captioner.tokens, CachedCaptioner.heads_of(model))
     figures = cached_parity(model, cached, pixels[: cfg.gates.parity_examples], spec.max_caption_length)
-    report["gates"]["parity_cached"] = figures
-    described = (f"{figures['identical_greedy']:.2%} of {figures['images']} greedy captions identical, "
-                 f"max |Δlogit| {figures['max_abs_logit_diff']:.2e} (limit {cfg.gates.max_abs_logit_diff:g})")
-    if figures["identical_greedy"] < 1.0 or not figures["max_abs_logit_diff"] <= cfg.gates.max_abs_logit_diff:
-        report["failure"] = f"parity gate failed for the cached decoder: {described}"
-        (directory / REPORT).write_text(json.dumps(report, indent=2))
-        raise GateFailed(report["failure"])
-    _log(f"parity of the cached decoder: {described}: passed")
+    _gate(report, "parity_cached", figures, cfg.gates.max_abs_logit_diff, directory, " for the cached decoder", "parity of the cached decoder")
 
     ids = captioner.greedy(pixels.numpy(), spec.max_caption_length)
     scores = caption_scores(val.reference_map(), dict(zip(val.image_ids, (decode_caption(tokenizer, row) for row in ids.tolist()))))
@@ -99,6 +85,19 @@ def main(cfg: ExportJobConfig, workdir: Path, uri: str, source, name: str) -> di
         report["registry"] = register(cfg, report, checkpoint, directory, workdir, uri)
     (directory / REPORT).write_text(json.dumps(report, indent=2))
     return report
+
+
+def _gate(report: dict, key: str, figures: dict, limit: float, directory: Path, which: str, label: str) -> None:
+    """Record ``figures`` as ``report["gates"][key]``; GateFailed (with the report written) unless every greedy caption
+    was identical and the largest logit difference is within ``limit``."""
+    report["gates"][key] = figures
+    described = (f"{figures['identical_greedy']:.2%} of {figures['images']} greedy captions identical, "
+                 f"max |Δlogit| {figures['max_abs_logit_diff']:.2e} (limit {limit:g})")
+    if figures["identical_greedy"] < 1.0 or not figures["max_abs_logit_diff"] <= limit:
+        report["failure"] = f"parity gate failed{which}: {described}"
+        (directory / REPORT).write_text(json.dumps(report, indent=2))
+        raise GateFailed(report["failure"])
+    _log(f"{label}: {described}: passed")
 
 
 def register(cfg: ExportJobConfig, report: dict, checkpoint: Path, directory: Path, workdir: Path, uri: str) -> dict:

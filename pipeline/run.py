@@ -109,13 +109,11 @@ class Settings:
 
     def _check_family(self) -> None:
         """The sweep, export and report settings must suit the teacher's family: one clear message before any stage runs."""
-        from pipeline import names
-
-        cfg, metric = self.cfg, self.sweep.job.selection_metric
-        teacher = "a captioner (model.family: ved)" if self.family == "ved" else "a VQA model (ViLT)"
         from amad.models import ViltAdapter
         from amad.models_ved import VedAdapter
 
+        cfg, metric = self.cfg, self.sweep.job.selection_metric
+        teacher = "a captioner (model.family: ved)" if self.family == "ved" else "a VQA model (ViLT)"
         kinds = {"vilt": ViltAdapter.kinds, "ved": VedAdapter.kinds}[self.family]
         objective = self.sweep.job.objective
         if objective.method != "none" and not set(objective.kinds) <= set(kinds):
