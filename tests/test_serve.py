@@ -324,40 +324,6 @@ def test_prometheus_metrics_of_the_service_and_of_serve_move_with_requests(serve
 
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"  # kept after the run (git-ignored)
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")  # Debian's chromium and chromium-driver
-
-
-@pytest.fixture
-def browser(tmp_path):
-    """Headless Chromium driven by Selenium through Debian's chromedriver (`make browser` installs both).
-    Its profile and home stay in ``tmp_path``, its temporary files in a short directory removed after;
-    no network beyond loopback is tried."""
-    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-        if os.environ.get("AMAD_REQUIRE_BROWSER") == "1":  # .ci/run sets it: there the test must run
-            pytest.fail(f"{CHROMIUM} or {CHROMEDRIVER} is missing: run `make browser` (Debian's chromium, chromium-driver)")
-        pytest.skip("no headless Chromium here: `make browser` installs Debian's chromium and chromium-driver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    scratch = tmp_path / "chromium"
-    scratch.mkdir()
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--disable-quic",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-proxy-server",
-                 f"--user-data-dir={scratch / 'profile'}", f"--crash-dumps-dir={scratch}", "--window-size=900,1100"):
-        options.add_argument(flag)
-    # Chromium's temporary files: its singleton socket's path must stay short (<= 107 bytes), so not in tmp_path.
-    short_tmp = tempfile.mkdtemp(prefix="cr-", dir="/tmp")
-    env = {**os.environ, "TMPDIR": short_tmp, "HOME": str(scratch)}
-    try:
-        driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER), env=env, log_output=str(scratch / "chromedriver.log")))
-        try:
-            yield driver
-        finally:
-            driver.quit()
-    finally:
-        shutil.rmtree(short_tmp, ignore_errors=True)
 
 
 @pytest.mark.integration

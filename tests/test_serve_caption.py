@@ -29,7 +29,6 @@ from pipeline.captioner_onnx import caption_ids
 from pipeline.config import parse_config
 from pipeline.export_config import ExportJobConfig
 from pipeline.local_cluster import free_port
-from serving import loadtest
 from serving.captioning import CaptionPredictor
 from serving.config import Limits, ServeConfig
 from serving.inputs import BadInput, parse_caption_json
@@ -246,6 +245,86 @@ def test_the_service_describes_its_captioner_and_sends_answers_elsewhere(served,
     schema = http.get(base + "/openapi.json", timeout=30).json()
     assert {"/v1/caption", "/v1/answer"} <= set(schema["paths"])
     assert list(Path(served["cfg"].cache_dir).iterdir()) == [], "a replica left its download behind"
+
+
+@pytest.mark.integration
+def test_the_demo_page_captions_like_the_api_in_a_real_browser(served, model, test_images, browser, tmp_path):
+    """GET / in headless Chromium over a captioner: the page describes the captioner and asks for a length and a
+    beam width instead of a question; a built-in example (greedy, then 2 beams and 6 tokens) and an uploaded PNG
+    get the JSON API's captions and token ids, which are ``generate``'s; a beam too wide and a file that is not an
+    image show the API's own 4xx status and message. A screenshot is kept in test-artifacts/."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    def api(image_png: bytes, **settings) -> dict:
+        response = post(served, json={"image": b64(image_png), **settings})
+        return {"status": response.status_code, **response.json()}
+
+    def text(element_id: str) -> str:
+        return browser.find_element(By.ID, element_id).text
+
+    def typed(element_id: str, value: str) -> None:
+        field = browser.find_element(By.ID, element_id)
+        field.clear()
+        field.send_keys(value)
+
+    def caption_and_wait(element_id: str) -> str:
+        """Click the button; wait until the result or the error box shows, return ``element_id``'s text."""
+        browser.execute_script("document.getElementById('result').style.display='none';"
+                               "document.getElementById('error').style.display='none';")
+        browser.find_element(By.ID, "ask").click()
+        WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "result").is_displayed() or d.find_element(By.ID, "error").is_displayed())
+        return text(element_id)
+
+    wait = WebDriverWait(browser, 60)
+    browser.get(served["base"] + "/")
+    wait.until(lambda d: d.find_element(By.ID, "example").get_attribute("data-loaded") not in (None, "", "0"))
+    assert f"amad-captioner version {served['version']}" in text("model") and "decoder" in text("model"), text("model")
+    assert text("title") == "Caption an image with the distilled model" and text("ask") == "Caption"
+    assert not browser.find_element(By.ID, "question").is_displayed() and browser.find_element(By.ID, "beams").is_displayed()
+    assert browser.find_element(By.ID, "maxlength").get_attribute("value") == "18"  # the model's longest caption
+    assert browser.find_element(By.ID, "beams").get_attribute("max") == str(LIMITS.max_num_beams)
+
+    # a built-in example (the test split's first image), greedy: the API's caption, which is generate's
+    Select(browser.find_element(By.ID, "example")).select_by_index(1)
+    assert "a reference:" in Select(browser.find_element(By.ID, "example")).first_selected_option.text
+    first = png(test_images[0])
+    expected = api(first)
+    assert expected["tokens"] == generated(model, test_images[:1], 18)[0]
+    assert caption_and_wait("caption") == expected["caption"], (text("caption"), expected)
+    assert text("tokens") == " ".join(map(str, expected["tokens"]))
+    assert float(text("latency")) > 0 and text("version") == f"amad-captioner v{served['version']}"
+    # the same image with 2 beams and at most 6 tokens
+    typed("beams", "2")
+    typed("maxlength", "6")
+    beams = api(first, num_beams=2, max_length=6)
+    assert beams["tokens"] == generated(model, test_images[:1], 6, 2)[0]
+    assert caption_and_wait("caption") == beams["caption"] and text("tokens") == " ".join(map(str, beams["tokens"]))
+    (ROOT / "test-artifacts").mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(ROOT / "test-artifacts" / "demo-page-caption.png"))
+
+    # an uploaded PNG, greedy again
+    upload = tmp_path / "scene.png"
+    upload.write_bytes(png(test_images[3]))
+    browser.find_element(By.ID, "file").send_keys(str(upload))
+    wait.until(lambda d: b64(upload.read_bytes())[:40] in d.find_element(By.ID, "preview").get_attribute("src"))
+    typed("beams", "1")
+    typed("maxlength", "18")
+    assert caption_and_wait("caption") == api(upload.read_bytes())["caption"]
+
+    # bad input: the API's own status and message on the page
+    typed("beams", str(LIMITS.max_num_beams + 1))
+    too_wide = api(upload.read_bytes(), num_beams=LIMITS.max_num_beams + 1, max_length=18)
+    assert too_wide["status"] == 422
+    assert caption_and_wait("error") == f"422: {too_wide['error']}"
+    typed("beams", "1")
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_bytes(b"these bytes are no image at all")
+    refused = api(not_an_image.read_bytes(), num_beams=1, max_length=18)
+    assert refused["status"] == 400
+    browser.find_element(By.ID, "file").send_keys(str(not_an_image))
+    wait.until(lambda d: b64(not_an_image.read_bytes())[:40] in d.find_element(By.ID, "preview").get_attribute("src"))
+    assert caption_and_wait("error") == f"400: {refused['error']}"
 
 
 def caption_bad_cases(image_png: bytes) -> dict:
