@@ -36,6 +36,7 @@ def train_lockstep(
     every: int = 0,
     on_step: Callable[[int, dict[str, nn.Module]], None] | None = None,
     adapter=ViltAdapter,
+    stop_at: int | None = None,
 ) -> dict[str, nn.Module]:
     """Train ``students[name]`` on ``objectives[name]`` for ``steps`` AdamW steps (warm-up + cosine to
     0.1 lr, gradient clip 1.0); returns them in eval mode. No dropout is assumed (the presets' rates
@@ -44,7 +45,8 @@ def train_lockstep(
     ``on_step(step, students)`` is called after every ``every``-th step and after the last (for
     learning curves); the students are in eval mode during the call and back in training mode after.
     ``adapter``: the model family's (:class:`amad.models_ved.VedAdapter` for captioners; ``train`` then
-    yields caption batches, whose ``labels`` are token ids).
+    yields caption batches, whose ``labels`` are token ids). ``stop_at``: stop after that many steps of the
+    ``steps``-step schedule (the same students as a full run's, up to that step; ``on_step`` is called there too).
     """
     students = {name: student.train() for name, student in students.items()}
     optimizers = {name: make_optimizer(student, lr, weight_decay) for name, student in students.items()}
@@ -52,10 +54,11 @@ def train_lockstep(
     teacher_qkv = any(o.needs_teacher and o.method == "relation" for o in objectives.values())
     needs_teacher = any(o.needs_teacher for o in objectives.values())
     generator = torch.Generator().manual_seed(seed)
+    last = steps if stop_at is None else min(steps, stop_at)
     step = 0
-    while step < steps:
+    while step < last:
         for batch in train.batches(batch_size, shuffle=True, generator=generator, drop_last=True):
-            if step >= steps:
+            if step >= last:
                 break
             factor = warmup_cosine(step, warmup, steps, 0.1)
             with torch.no_grad():
@@ -71,7 +74,7 @@ def train_lockstep(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step += 1
-            if on_step is not None and ((every and step % every == 0) or step == steps):
+            if on_step is not None and ((every and step % every == 0) or step == last):
                 on_step(step, {name: student.eval() for name, student in students.items()})
                 for student in students.values():
                     student.train()

@@ -417,3 +417,88 @@ def test_caption_inference_quick_run_gates_times_and_scores_every_variant(tmp_pa
     assert set(results["scores"]) == {"teacher", "student"} and "cider_d" in results["scores"]["student"]
     refused = subprocess.run([sys.executable, str(BENCHMARKS / "caption_inference.py")], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--student is required" in refused.stderr
+
+
+def _quick_world(tmp_path):
+    """compare_methods' quick world (a random tiny teacher, pruned regime) and the module."""
+    load_script("gradient_norms")
+    cm = sys.modules["compare_methods"]
+    args = cm.parse_args(["--quick", "--start", "pruned"])
+    return cm, cm._load_world(cm.quick_teacher(tmp_path / "teacher"), args)
+
+
+def test_gradient_norms_summary_on_hand_built_gradients():
+    """Norms, share and cosines of known vectors: task (3, 0, 0), logit KD (0, 0, 2), attention (0, 4, 0) at weight 0.5."""
+    gn = load_script("gradient_norms")
+    measured = {"grads": {"task": torch.tensor([3.0, 0.0, 0.0]), "logit_kd": torch.tensor([0.0, 0.0, 2.0]), "attention": torch.tensor([0.0, 4.0, 0.0])},
+                "weights": {"task": 1.0, "logit_kd": 1.0, "attention": 0.5}, "values": {"task": 1.0, "logit_kd": 0.5, "attention": 0.25}}
+    summary = gn.summarise(measured)
+    assert summary["norm"] == {"task": 3.0, "logit_kd": 2.0, "attention": 4.0, "attention_weighted": 2.0}
+    assert summary["total_norm"] == pytest.approx(math.sqrt(9 + 4 + 4))  # (3, 2, 2)
+    assert summary["share"] == pytest.approx(2 / math.sqrt(17))
+    assert summary["cosine"] == {"task": pytest.approx(0.0), "logit_kd": pytest.approx(0.0)}
+    aligned = gn.summarise({**measured, "grads": {**measured["grads"], "attention": torch.tensor([-6.0, 0.0, 0.0])}})
+    assert aligned["cosine"]["task"] == pytest.approx(-1.0) and aligned["norm"]["attention_weighted"] == 3.0
+
+
+def test_gradient_norms_terms_add_up_to_the_gradient_the_optimiser_sees(tmp_path):
+    """The per-term gradients, weighted and summed, are what ``loss.backward()`` gives over the same batches."""
+    from amad.models import ViltAdapter
+    from amad.pruning import recorded_origins
+
+    gn = load_script("gradient_norms")
+    cm, world = _quick_world(tmp_path)
+    teacher, student = world["teacher"], cm.initial_student(world, 2, 0)
+    objective = cm.objective_for("amad_t1", {"attention_weight": 2.5}, relation_heads=2, normalization="per_head", origins=recorded_origins(student))
+    batches = list(world["train"].subset(torch.arange(32)).batches(16))
+    measured = gn.term_gradients(teacher, student, objective, batches)
+    assert set(measured["grads"]) == {"task", "logit_kd", "attention"} and measured["weights"]["attention"] == 2.5
+
+    student.zero_grad()
+    for batch in batches:
+        with torch.no_grad():
+            t_out = ViltAdapter.forward(teacher, batch, need_attentions=True)
+        objective(t_out, ViltAdapter.forward(student, batch, need_attentions=True), batch["labels"])["loss"].backward()
+    seen = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in student.parameters() if p.requires_grad])
+    combined = sum(weight * measured["grads"][term] for term, weight in measured["weights"].items())
+    assert torch.allclose(seen, combined, rtol=1e-4, atol=1e-6), (seen - combined).abs().max()
+    summary = gn.summarise(measured)
+    assert summary["total_norm"] == pytest.approx(seen.norm().item(), rel=1e-4)
+    assert summary["norm"]["attention_weighted"] == pytest.approx(2.5 * summary["norm"]["attention"])
+    assert 0 < summary["share"] < 1 and all(-1 <= c <= 1 for c in summary["cosine"].values())
+
+
+def test_lockstep_stop_at_gives_the_full_schedules_students_at_that_step(tmp_path):
+    import copy
+
+    lockstep = load_script("lockstep")
+    cm, world = _quick_world(tmp_path)
+    start = cm.initial_student(world, 2, 0)
+    objective = {"a": cm.objective_for("head_mean", {"attention_weight": 1.0}, relation_heads=2, normalization="per_head")}
+    kwargs = dict(steps=6, batch_size=8, lr=1e-3, warmup=2, seed=0)
+    at_three = {}
+    lockstep.train_lockstep(world["teacher"], {"a": copy.deepcopy(start)}, objective, world["train"], every=1,
+                            on_step=lambda step, s: at_three.update(copy.deepcopy(s["a"].state_dict())) if step == 3 else None, **kwargs)
+    calls = []
+    stopped = lockstep.train_lockstep(world["teacher"], {"a": copy.deepcopy(start)}, objective, world["train"], stop_at=3,
+                                      on_step=lambda step, s: calls.append(step), **kwargs)["a"]
+    assert calls == [3]
+    assert all(torch.equal(value, at_three[name]) for name, value in stopped.state_dict().items())
+    assert not all(torch.equal(value, start.state_dict()[name]) for name, value in stopped.state_dict().items())
+
+
+def test_gradient_norms_quick_run_writes_every_arm_at_every_point(tmp_path, capsys):
+    gn = load_script("gradient_norms")
+    threads = torch.get_num_threads()
+    try:
+        result = gn.main(["--quick", "--out", str(tmp_path / "gn.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "gn.json").read_text()) == json.loads(json.dumps(result))
+    assert result["command"].startswith("python benchmarks/gradient_norms.py --quick")
+    assert set(result["points"]) == set(gn.DEFAULT_ARMS) and result["reproduces_run_log"] == {}
+    for points in result["points"].values():
+        assert [p["step"] for p in points] == [0, 2, 4, 6]
+        for p in points:
+            assert positive_finite(p["norm"]["task"]) and positive_finite(p["norm"]["attention_weighted"]) and 0 < p["share"] < 1
+    assert "| step | val acc |" in capsys.readouterr().out
