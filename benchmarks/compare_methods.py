@@ -35,8 +35,9 @@ number of candidates, ``len(--tune-weights)``: the attention weights for arms wi
 lockstep (split over ``--jobs`` processes); each arm keeps the candidate with the best final
 validation accuracy (``<out stem>.tuning.json``; a tie keeps the earlier candidate in the grid). The
 final runs then use those values with every seed and report the test split. A run is the same
-computation whatever stage asked for it (training is deterministic on CPU: the same arm, settings,
-head count and seed give the same student), so every run also records its test accuracy, and the
+computation whatever stage asked for it (the same arm, settings, head count and seed give the same
+student in the same lockstep group; in another group or process it agrees to rounding, and that difference
+grows through training: docs/claim.md), so every run also records its test accuracy, and the
 chosen candidate's tuning run *is* that arm's final run for the tuning seed (its test accuracy took
 no part in the choice); likewise a logged final run serves as a tuning candidate. Without a tuning file, weight 1 and temperature ``--sweep-temperature``.
 

@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=[a for a in cm.ARMS if a not in cm.NO_ATTENTION])
     parser.add_argument("--tuning", default=str(DEFAULT_TUNING), help="the tuning JSON whose chosen settings the arms use")
+    parser.add_argument("--attention-weight", type=float, default=None,
+                        help="every arm at this attention weight instead of its chosen one (e.g. the grid's other end)")
     parser.add_argument("--steps", type=int, default=4000, help="the schedule's length (compare_methods' --steps)")
     parser.add_argument("--stop-at", type=int, default=None, help="stop after this many steps of the schedule (default: all)")
     parser.add_argument("--every", type=int, default=250, help="measure every N steps (a multiple of the run log's --eval-every to compare)")
@@ -147,6 +149,8 @@ def main(argv=None) -> dict:
         args.stop_at = min(args.stop_at or 6, 6)
     chosen = json.loads(Path(args.tuning).read_text())["chosen"].get(str(args.heads), {}) if Path(args.tuning).is_file() and not args.quick else {}
     params = {arm: chosen.get(arm) or cm.default_params(arm, cm_args.sweep_temperature) for arm in args.arms}
+    if args.attention_weight is not None:
+        params = {arm: {**values, "attention_weight": args.attention_weight} for arm, values in params.items()}
     world = cm._load_world(teacher_dir, cm_args)
     teacher = world["teacher"]
     start = cm.initial_student(world, args.heads, args.seed)

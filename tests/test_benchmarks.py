@@ -502,3 +502,9 @@ def test_gradient_norms_quick_run_writes_every_arm_at_every_point(tmp_path, caps
         for p in points:
             assert positive_finite(p["norm"]["task"]) and positive_finite(p["norm"]["attention_weighted"]) and 0 < p["share"] < 1
     assert "| step | val acc |" in capsys.readouterr().out
+    try:  # one arm at another weight than its chosen one
+        heavier = gn.main(["--quick", "--arms", "amad_t1", "--attention-weight", "4", "--out", str(tmp_path / "w4.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert heavier["params"] == {"amad_t1": {"attention_weight": 4.0}} and list(heavier["points"]) == ["amad_t1"]
+    assert all(p["norm"]["attention_weighted"] == pytest.approx(4 * p["norm"]["attention"]) for p in heavier["points"]["amad_t1"])
