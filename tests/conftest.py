@@ -171,3 +171,16 @@ def browser(tmp_path):
             driver.quit()
     finally:
         shutil.rmtree(short_tmp, ignore_errors=True)
+
+
+def submit_and_wait(browser, element_id: str) -> str:
+    """Click the demo page's submit button (``#ask``); wait until its result or its error box shows and return
+    ``element_id``'s text (both boxes are hidden first, so an earlier answer cannot satisfy the wait)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.execute_script("document.getElementById('result').style.display='none';"
+                           "document.getElementById('error').style.display='none';")
+    browser.find_element(By.ID, "ask").click()
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "result").is_displayed() or d.find_element(By.ID, "error").is_displayed())
+    return browser.find_element(By.ID, element_id).text

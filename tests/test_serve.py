@@ -34,6 +34,7 @@ from pipeline import export
 from serving import loadtest
 from serving.config import Limits, ServeConfig
 from serving.inputs import BadInput, parse_json
+from conftest import submit_and_wait
 from pipeline.local_cluster import free_port
 from serving.model import SPIN_ENTRY, Predictor, load_bundle, open_predictor, resolve_version
 from test_export import export_config, train_tiny_student
@@ -343,12 +344,7 @@ def test_the_demo_page_answers_like_the_api_in_a_real_browser(served, examples, 
         return browser.find_element(By.ID, element_id).text
 
     def ask_and_wait(element_id: str) -> str:
-        """Click Ask; wait until the result or the error box shows, return ``element_id``'s text."""
-        browser.execute_script("document.getElementById('result').style.display='none';"
-                               "document.getElementById('error').style.display='none';")
-        browser.find_element(By.ID, "ask").click()
-        WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "result").is_displayed() or d.find_element(By.ID, "error").is_displayed())
-        return text(element_id)
+        return submit_and_wait(browser, element_id)
 
     wait = WebDriverWait(browser, 60)
     browser.get(served["base"] + "/")

@@ -28,6 +28,7 @@ from pipeline import export
 from pipeline.captioner_onnx import caption_ids
 from pipeline.config import parse_config
 from pipeline.export_config import ExportJobConfig
+from conftest import submit_and_wait
 from pipeline.local_cluster import free_port
 from serving.captioning import CaptionPredictor
 from serving.config import Limits, ServeConfig
@@ -269,12 +270,7 @@ def test_the_demo_page_captions_like_the_api_in_a_real_browser(served, model, te
         field.send_keys(value)
 
     def caption_and_wait(element_id: str) -> str:
-        """Click the button; wait until the result or the error box shows, return ``element_id``'s text."""
-        browser.execute_script("document.getElementById('result').style.display='none';"
-                               "document.getElementById('error').style.display='none';")
-        browser.find_element(By.ID, "ask").click()
-        WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "result").is_displayed() or d.find_element(By.ID, "error").is_displayed())
-        return text(element_id)
+        return submit_and_wait(browser, element_id)
 
     wait = WebDriverWait(browser, 60)
     browser.get(served["base"] + "/")
