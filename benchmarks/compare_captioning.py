@@ -19,8 +19,9 @@ terms are normalised per aligned teacher head and averaged over the aligned kind
 
 **Tuning** (``--tune``): the same design as ``compare_methods.py``: every arm with an attention term gets
 ``len(--tune-weights)`` candidates on the validation split with one seed (``amad_tuned`` pairs the
-weights with ``--tune-temperatures``), chosen by validation CIDEr-D; the chosen candidate's run is its
-seed-0 final run (training is deterministic). **Scores**: CIDEr-D and BLEU-4 (and the rest of
+weights with ``--tune-temperatures``), chosen by validation CIDEr-D (ties: the grid's first); the chosen candidate's run is reused as its
+seed-0 final run, not trained again. ``<out stem>.tuning.json`` keeps the choice, every candidate's validation
+CIDEr-D and curve, and the candidates' training time. **Scores**: CIDEr-D and BLEU-4 (and the rest of
 :func:`amad.metrics.caption_scores`) of greedy captions on the test split; validation CIDEr-D every
 ``--eval-every`` steps (the curves). Every run is logged to ``<out stem>.runs.jsonl`` and reused.
 """
@@ -61,6 +62,7 @@ from amad.pruning_ved import plan, prune_from_plan, recorded_origins, score  # n
 from pipeline.registry import file_sha256  # noqa: E402
 from lockstep import train_lockstep  # noqa: E402
 import compare_methods  # noqa: E402
+import results_page  # noqa: E402
 from compare_methods import candidates, split_evenly  # noqa: E402
 
 KINDS = ("encoder_self", "decoder_self", "cross")
@@ -266,14 +268,22 @@ def main(argv=None) -> dict:
                 todo = pending([(arm, params) for arm in args.methods if arm not in NO_ATTENTION for params in grid(arm)], h, args.tune_seed)
                 groups += [("tune", h, args.tune_seed, tuple(chunk)) for chunk in split_evenly(todo, args.jobs) if chunk]
             run_groups(groups, world, args, teacher_dir, finished)
+            tuned: dict[str, dict[str, list[dict]]] = {}
             for h in args.heads:
                 for arm in args.methods:
                     if arm in NO_ATTENTION:
                         continue
                     runs = [done[run_id(arm, params, h, args.tune_seed)] for params in grid(arm)]
+                    tuned.setdefault(str(h), {})[arm] = runs
                     chosen.setdefault(str(h), {})[arm] = max(runs, key=lambda r: r["val_cider_d"])["params"]  # ties: the grid's first
-            tuning_path.write_text(json.dumps({"chosen": chosen, "weights": args.tune_weights, "temperatures": args.tune_temperatures,
-                                               "seed": args.tune_seed, "run_key": key}, indent=2) + "\n")
+            candidate_runs = [run for per_arm in tuned.values() for runs in per_arm.values() for run in runs]
+            tuning_path.write_text(json.dumps({
+                "chosen": chosen, "weights": args.tune_weights, "temperatures": args.tune_temperatures, "seed": args.tune_seed, "run_key": key,
+                "candidates": {h: {arm: [{"params": r["params"], "val_cider_d": r["val_cider_d"], "curve": r["curve"]} for r in runs]
+                                   for arm, runs in per_arm.items()} for h, per_arm in tuned.items()},
+                "train_seconds": results_page.run_seconds(candidate_runs),
+                "command": ("python benchmarks/compare_captioning.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
+            }, indent=2) + "\n")
         elif tuning_path.is_file():  # a later command (more seeds, a resumed one) keeps the tuned settings
             saved = json.loads(tuning_path.read_text())
             chosen = saved["chosen"]
@@ -308,6 +318,7 @@ def main(argv=None) -> dict:
         "tuning": json.loads(tuning_path.read_text()) if chosen and tuning_path.is_file() else None,
         "teacher": {k: v for k, v in teacher_scores.items() if k != "examples"},
         "seconds": time.perf_counter() - started,
+        "train_seconds": results_page.run_seconds(finals.values()),  # each final run's share of its lockstep group's wall time
         "reused_runs": reused,
         "config": {"teacher": "random tiny (quick)" if args.quick else str(args.teacher), "heads": args.heads, "layers": layers, "seeds": args.seeds,
                    "methods": args.methods, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup,

@@ -100,13 +100,15 @@ def verdict_summary(results: dict) -> list[str]:
     return lines
 
 
-def curve_rows(results: dict) -> list[str]:
-    """Validation accuracy (mean over seeds) at a quarter, half, three quarters and the end of the budget."""
+def curve_rows(results: dict, metric: str = "validation accuracy", shown=lambda v: f"{v:.2%}",
+               gained=lambda d: f"{100 * d:+.2f} points") -> list[str]:
+    """``metric`` (mean over seeds) at a quarter, half, three quarters and the end of the budget; ``shown`` formats a
+    value and ``gained`` a difference (accuracy by default; CIDEr-D for the captioning claim)."""
     curves = results.get("curves")
     if not curves:
         return []
     heads, steps = results["config"]["heads"], results["config"]["steps"]
-    lines = ["", "Learning curves: validation accuracy, mean over seeds, at each quarter of the budget, and the gain over its "
+    lines = ["", f"Learning curves: {metric}, mean over seeds, at each quarter of the budget, and the gain over its "
                  "last quarter (a plateau shows as a gain near 0):", ""]
     for h in heads:
         lines += [f"{h} heads:", "", "| arm | " + " | ".join(f"step {steps * q // 4}" for q in (1, 2, 3, 4)) + " | last-quarter gain |",
@@ -118,9 +120,9 @@ def curve_rows(results: dict) -> list[str]:
                 return statistics.mean(max((p for p in run if p[0] <= step), key=lambda p: p[0], default=[0, float("nan")])[1] for run in runs)
 
             points = [at(steps * q // 4) for q in (1, 2, 3, 4)]
-            gain = 100 * (points[3] - points[2])
-            lines.append(f"| {arm} | " + " | ".join("—" if math.isnan(p) else f"{p:.2%}" for p in points)
-                         + (" | — |" if math.isnan(gain) else f" | {gain:+.2f} points |"))
+            gain = points[3] - points[2]
+            lines.append(f"| {arm} | " + " | ".join("—" if math.isnan(p) else shown(p) for p in points)
+                         + (" | — |" if math.isnan(gain) else f" | {gained(gain)} |"))
         lines.append("")
     return lines
 
@@ -213,8 +215,7 @@ def regime_section(results: dict) -> list[str]:
                f"(attention weights {tuning['weights']}; amad_tuned pairs them with temperatures {tuning['temperatures']} in turn), "
                f"{tuning['train_seconds'] / 60:.0f} min of lockstep training" if tuning else "not tuned: attention weight 1 for every arm")
         lines += ["", f"Settings of each arm ({how}):", ""]
-        lines += _table(heads, [(arm, [", ".join(f"{k.replace('attention_weight', 'w').replace('amad_temperature', 'τ')} {v:g}" for k, v in per_heads[str(h)].items()) or "—"
-                                       for h in heads]) for arm, per_heads in results["params"].items()], "arm")
+        lines += _table(heads, [(arm, [_settings(per_heads[str(h)]) for h in heads]) for arm, per_heads in results["params"].items()], "arm")
     lines += curve_rows(results)
     lines += positional_rows(results)
     lines += alignment_rows(results)
@@ -294,12 +295,40 @@ def captioning_section(results: dict) -> list[str]:
     if results.get("params"):
         tuning = results.get("tuning")
         how = (f"tuned alike on validation CIDEr-D with seed {tuning['seed']}" if tuning else "not tuned: attention weight 1 for every arm")
+        if tuning and tuning.get("train_seconds") is not None:
+            how += f", {tuning['train_seconds'] / 60:.0f} min of lockstep training"
         lines += ["", f"Settings of each arm ({how}):", ""]
-        lines += _table(heads, [(arm, [", ".join(f"{k.replace('attention_weight', 'w').replace('amad_temperature', 'τ')} {v:g}" for k, v in per_heads[str(h)].items()) or "—"
-                                       for h in heads]) for arm, per_heads in results["params"].items()], "arm")
-    lines += ["", f"Time: the command that wrote these figures ran {results['seconds'] / 60:.1f} min ({config['threads']} thread(s) per group, "
-                  f"{config['jobs']} group(s) at a time, {config['cpu_count']} CPUs, {config['machine']}) and reused {results['reused_runs']} "
-                  "finished runs.", ""]
+        lines += _table(heads, [(arm, [_settings(per_heads[str(h)]) for h in heads]) for arm, per_heads in results["params"].items()], "arm")
+        lines += caption_candidate_rows(results)
+    lines += curve_rows(results, "validation CIDEr-D (greedy)", lambda v: f"{v:.3f}", lambda d: f"{d:+.3f}")
+    trained = (f"the {len(heads) * len(config['seeds']) * len(config['methods'])} final runs took {results['train_seconds'] / 60:.1f} min of "
+               "lockstep training in all (each run's share of its group's wall time); " if results.get("train_seconds") is not None else "")
+    lines += ["", f"Time: {trained}the command that wrote these figures ran {results['seconds'] / 60:.1f} min ({config['threads']} thread(s) "
+                  f"per group, {config['jobs']} group(s) at a time, {config['cpu_count']} CPUs, {config['machine']}) and reused "
+                  f"{results['reused_runs']} finished runs.", ""]
+    return lines
+
+
+def _settings(params: dict) -> str:
+    return ", ".join(f"{k.replace('attention_weight', 'w').replace('amad_temperature', 'τ')} {v:g}" for k, v in params.items()) or "—"
+
+
+def caption_candidate_rows(results: dict) -> list[str]:
+    """The captioning tuning: every candidate's validation CIDEr-D (its last evaluation), the chosen one in bold."""
+    tuning = results.get("tuning") or {}
+    found = tuning.get("candidates")
+    if not found:
+        return []
+    lines = []
+    for h, per_arm in found.items():
+        chosen = tuning["chosen"].get(h, {})
+        lines += ["", f"Tuning, {h} heads: validation CIDEr-D of each candidate after the whole budget (seed {tuning['seed']}, "
+                      f"{results['config'].get('val_images', 'the')} validation images; chosen in bold):", "",
+                  "| arm | candidates |", "| --- | --- |"]
+        for arm, runs in per_arm.items():
+            cells = [(f"**{_settings(r['params'])}: {r['val_cider_d']:.3f}**" if r["params"] == chosen.get(arm)
+                      else f"{_settings(r['params'])}: {r['val_cider_d']:.3f}") for r in runs]
+            lines.append(f"| {arm} | " + "; ".join(cells) + " |")
     return lines
 
 

@@ -287,7 +287,16 @@ def test_compare_captioning_quick_run_tunes_every_arm_alike_and_reuses_its_runs(
         assert chosen == max(candidates, key=lambda r: r["val_cider_d"])["params"], arm
         assert tuned["cider_d"][arm]["2"] == [next(r for r in candidates if r["params"] == chosen)["test"]["cider_d"]]
     assert again["cider_d"] == tuned["cider_d"] and again["reused_runs"] == 10 and again["params"] == tuned["params"]
-    assert json.loads((tmp_path / "cc.tuning.json").read_text())["chosen"] == tuned["tuning"]["chosen"]
+    tuning = json.loads((tmp_path / "cc.tuning.json").read_text())
+    assert tuning["chosen"] == tuned["tuning"]["chosen"]
+    for arm, chosen in tuning["chosen"]["2"].items():  # every candidate kept with its validation score and curve
+        kept = tuning["candidates"]["2"][arm]
+        assert [c["params"] for c in kept] == [r["params"] for r in log if r["arm"] == arm] and chosen in [c["params"] for c in kept]
+        assert all(len(c["curve"]) == 2 for c in kept), arm
+    tuned_runs = [r for r in log if r["stage"] == "tune"]
+    assert tuning["train_seconds"] == pytest.approx(sum(r["group_seconds"] / r["group_size"] for r in tuned_runs))
+    assert tuning["command"] == f"python benchmarks/compare_captioning.py {' '.join(argv + ['--tune'])}"
+    assert 0 < tuned["train_seconds"] and again["train_seconds"] == pytest.approx(tuned["train_seconds"])
     for arm, per_heads in tuned["cider_d"].items():
         assert 0.0 <= per_heads["2"][0] <= 10.0 and 0.0 <= tuned["bleu_4"][arm]["2"][0] <= 1.0, arm
     assert [step for step, _ in tuned["curves"]["amad_t1/all"]["2"][0]] == [6, 12]

@@ -242,6 +242,14 @@ def test_the_captioning_claim_gets_its_section_with_cider_verdicts_against_the_s
                           "cpu_count": 2, "machine": "x86_64"},
                "params": {arm: {"4": {} if arm == "logit_kd" else {"attention_weight": 1.0}} for arm in cider},
                "tuning": {"seed": 0}, "seconds": 600.0, "reused_runs": 0, "command": "python benchmarks/compare_captioning.py --tune"}
+    results["config"]["val_images"] = 200
+    results["train_seconds"] = 1500.0
+    # validation CIDEr-D every 750 steps; the quarters of 3,000 steps read the last evaluation at or before them
+    results["curves"] = {arm: {"4": [[[750, 1.0], [1500, 1.4], [2250, 1.5], [3000, 1.6]], [[750, 1.2], [1500, 1.6], [2250, 1.7], [3000, 1.7]]]}
+                         for arm in cider}
+    results["tuning"] = {"seed": 0, "train_seconds": 3000.0, "chosen": {"4": {"amad_t1/all": {"attention_weight": 1.0}}},
+                         "candidates": {"4": {"amad_t1/all": [{"params": {"attention_weight": 0.25}, "val_cider_d": 1.5, "curve": []},
+                                                              {"params": {"attention_weight": 1.0}, "val_cider_d": 1.75, "curve": []}]}}}
     found = page.caption_verdicts(results)
     # amad_t1/all - one_to_one_origin/all: 0.10, 0.15, 0.20 -> +0.150 ± 0.029: beyond 2 SE
     assert found[("amad_t1/all", "one_to_one_origin/all", 4)] == (pytest.approx(0.15), pytest.approx(0.05 / 3 ** 0.5), "better")
@@ -257,6 +265,10 @@ def test_the_captioning_claim_gets_its_section_with_cider_verdicts_against_the_s
     assert "| amad_t1/all | 1.350 ± 0.150 |" in text and "| logit_kd | 60.00 ± 10.00 |" in text  # CIDEr-D; BLEU-4 x100
     assert "- **amad_t1/cross** vs one_to_one_origin/cross: 4 heads no clear difference (+0.000 ± 0.000)" in text
     assert "greedy test CIDEr-D **2.050**, BLEU-4 58.70 on the same 1000 test images" in text
+    assert "| amad_t1/all | 1.100 | 1.500 | 1.600 | 1.650 | +0.050 |" in text  # the curves: mean over the 2 seeds
+    assert "tuned alike on validation CIDEr-D with seed 0, 50 min of lockstep training" in text
+    assert "| amad_t1/all | w 0.25: 1.500; **w 1: 1.750** |" in text
+    assert "Time: the 18 final runs took 25.0 min of lockstep training in all" in text
     assert text.index("## Students pruned from the teacher") < text.index("## Captioning")
 
 
