@@ -3,12 +3,16 @@
 Run from the repository root:
 
     .venv/bin/python benchmarks/compare_captioning.py --teacher weights/captioner-default --tune --jobs 2 --threads 1
+    .venv/bin/python benchmarks/compare_captioning.py --teacher weights/captioner-default --start random --tune --jobs 2 --threads 1
     .venv/bin/python benchmarks/compare_captioning.py --quick --out /tmp/cc.json     # a random tiny captioner: a smoke run
 
 **Students** are pruned from the captioning teacher (:mod:`amad.pruning_ved`): ``--heads`` heads of each
 kind (encoder, decoder self-attention, cross-attention) in each kept layer, half of each stack's layers
 (``--layers``), the whole FFN; every arm of a head count starts from the same pruned checkpoint and
-seeds change the data order (as ``compare_methods.py --start pruned``).
+seeds change the data order (as ``compare_methods.py --start pruned``). ``--start random``: the same
+architecture (the pruned student's shapes: heads, layers, FFN, hidden size) with random weights, the seed
+choosing the initialisation and the data order; no head has an origin there, so the by-origin arms are
+left out. Results go to ``compare_captioning.json`` and ``compare_captioning_random.json``.
 
 **Arms** (task weight 1; logit-KD weight 1 in every arm but ``task``; per-token losses over real tokens):
 ``task``; ``logit_kd``; and, each on **all three kinds** (``/all``: encoder self, decoder self, cross)
@@ -71,7 +75,8 @@ METHODS = ("one_to_one", "one_to_one_origin", "amad_t1", "amad_tuned")
 ARMS = ("task", "logit_kd", *(f"{method}/{scope}" for method in METHODS for scope in SCOPES))
 NO_ATTENTION = ("task", "logit_kd")
 CAPTIONS_FILE = "captions.json"
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "compare_captioning.json"
+DEFAULT_OUT = {"pruned": ROOT / "benchmarks" / "results" / "compare_captioning.json",
+               "random": ROOT / "benchmarks" / "results" / "compare_captioning_random.json"}
 
 
 def objective_for(arm: str, params: dict, origins: dict | None) -> DistillationObjective:
@@ -112,6 +117,8 @@ def quick_teacher(directory: Path) -> Path:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default=str(ROOT / "weights" / "captioner-default"), help="a captioner saved by `amad teacher` (model.family: ved)")
+    parser.add_argument("--start", choices=("pruned", "random"), default="pruned",
+                        help="students pruned from the teacher, or of the same shapes with random weights")
     parser.add_argument("--heads", type=int, nargs="+", default=None, help="student heads per kind and layer (default 2 4 6; --quick: 2)")
     parser.add_argument("--layers", type=int, default=None, help="layers per stack (default: half the teacher's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
@@ -132,14 +139,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--out", default=None, help="default benchmarks/results/compare_captioning[_random].json")
     args = parser.parse_args(argv)
+    origin_arms = [arm for arm in ARMS if arm.startswith("one_to_one_origin/")]
+    if args.start == "random" and args.methods and set(args.methods) & set(origin_arms):
+        parser.error(f"{sorted(set(args.methods) & set(origin_arms))} need students pruned from the teacher (--start pruned): "
+                     "a random student's heads have no origin")
+    args.out = args.out or str(DEFAULT_OUT[args.start])
     if args.quick:
         args.steps, args.eval_every, args.warmup, args.batch_size = 12, 6, 2, 16
         args.val_images, args.importance_pairs = 8, 32
     args.heads = args.heads or ([2] if args.quick else [2, 4, 6])
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    args.methods = args.methods or list(ARMS)
+    args.methods = args.methods or [arm for arm in ARMS if args.start == "pruned" or arm not in origin_arms]
     return args
 
 
@@ -163,6 +175,16 @@ def student_layers(args, teacher) -> int:
     return args.layers or max(1, min(teacher.config.encoder.num_hidden_layers, teacher.config.decoder.num_hidden_layers) // 2)
 
 
+def initial_student(args, teacher: nn.Module, importance, heads: int, seed: int) -> nn.Module:
+    """Every arm's starting point for ``(heads, seed)``: the teacher pruned to its most important ``heads`` of each
+    kind per kept layer (``--start pruned``: the same for every seed), or a captioner of exactly those shapes with
+    random weights drawn with ``seed`` (``--start random``)."""
+    pruned = prune_from_plan(teacher, plan(importance, heads, student_layers(args, teacher), 1.0))
+    if args.start == "pruned":
+        return pruned
+    return VedAdapter.build(copy.deepcopy(pruned.config), seed=seed)
+
+
 _WORKER: dict = {}
 
 
@@ -177,8 +199,8 @@ def run_group(task: tuple, world: dict | None = None) -> list[dict]:
     args, teacher, tokenizer, spec = world["args"], world["teacher"], world["tokenizer"], world["spec"]
     stage, heads, seed, members = task
     clock = time.perf_counter()
-    start = prune_from_plan(teacher, plan(world["importance"], heads, student_layers(args, teacher), 1.0))
-    origins = recorded_origins(start)
+    start = initial_student(args, teacher, world["importance"], heads, seed)
+    origins = recorded_origins(start) if args.start == "pruned" else None
     names_ = [f"{arm}#{index}" for index, (arm, _) in enumerate(members)]
     objectives = {name: objective_for(arm, params, origins) for name, (arm, params) in zip(names_, members)}
     students = {name: copy.deepcopy(start) for name in names_}
@@ -210,6 +232,8 @@ def run_key(args, teacher_dir: Path, layers: int) -> str:
     teacher = "random tiny (quick)" if args.quick else file_sha256(teacher_dir / "model.safetensors")
     settings = {"teacher": teacher, "layers": layers, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup,
                 "eval_every": args.eval_every, "val_images": args.val_images, "importance_pairs": args.importance_pairs}
+    if args.start != "pruned":  # pruned runs were logged before --start existed: their key stays as it was
+        settings["start"] = args.start
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -311,6 +335,7 @@ def main(argv=None) -> dict:
 
     results = {
         "task": "captioning",
+        "regime": args.start,
         "cider_d": per_seed("cider_d"),
         "bleu_4": per_seed("bleu_4"),
         "curves": {arm: {str(h): [finals[(arm, h, s)]["curve"] for s in args.seeds] for h in args.heads} for arm in args.methods},
@@ -320,7 +345,7 @@ def main(argv=None) -> dict:
         "seconds": time.perf_counter() - started,
         "train_seconds": results_page.run_seconds(finals.values()),  # each final run's share of its lockstep group's wall time
         "reused_runs": reused,
-        "config": {"teacher": "random tiny (quick)" if args.quick else str(args.teacher), "heads": args.heads, "layers": layers, "seeds": args.seeds,
+        "config": {"teacher": "random tiny (quick)" if args.quick else str(args.teacher), "start": args.start, "heads": args.heads, "layers": layers, "seeds": args.seeds,
                    "methods": args.methods, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup,
                    "eval_every": args.eval_every, "val_images": args.val_images, "test_images": len(world["test"]), "quick": args.quick,
                    "threads": torch.get_num_threads(), "jobs": args.jobs, "cpu_count": os.cpu_count(), "run_key": key,

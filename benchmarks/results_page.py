@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_SOURCES = (RESULTS / "compare_methods_pruned.json", RESULTS / "compare_methods_pruned_4000steps.json", RESULTS / "compare_methods.json",
-                   RESULTS / "compare_captioning.json")
+                   RESULTS / "compare_captioning.json", RESULTS / "compare_captioning_random.json")
 DEFAULT_MD = ROOT / "docs" / "results.md"
 BASELINES = ("one_to_one_origin", "one_to_one", "logit_kd")
 REGIME_TITLES = {"pruned": "Students pruned from the teacher", "random": "Students from random weights"}
@@ -249,9 +249,14 @@ def caption_verdicts(results: dict) -> dict[tuple[str, str, int], tuple[float, f
     return found
 
 
+CAPTION_REGIME_TITLES = {"pruned": "students pruned from the captioning teacher",
+                         "random": "students of the pruned shapes from random weights"}
+
+
 def caption_title(results: dict) -> str:
     config = results["config"]
-    return f"Captioning, students pruned from the captioning teacher: {config['steps']} steps, {len(config['seeds'])} seed(s)"
+    regime = CAPTION_REGIME_TITLES[results.get("regime", "pruned")]
+    return f"Captioning, {regime}: {config['steps']} steps, {len(config['seeds'])} seed(s)"
 
 
 def caption_verdict_summary(results: dict) -> list[str]:
@@ -274,10 +279,12 @@ def captioning_section(results: dict) -> list[str]:
     """The captioning claim (``benchmarks/compare_captioning.py``'s JSON): test CIDEr-D and BLEU-4 per arm and head
     count, AMAD minus each baseline on CIDEr-D with verdicts, the arms' settings and the time."""
     config, heads, teacher = results["config"], results["config"]["heads"], results["teacher"]
+    shapes_only = (" (those shapes only: every weight random, drawn with the seed, which also orders the data)"
+                   if results.get("regime") == "random" else "")
     lines = [f"## {caption_title(results)}", "", f"Command: `{results['command']}`", "",
              f"Teacher: {config['teacher']}, greedy test CIDEr-D **{teacher['cider_d']:.3f}**, BLEU-4 {100 * teacher['bleu_4']:.2f} "
              f"on the same {config['test_images']} test images. Students: pruned to {config['layers']} layers per stack, the most important "
-             f"heads of each kind; {config['steps']} steps of batch {config['batch_size']} (lr {config['lr']}); {len(config['seeds'])} seed(s). "
+             f"heads of each kind{shapes_only}; {config['steps']} steps of batch {config['batch_size']} (lr {config['lr']}); {len(config['seeds'])} seed(s). "
              "`/all` aligns encoder self-, decoder self- and cross-attention, `/cross` cross-attention only.", "",
              "Test CIDEr-D (greedy), mean ± std over seeds:", ""]
     lines += _table(heads, [(arm, [_mean_std_plain(per_heads[str(h)]) for h in heads]) for arm, per_heads in results["cider_d"].items()], "arm")

@@ -305,6 +305,31 @@ def test_compare_captioning_quick_run_tunes_every_arm_alike_and_reuses_its_runs(
     assert objective.kinds == ("cross",) and objective.one_to_one_pairing == "origin" and set(objective.head_origins) == {"cross"}
 
 
+def test_compare_captioning_random_start_has_the_pruned_shapes_and_fresh_weights(tmp_path):
+    """``--start random``: the pruned student's shapes with weights drawn from the seed, never the teacher's; the
+    by-origin arms are refused by name and left out of the default arms; results go to their own file."""
+    compare = load_script("compare_captioning")
+    args = compare.parse_args(["--quick", "--start", "random"])
+    assert args.out.endswith("compare_captioning_random.json") and not any("origin" in arm for arm in args.methods)
+    assert len(args.methods) == len(compare.ARMS) - 2
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--quick", "--start", "random", "--methods", "one_to_one_origin/cross"])
+    pruned_args = compare.parse_args(["--quick"])
+    assert pruned_args.out.endswith("compare_captioning.json") and "one_to_one_origin/all" in pruned_args.methods
+    world = compare._load_world(compare.quick_teacher(tmp_path), pruned_args)
+    teacher, importance = world["teacher"], world["importance"]
+    pruned = compare.initial_student(pruned_args, teacher, importance, 2, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(pruned.parameters(), compare.initial_student(pruned_args, teacher, importance, 2, seed=1).parameters()))
+    random0, random0_again, random1 = (compare.initial_student(args, teacher, importance, 2, seed=s) for s in (0, 0, 1))
+    shapes = lambda model: {name: tuple(p.shape) for name, p in model.named_parameters()}  # noqa: E731
+    assert shapes(random0) == shapes(pruned) == shapes(random1)
+    assert all(torch.equal(a, b) for a, b in zip(random0.parameters(), random0_again.parameters()))  # the seed draws them
+    differs = lambda a, b: sum(not torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))  # noqa: E731
+    matrices = sum(p.dim() == 2 for p in pruned.parameters())
+    assert differs(random0, pruned) >= matrices and differs(random0, random1) >= matrices - 1  # every weight matrix is new
+    assert compare.run_key(args, tmp_path, 1) != compare.run_key(pruned_args, tmp_path, 1)
+
+
 def sweep_efficiency_probe(probe: str):
     """Run ``probe`` (Python that imports the benchmark script) in a subprocess, since importing it sets
     the loopback environment; returns the JSON its last line printed."""
