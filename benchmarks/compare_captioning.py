@@ -266,7 +266,7 @@ def main(argv=None) -> dict:
                 if record.get("key") == key:
                     done[run_id(record["arm"], record["params"], record["heads"], record["seed"])] = record
         out.parent.mkdir(parents=True, exist_ok=True)
-        reused = 0
+        logged, used = set(done), set()  # runs read back from the log; runs this command needs
 
         def finished(record: dict) -> None:
             record["key"] = key
@@ -277,10 +277,8 @@ def main(argv=None) -> dict:
                   f"test CIDEr-D {record['test']['cider_d']:.3f} BLEU-4 {record['test']['bleu_4']:.3f}", flush=True)
 
         def pending(members, h, seed):
-            nonlocal reused
-            todo = [m for m in members if run_id(m[0], m[1], h, seed) not in done]
-            reused += len(members) - len(todo)
-            return todo
+            used.update(run_id(m[0], m[1], h, seed) for m in members)
+            return [m for m in members if run_id(m[0], m[1], h, seed) not in done]
 
         def grid(arm: str) -> list[dict]:
             return candidates(method_of(arm), args.tune_weights, args.tune_temperatures, args.default_temperature)
@@ -344,7 +342,7 @@ def main(argv=None) -> dict:
         "teacher": {k: v for k, v in teacher_scores.items() if k != "examples"},
         "seconds": time.perf_counter() - started,
         "train_seconds": results_page.run_seconds(finals.values()),  # each final run's share of its lockstep group's wall time
-        "reused_runs": reused,
+        "reused_runs": len(used & logged),  # distinct runs taken from the log, not trained by this command
         "config": {"teacher": "random tiny (quick)" if args.quick else str(args.teacher), "start": args.start, "heads": args.heads, "layers": layers, "seeds": args.seeds,
                    "methods": args.methods, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup,
                    "eval_every": args.eval_every, "val_images": args.val_images, "test_images": len(world["test"]), "quick": args.quick,

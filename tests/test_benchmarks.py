@@ -286,7 +286,7 @@ def test_compare_captioning_quick_run_tunes_every_arm_alike_and_reuses_its_runs(
         candidates = [r for r in log if r["arm"] == arm]
         assert chosen == max(candidates, key=lambda r: r["val_cider_d"])["params"], arm
         assert tuned["cider_d"][arm]["2"] == [next(r for r in candidates if r["params"] == chosen)["test"]["cider_d"]]
-    assert again["cider_d"] == tuned["cider_d"] and again["reused_runs"] == 10 and again["params"] == tuned["params"]
+    assert again["cider_d"] == tuned["cider_d"] and again["reused_runs"] == 10 and tuned["reused_runs"] == 0 and again["params"] == tuned["params"]
     tuning = json.loads((tmp_path / "cc.tuning.json").read_text())
     assert tuning["chosen"] == tuned["tuning"]["chosen"]
     for arm, chosen in tuning["chosen"]["2"].items():  # every candidate kept with its validation score and curve
