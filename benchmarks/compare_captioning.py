@@ -256,6 +256,7 @@ def main(argv=None) -> dict:
         world = _load_world(teacher_dir, args)
         layers = student_layers(args, world["teacher"])
         key = run_key(args, teacher_dir, layers)
+        command = ("python benchmarks/compare_captioning.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
         done: dict[str, dict] = {}
         if log_path.is_file() and not args.fresh:
             for line in log_path.read_text().splitlines():
@@ -304,7 +305,7 @@ def main(argv=None) -> dict:
                 "candidates": {h: {arm: [{"params": r["params"], "val_cider_d": r["val_cider_d"], "curve": r["curve"]} for r in runs]
                                    for arm, runs in per_arm.items()} for h, per_arm in tuned.items()},
                 "train_seconds": results_page.run_seconds(candidate_runs),
-                "command": ("python benchmarks/compare_captioning.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
+                "command": command,
             }, indent=2) + "\n")
         elif tuning_path.is_file():  # a later command (more seeds, a resumed one) keeps the tuned settings
             saved = json.loads(tuning_path.read_text())
@@ -348,7 +349,7 @@ def main(argv=None) -> dict:
                    "eval_every": args.eval_every, "val_images": args.val_images, "test_images": len(world["test"]), "quick": args.quick,
                    "threads": torch.get_num_threads(), "jobs": args.jobs, "cpu_count": os.cpu_count(), "run_key": key,
                    "torch": torch.__version__, "machine": platform.machine()},
-        "command": ("python benchmarks/compare_captioning.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
+        "command": command,
     }
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
