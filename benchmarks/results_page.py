@@ -216,6 +216,7 @@ def regime_section(results: dict) -> list[str]:
                f"{tuning['train_seconds'] / 60:.0f} min of lockstep training" if tuning else "not tuned: attention weight 1 for every arm")
         lines += ["", f"Settings of each arm ({how}):", ""]
         lines += _table(heads, [(arm, [_settings(per_heads[str(h)]) for h in heads]) for arm, per_heads in results["params"].items()], "arm")
+        lines += candidate_rows(results, evaluated_on=f"{config.get('val_questions', 'the')} validation questions")
     lines += curve_rows(results)
     lines += positional_rows(results)
     lines += alignment_rows(results)
@@ -306,7 +307,8 @@ def captioning_section(results: dict) -> list[str]:
             how += f", {tuning['train_seconds'] / 60:.0f} min of lockstep training"
         lines += ["", f"Settings of each arm ({how}):", ""]
         lines += _table(heads, [(arm, [_settings(per_heads[str(h)]) for h in heads]) for arm, per_heads in results["params"].items()], "arm")
-        lines += caption_candidate_rows(results)
+        lines += candidate_rows(results, "val_cider_d", lambda v: f"{v:.3f}", "validation CIDEr-D",
+                                f"{config.get('val_images', 'the')} validation images")
     lines += curve_rows(results, "validation CIDEr-D (greedy)", lambda v: f"{v:.3f}", lambda d: f"{d:+.3f}")
     trained = (f"the {len(heads) * len(config['seeds']) * len(config['methods'])} final runs took {results['train_seconds'] / 60:.1f} min of "
                "lockstep training in all (each run's share of its group's wall time); " if results.get("train_seconds") is not None else "")
@@ -320,8 +322,10 @@ def _settings(params: dict) -> str:
     return ", ".join(f"{k.replace('attention_weight', 'w').replace('amad_temperature', 'τ')} {v:g}" for k, v in params.items()) or "—"
 
 
-def caption_candidate_rows(results: dict) -> list[str]:
-    """The captioning tuning: every candidate's validation CIDEr-D (its last evaluation), the chosen one in bold."""
+def candidate_rows(results: dict, field: str = "val_accuracy", shown=lambda v: f"{v:.2%}", metric: str = "validation accuracy",
+                   evaluated_on: str | None = None) -> list[str]:
+    """The tuning behind an arm's settings: every candidate's ``field`` (its last evaluation, on the validation split) per
+    head count, by attention weight (then temperature), the chosen one in bold. Tuning files written before candidates were kept give no rows."""
     tuning = results.get("tuning") or {}
     found = tuning.get("candidates")
     if not found:
@@ -329,12 +333,13 @@ def caption_candidate_rows(results: dict) -> list[str]:
     lines = []
     for h, per_arm in found.items():
         chosen = tuning["chosen"].get(h, {})
-        lines += ["", f"Tuning, {h} heads: validation CIDEr-D of each candidate after the whole budget (seed {tuning['seed']}, "
-                      f"{results['config'].get('val_images', 'the')} validation images; chosen in bold):", "",
+        lines += ["", f"Tuning, {h} heads: {metric} of each candidate after the whole budget (seed {tuning['seed']}"
+                      + (f", {evaluated_on}" if evaluated_on else "") + "; chosen in bold):", "",
                   "| arm | candidates |", "| --- | --- |"]
         for arm, runs in per_arm.items():
-            cells = [(f"**{_settings(r['params'])}: {r['val_cider_d']:.3f}**" if r["params"] == chosen.get(arm)
-                      else f"{_settings(r['params'])}: {r['val_cider_d']:.3f}") for r in runs]
+            in_grid_order = sorted(runs, key=lambda r: (r["params"].get("attention_weight", 0.0), r["params"].get("amad_temperature", 0.0)))
+            cells = [(f"**{_settings(r['params'])}: {shown(r[field])}**" if r["params"] == chosen.get(arm)
+                      else f"{_settings(r['params'])}: {shown(r[field])}") for r in in_grid_order]
             lines.append(f"| {arm} | " + "; ".join(cells) + " |")
     return lines
 

@@ -297,6 +297,23 @@ def test_the_results_page_counts_the_seeds_that_learned_to_read_positions():
     assert page.positional_rows({**results, "positional": {"amad_t1": {"4": [None, None, None]}}}) == []  # nothing logged: no table
 
 
+def test_the_results_page_shows_every_tuning_candidate_by_weight_with_the_chosen_one_in_bold():
+    page = load_script("results_page")
+    results = _results({"logit_kd": {"4": [0.80]}, "amad_tuned": {"4": [0.82]}})
+    results["params"] = {"logit_kd": {"4": {}}, "amad_tuned": {"4": {"attention_weight": 0.25, "amad_temperature": 0.1}}}
+    results["tuning"] = {"seed": 0, "weights": [0.25, 1.0, 4.0], "temperatures": [0.1, 0.3], "train_seconds": 600.0,
+                         "chosen": {"4": {"amad_tuned": {"attention_weight": 0.25, "amad_temperature": 0.1}}},
+                         "candidates": {"4": {"amad_tuned": [  # logged in finishing order, not the grid's
+                             {"params": {"attention_weight": 4.0, "amad_temperature": 0.1}, "val_accuracy": 0.7, "curve": []},
+                             {"params": {"attention_weight": 0.25, "amad_temperature": 0.1}, "val_accuracy": 0.765, "curve": []},
+                             {"params": {"attention_weight": 1.0, "amad_temperature": 0.3}, "val_accuracy": 0.7085, "curve": []}]}}}
+    text = "\n".join(page.regime_section(results))
+    assert "Tuning, 4 heads: validation accuracy of each candidate after the whole budget (seed 0, " in text
+    assert "| amad_tuned | **w 0.25, τ 0.1: 76.50%**; w 1, τ 0.3: 70.85%; w 4, τ 0.1: 70.00% |" in text
+    del results["tuning"]["candidates"]  # a tuning file from before candidates were kept: settings only, no table
+    assert "Tuning, 4 heads" not in "\n".join(page.regime_section(results))
+
+
 def test_the_committed_results_page_is_what_the_generator_writes_from_the_committed_json(tmp_path):
     """docs/results.md is generated: regenerating it from benchmarks/results/ changes nothing."""
     page = load_script("results_page")
