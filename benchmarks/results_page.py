@@ -213,19 +213,35 @@ def regime_section(results: dict) -> list[str]:
         tuning = results.get("tuning")
         how = (f"tuned on the validation split with seed {tuning['seed']}, {len(tuning['weights'])} candidates per arm "
                f"(attention weights {tuning['weights']}; amad_tuned pairs them with temperatures {tuning['temperatures']} in turn), "
-               f"{tuning['train_seconds'] / 60:.0f} min of lockstep training" if tuning else "not tuned: attention weight 1 for every arm")
+               f"{tuning['train_seconds'] / 60:.0f} min of lockstep training{_tuned_heads(tuning)}" if tuning else "not tuned: attention weight 1 for every arm")
         lines += ["", f"Settings of each arm ({how}):", ""]
         lines += _table(heads, [(arm, [_settings(per_heads[str(h)]) for h in heads]) for arm, per_heads in results["params"].items()], "arm")
         lines += candidate_rows(results, evaluated_on=f"{config.get('val_questions', 'the')} validation questions")
     lines += curve_rows(results)
     lines += positional_rows(results)
     lines += alignment_rows(results)
-    runs = len(heads) * len(config["seeds"]) * len(config["methods"])
-    lines += ["", f"Time: the {runs} final runs took {results['train_seconds'] / 60:.1f} min of lockstep training in all (each run's share of "
-                  f"its group's wall time; {config['threads']} thread(s) per group, {config['jobs']} group(s) at a time, {config['cpu_count']} CPUs, "
-                  f"{config['machine']}); "
-                  f"the command that wrote these figures ran {results['seconds'] / 60:.1f} min and reused {results['reused_runs']} finished runs.", ""]
+    lines += time_rows(results, heads)
     return lines
+
+
+def _tuned_heads(tuning: dict) -> str:
+    """Which head counts the tuning's minutes cover: every head count tuned under the run key, which may be more
+    than the page's columns. Empty for a tuning file from before candidates were kept."""
+    tuned = sorted(tuning.get("candidates") or {}, key=int)
+    if not tuned:
+        return ""
+    return f" for the candidates at {', '.join(tuned[:-1]) + ' and ' if len(tuned) > 1 else ''}{tuned[-1]} heads"
+
+
+def time_rows(results: dict, heads: list[int]) -> list[str]:
+    """The page's "Time" line. Threads and groups at a time are the last command's settings: reused runs may have been
+    trained under others (the run log does not record them), so they are attributed to that command only."""
+    config = results["config"]
+    trained = (f"the {len(heads) * len(config['seeds']) * len(config['methods'])} final runs took {results['train_seconds'] / 60:.1f} min of "
+               "lockstep training in all (each run's share of its group's wall time); " if results.get("train_seconds") is not None else "")
+    return ["", f"Time: {trained}the command that wrote these figures ran {results['seconds'] / 60:.1f} min ({config['threads']} thread(s) "
+                f"per group, {config['jobs']} group(s) at a time, {config['cpu_count']} CPUs, {config['machine']}) and reused "
+                f"{results['reused_runs']} finished runs.", ""]
 
 
 def is_captioning(results: dict) -> bool:
@@ -310,11 +326,7 @@ def captioning_section(results: dict) -> list[str]:
         lines += candidate_rows(results, "val_cider_d", lambda v: f"{v:.3f}", "validation CIDEr-D",
                                 f"{config.get('val_images', 'the')} validation images")
     lines += curve_rows(results, "validation CIDEr-D (greedy)", lambda v: f"{v:.3f}", lambda d: f"{d:+.3f}")
-    trained = (f"the {len(heads) * len(config['seeds']) * len(config['methods'])} final runs took {results['train_seconds'] / 60:.1f} min of "
-               "lockstep training in all (each run's share of its group's wall time); " if results.get("train_seconds") is not None else "")
-    lines += ["", f"Time: {trained}the command that wrote these figures ran {results['seconds'] / 60:.1f} min ({config['threads']} thread(s) "
-                  f"per group, {config['jobs']} group(s) at a time, {config['cpu_count']} CPUs, {config['machine']}) and reused "
-                  f"{results['reused_runs']} finished runs.", ""]
+    lines += time_rows(results, heads)
     return lines
 
 

@@ -228,6 +228,9 @@ def test_results_page_gives_verdicts_only_beyond_two_standard_errors(tmp_path):
     assert "- **amad_t1** vs one_to_one_origin: 2 heads worse (-3.00 ± 0.00), 4 heads no clear difference (+0.00 ± 0.00)" in text
     assert "## Students pruned from the teacher: 1200 steps, 3 seed(s)" in text and "## Students from random weights: 1200 steps, 3 seed(s)" in text
     assert "+10.00 (1 seed: no error bar)" in text and "2 heads 1 seed: no verdict (+10.00 ± nan)" in text
+    # 4 arms x 2 head counts x 3 seeds; threads and groups at a time are the last command's (reused runs may have had others)
+    assert ("Time: the 24 final runs took 1.0 min of lockstep training in all (each run's share of its group's wall time); the command "
+            "that wrote these figures ran 1.0 min (1 thread(s) per group, 2 group(s) at a time, 2 CPUs, x86_64) and reused 0 finished runs.") in text
 
 
 def test_the_captioning_claim_gets_its_section_with_cider_verdicts_against_the_same_kinds(tmp_path):
@@ -310,8 +313,13 @@ def test_the_results_page_shows_every_tuning_candidate_by_weight_with_the_chosen
     text = "\n".join(page.regime_section(results))
     assert "Tuning, 4 heads: validation accuracy of each candidate after the whole budget (seed 0, " in text
     assert "| amad_tuned | **w 0.25, τ 0.1: 76.50%**; w 1, τ 0.3: 70.85%; w 4, τ 0.1: 70.00% |" in text
+    assert "10 min of lockstep training for the candidates at 4 heads):" in text
+    # the tuning's minutes cover every head count tuned under the run key, not only the page's columns
+    results["tuning"]["candidates"].update({"6": {}, "2": {}})
+    assert "10 min of lockstep training for the candidates at 2, 4 and 6 heads):" in "\n".join(page.regime_section(results))
     del results["tuning"]["candidates"]  # a tuning file from before candidates were kept: settings only, no table
-    assert "Tuning, 4 heads" not in "\n".join(page.regime_section(results))
+    text = "\n".join(page.regime_section(results))
+    assert "Tuning, 4 heads" not in text and "10 min of lockstep training):" in text
 
 
 def test_the_committed_results_page_is_what_the_generator_writes_from_the_committed_json(tmp_path):
